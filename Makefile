@@ -1,0 +1,51 @@
+# meanflow-repro. `make demo` and `make test` work on a fresh clone with only Rust and python3:
+# `setup` creates .venv with torch==2.11.0 from PyPI, whose libtorch tch 0.24 builds against.
+# A libtorch 2.11 you already have is used instead: LIBTORCH=/path/to/libtorch, or a python3
+# whose torch is 2.11.0 (the venv then sees it through --system-site-packages; nothing is downloaded).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+TORCH := torch==2.11.0
+RELEASE := target/release/mfr
+
+ifdef LIBTORCH
+CARGO_ENV := LIBTORCH=$(LIBTORCH)
+else
+CARGO_ENV := VIRTUAL_ENV=$(VENV) PATH="$(VENV)/bin:$$PATH" LIBTORCH_USE_PYTORCH=1
+endif
+CARGO := $(CARGO_ENV) cargo
+
+.PHONY: setup build test lint demo bench clean
+
+setup: $(VENV)/.ready
+
+$(VENV)/.ready:
+	@set -e; \
+	if $(PYTHON) -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.11.0")' 2>/dev/null; then \
+		echo "setup: reusing the torch 2.11.0 of $$($(PYTHON) -c 'import sys; print(sys.executable)')"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi; \
+	if [ -z "$(LIBTORCH)" ]; then $(VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH); fi; \
+	touch $@
+
+build: setup
+	$(CARGO) build --release
+
+test: setup lint
+	$(CARGO) test --release
+
+lint: setup
+	cargo fmt --all -- --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
+
+demo: build
+	$(RELEASE) run experiments/demo-digits.toml --dry-run
+	@echo "demo: training lands with the next release; above is the resolved spec and its sha256"
+
+bench: build
+	$(RELEASE) bench train --model micro/2 --batch 32 --precision f32 --device cpu --steps 10 --warmup 2 --json results/bench-train-cpu.json
+
+clean:
+	cargo clean

@@ -1,0 +1,88 @@
+// The few libtorch entry points tch 0.24 does not bind, behind a C ABI that never lets a C++
+// exception cross into Rust: each call returns 0 on success or 1 with the message in `err`.
+#include <c10/core/CachingDeviceAllocator.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/forward_grad.h>
+#include <ATen/Context.h>
+
+#include <dlfcn.h>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+
+namespace {
+void write_message(char* err, size_t len, const char* msg) {
+  if (err == nullptr || len == 0) return;
+  std::strncpy(err, msg, len - 1);
+  err[len - 1] = '\0';
+}
+
+template <typename F>
+int guarded(char* err, size_t len, F&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const c10::Error& e) {
+    write_message(err, len, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    write_message(err, len, e.what());
+  } catch (...) {
+    write_message(err, len, "unknown C++ exception");
+  }
+  return 1;
+}
+}  // namespace
+
+extern "C" {
+
+// Forward-mode AD: enter a new dual level (libtorch supports one at a time).
+int mfr_fwad_enter(uint64_t* level, char* err, size_t len) {
+  return guarded(err, len, [&] { *level = torch::autograd::ForwardADLevel::get_next_idx(); });
+}
+
+// Forward-mode AD: leave the level, clearing every tangent attached at it.
+int mfr_fwad_exit(uint64_t level, char* err, size_t len) {
+  return guarded(err, len, [&] { torch::autograd::ForwardADLevel::release_idx(level); });
+}
+
+// Peak bytes allocated on a CUDA device by the caching allocator since the last reset.
+int mfr_cuda_peak_allocated(int device, int64_t* bytes, char* err, size_t len) {
+  return guarded(err, len, [&] {
+    auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)->getDeviceStats(device);
+    *bytes = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+  });
+}
+
+int mfr_cuda_reset_peak(int device, char* err, size_t len) {
+  return guarded(err, len, [&] {
+    c10::getDeviceAllocator(c10::DeviceType::CUDA)->resetPeakStats(device);
+  });
+}
+
+// TF32 for float32 matrix products and convolutions (PyTorch's allow_tf32 switches).
+int mfr_set_tf32(int enabled, char* err, size_t len) {
+  return guarded(err, len, [&] {
+    at::globalContext().setAllowTF32CuBLAS(enabled != 0);
+    at::globalContext().setAllowTF32CuDNN(enabled != 0);
+  });
+}
+
+// The CUDA device's marketing name, through the driver API (no CUDA headers needed here).
+int mfr_cuda_device_name(int device, char* name, size_t name_len, char* err, size_t len) {
+  return guarded(err, len, [&] {
+    void* lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+    TORCH_CHECK(lib != nullptr, "libcuda.so.1 not found");
+    using InitFn = int (*)(unsigned);
+    using GetFn = int (*)(int*, int);
+    using NameFn = int (*)(char*, int, int);
+    auto init = reinterpret_cast<InitFn>(dlsym(lib, "cuInit"));
+    auto get = reinterpret_cast<GetFn>(dlsym(lib, "cuDeviceGet"));
+    auto get_name = reinterpret_cast<NameFn>(dlsym(lib, "cuDeviceGetName"));
+    TORCH_CHECK(init && get && get_name, "libcuda.so.1 lacks cuDeviceGetName");
+    int handle = 0;
+    TORCH_CHECK(init(0) == 0 && get(&handle, device) == 0, "cuDeviceGet failed for device ", device);
+    TORCH_CHECK(get_name(name, static_cast<int>(name_len), handle) == 0, "cuDeviceGetName failed");
+  });
+}
+
+}  // extern "C"

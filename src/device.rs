@@ -1,0 +1,119 @@
+//! Devices: parsing `cpu|cuda[:N]`, the CUDA facts tch does not expose (device name, peak memory,
+//! TF32), read through the C++ shim.
+use anyhow::{bail, Result};
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int};
+use tch::Device;
+
+extern "C" {
+    fn mfr_cuda_peak_allocated(
+        device: c_int,
+        bytes: *mut i64,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn mfr_cuda_reset_peak(device: c_int, err: *mut c_char, len: usize) -> c_int;
+    fn mfr_set_tf32(enabled: c_int, err: *mut c_char, len: usize) -> c_int;
+    fn mfr_cuda_device_name(
+        device: c_int,
+        name: *mut c_char,
+        name_len: usize,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+}
+
+/// Runs one shim call, turning its error buffer into an `anyhow` error.
+pub(crate) fn shim_call(what: &str, call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
+    let mut err = [0 as c_char; 1024];
+    if call(err.as_mut_ptr(), err.len()) == 0 {
+        return Ok(());
+    }
+    let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+    bail!("{what}: {msg}")
+}
+
+/// `cpu`, `cuda` or `cuda:N`, without asking whether that device exists.
+pub fn parse_name(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+            Some(i) => Device::Cuda(i),
+            None => bail!("unknown device `{name}`: use cpu, cuda or cuda:N"),
+        },
+    })
+}
+
+/// A device that exists: `cuda` on a machine without one is an error, not a silent fallback.
+pub fn parse(name: &str) -> Result<Device> {
+    let device = parse_name(name)?;
+    if let Device::Cuda(i) = device {
+        let n = tch::Cuda::device_count() as usize;
+        if i >= n {
+            bail!("device `{name}` asked for, but libtorch sees {n} CUDA device(s)");
+        }
+    }
+    Ok(device)
+}
+
+/// A human name for the device: the GPU's marketing name, or the CPU with its thread count.
+pub fn describe(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => {
+            let mut name = [0 as c_char; 256];
+            let ok = shim_call("cuDeviceGetName", |e, l| unsafe {
+                mfr_cuda_device_name(i as c_int, name.as_mut_ptr(), name.len(), e, l)
+            });
+            match ok {
+                Ok(()) => unsafe { CStr::from_ptr(name.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned(),
+                Err(_) => format!("cuda:{i}"),
+            }
+        }
+        _ => format!("cpu ({} threads)", tch::get_num_threads()),
+    }
+}
+
+/// Allow or forbid TF32 for float32 matrix products (PyTorch's two allow_tf32 switches).
+pub fn set_tf32(enabled: bool) -> Result<()> {
+    shim_call("set TF32", |e, l| unsafe {
+        mfr_set_tf32(enabled as c_int, e, l)
+    })
+}
+
+/// Resets the peak-memory counter: of the CUDA caching allocator, or nothing on the CPU
+/// (whose peak is the process's resident-set high-water mark and cannot be reset).
+pub fn reset_peak_memory(device: Device) -> Result<()> {
+    match device {
+        Device::Cuda(i) => shim_call("reset CUDA peak memory", |e, l| unsafe {
+            mfr_cuda_reset_peak(i as c_int, e, l)
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Peak bytes: allocated on the GPU since the last reset, or the process's peak RSS on the CPU.
+pub fn peak_memory_bytes(device: Device) -> Result<u64> {
+    match device {
+        Device::Cuda(i) => {
+            let mut bytes = 0i64;
+            shim_call("read CUDA peak memory", |e, l| unsafe {
+                mfr_cuda_peak_allocated(i as c_int, &mut bytes, e, l)
+            })?;
+            Ok(bytes as u64)
+        }
+        _ => {
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+            Ok(usage.ru_maxrss as u64 * 1024)
+        }
+    }
+}
+
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
