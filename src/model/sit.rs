@@ -1,0 +1,284 @@
+//! SiT with adaLN-Zero blocks, conditioned on (t, r) through separate time embedders, as MeanFlow
+//! trains it. Module paths equal the PyTorch state-dict keys (`blocks.3.attn.qkv.weight`, ...).
+use super::attention::{Attention, AttentionKernel};
+use super::embed::{linear, xavier, LabelEmbedder, PatchEmbed, TimestepEmbedder};
+use serde::{Deserialize, Serialize};
+use tch::{nn, nn::Module, Tensor};
+
+/// Which functions of (t, r) the network embeds (paper Table 1c). Each gets its own embedder:
+/// `t_embedder` for t, `h_embedder` for t - r (the official default), `r_embedder` for r.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Conditioning {
+    #[serde(rename = "t,r")]
+    TR,
+    #[serde(rename = "t,t-r")]
+    THalf,
+    #[serde(rename = "t,r,t-r")]
+    TRH,
+    #[serde(rename = "t-r")]
+    H,
+}
+
+impl Conditioning {
+    fn embeds_t(self) -> bool {
+        !matches!(self, Conditioning::H)
+    }
+    fn embeds_h(self) -> bool {
+        !matches!(self, Conditioning::TR)
+    }
+    fn embeds_r(self) -> bool {
+        matches!(self, Conditioning::TR | Conditioning::TRH)
+    }
+}
+
+/// The network's shape. `mlp_ratio` is 4 in every SiT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiTConfig {
+    pub input_size: i64,
+    pub patch_size: i64,
+    pub in_channels: i64,
+    pub hidden_size: i64,
+    pub depth: i64,
+    pub num_heads: i64,
+    pub num_classes: i64,
+    pub conditioning: Conditioning,
+}
+
+/// (depth, hidden, heads, patch). Paper Table 4 for the SiT-* rows; the small ones are ours, for
+/// CPU tests, benchmarks and the digits demo.
+pub const PRESETS: &[(&str, i64, i64, i64, i64)] = &[
+    ("SiT-B/4", 12, 768, 12, 4),
+    ("SiT-B/2", 12, 768, 12, 2),
+    ("SiT-M/2", 16, 1024, 16, 2),
+    ("SiT-L/2", 24, 1024, 16, 2),
+    ("SiT-XL/2", 28, 1152, 16, 2),
+    ("tiny/2", 4, 128, 4, 2),
+    ("micro/2", 2, 32, 2, 2),
+];
+
+impl SiTConfig {
+    /// A preset over ImageNet-256 SD-VAE latents (32 x 32 x 4, 1000 classes).
+    pub fn preset(name: &str) -> Option<Self> {
+        let &(_, depth, hidden_size, num_heads, patch_size) =
+            PRESETS.iter().find(|row| row.0 == name)?;
+        Some(Self {
+            input_size: 32,
+            patch_size,
+            in_channels: 4,
+            hidden_size,
+            depth,
+            num_heads,
+            num_classes: 1000,
+            conditioning: Conditioning::THalf,
+        })
+    }
+
+    pub fn preset_names() -> Vec<&'static str> {
+        PRESETS.iter().map(|row| row.0).collect()
+    }
+
+    pub fn grid(&self) -> i64 {
+        self.input_size / self.patch_size
+    }
+
+    /// The null class of classifier-free guidance: index num_classes.
+    pub fn null_class(&self) -> i64 {
+        self.num_classes
+    }
+}
+
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
+    x * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1)
+}
+
+/// LayerNorm without affine parameters, eps 1e-6.
+fn norm(x: &Tensor) -> Tensor {
+    let d = x.size()[x.dim() - 1];
+    x.layer_norm([d], None::<Tensor>, None::<Tensor>, 1e-6, true)
+}
+
+#[derive(Debug)]
+struct Mlp {
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+}
+
+impl Mlp {
+    fn new(p: nn::Path, hidden: i64) -> Self {
+        let inner = 4 * hidden;
+        Self {
+            fc1: linear(&p / "fc1", hidden, inner, xavier(hidden, inner)),
+            fc2: linear(&p / "fc2", inner, hidden, xavier(inner, hidden)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.fc2.forward(&self.fc1.forward(x).gelu("tanh"))
+    }
+}
+
+/// `adaLN_modulation = Sequential(SiLU, Linear)`, zero-initialised (adaLN-Zero): the SiLU is
+/// applied once to the conditioning and shared by all blocks.
+fn modulation(p: nn::Path, hidden: i64, chunks: i64) -> nn::Linear {
+    linear(
+        p / "adaLN_modulation" / "1",
+        hidden,
+        chunks * hidden,
+        nn::Init::Const(0.0),
+    )
+}
+
+#[derive(Debug)]
+struct Block {
+    attn: Attention,
+    mlp: Mlp,
+    ada_ln: nn::Linear,
+}
+
+impl Block {
+    fn new(p: nn::Path, hidden: i64, heads: i64) -> Self {
+        Self {
+            attn: Attention::new(&p / "attn", hidden, heads),
+            mlp: Mlp::new(&p / "mlp", hidden),
+            ada_ln: modulation(p, hidden, 6),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, c_silu: &Tensor, kernel: AttentionKernel) -> Tensor {
+        let m = self.ada_ln.forward(c_silu).chunk(6, -1);
+        let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
+        let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
+        let x = x + gate_msa.unsqueeze(1)
+            * self
+                .attn
+                .forward(&modulate(&norm(x), shift_msa, scale_msa), kernel);
+        &x + gate_mlp.unsqueeze(1) * self.mlp.forward(&modulate(&norm(&x), shift_mlp, scale_mlp))
+    }
+}
+
+#[derive(Debug)]
+struct FinalLayer {
+    linear: nn::Linear,
+    ada_ln: nn::Linear,
+}
+
+impl FinalLayer {
+    fn new(p: nn::Path, hidden: i64, out: i64) -> Self {
+        Self {
+            linear: linear(&p / "linear", hidden, out, nn::Init::Const(0.0)),
+            ada_ln: modulation(p, hidden, 2),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, c_silu: &Tensor) -> Tensor {
+        let m = self.ada_ln.forward(c_silu).chunk(2, -1);
+        self.linear.forward(&modulate(&norm(x), &m[0], &m[1]))
+    }
+}
+
+/// The MeanFlow network u_theta(z, r, t | y).
+#[derive(Debug)]
+pub struct SiT {
+    pub config: SiTConfig,
+    x_embedder: PatchEmbed,
+    pos_embed: Tensor,
+    t_embedder: Option<TimestepEmbedder>,
+    h_embedder: Option<TimestepEmbedder>,
+    r_embedder: Option<TimestepEmbedder>,
+    y_embedder: LabelEmbedder,
+    blocks: Vec<Block>,
+    final_layer: FinalLayer,
+}
+
+impl SiT {
+    /// A network initialised for training as the reference does: Xavier-uniform linear layers,
+    /// N(0, 0.02) label table and t-embedder, zero adaLN modulations and output layer, so a fresh
+    /// network outputs exactly zero.
+    pub fn new(p: &nn::Path, config: &SiTConfig) -> Self {
+        let c = config;
+        let d = c.hidden_size;
+        assert!(
+            d % c.num_heads == 0,
+            "hidden size {d} is not divisible by {} heads",
+            c.num_heads
+        );
+        assert!(
+            c.input_size % c.patch_size == 0,
+            "input size is not divisible by the patch size"
+        );
+        let grid = c.grid();
+        let mut pos_embed = p.zeros_no_train("pos_embed", &[1, grid * grid, d]);
+        tch::no_grad(|| pos_embed.copy_(&super::embed::sincos_pos_embed(d, grid).unsqueeze(0)));
+        // The reference draws t_embedder from N(0, 0.02) and leaves h_embedder Xavier-uniform.
+        let embedder =
+            |name: &str, on: bool, stdev| on.then(|| TimestepEmbedder::new(p / name, d, stdev));
+        Self {
+            x_embedder: PatchEmbed::new(p / "x_embedder", c.in_channels, d, c.patch_size),
+            pos_embed,
+            t_embedder: embedder("t_embedder", c.conditioning.embeds_t(), Some(0.02)),
+            h_embedder: embedder("h_embedder", c.conditioning.embeds_h(), None),
+            r_embedder: embedder("r_embedder", c.conditioning.embeds_r(), None),
+            y_embedder: LabelEmbedder::new(p / "y_embedder", c.num_classes, d),
+            blocks: (0..c.depth)
+                .map(|i| Block::new(p / "blocks" / i, d, c.num_heads))
+                .collect(),
+            final_layer: FinalLayer::new(
+                p / "final_layer",
+                d,
+                c.patch_size * c.patch_size * c.in_channels,
+            ),
+            config: c.clone(),
+        }
+    }
+
+    /// u_theta(x, r, t | y): x (N, C, H, W), t and r (N,), y (N,) int64 (num_classes = null).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        r: &Tensor,
+        y: &Tensor,
+        kernel: AttentionKernel,
+    ) -> Tensor {
+        // c = emb_t(t) + emb_h(t - r) (+ emb_r(r)) + emb_y(y), summed in the reference's order.
+        let times = [
+            (&self.t_embedder, t.shallow_clone()),
+            (&self.h_embedder, t - r),
+            (&self.r_embedder, r.shallow_clone()),
+        ];
+        let c = times
+            .iter()
+            .filter_map(|(embedder, s)| embedder.as_ref().map(|e| e.forward(s)))
+            .chain(std::iter::once(self.y_embedder.forward(y)))
+            .reduce(|sum, e| sum + e)
+            .expect("the label embedding is always there");
+        let c_silu = c.silu();
+        let mut h = self.x_embedder.forward(x) + &self.pos_embed;
+        for block in &self.blocks {
+            h = block.forward(&h, &c_silu, kernel);
+        }
+        unpatchify(
+            &self.final_layer.forward(&h, &c_silu),
+            self.config.patch_size,
+            self.config.in_channels,
+        )
+    }
+}
+
+/// (N, T, p*p*C) laid out as (h, w, p, q, c) -> (N, C, h*p, w*q).
+pub fn unpatchify(x: &Tensor, patch: i64, channels: i64) -> Tensor {
+    let (n, t, _) = x.size3().expect("tokens are (N, T, p*p*C)");
+    let grid = (t as f64).sqrt() as i64;
+    assert_eq!(grid * grid, t, "{t} tokens do not form a square grid");
+    x.reshape([n, grid, grid, patch, patch, channels])
+        .permute([0, 5, 1, 3, 2, 4])
+        .reshape([n, channels, grid * patch, grid * patch])
+}
+
+/// The inverse of [`unpatchify`]: (N, C, H, W) -> (N, T, p*p*C).
+pub fn patchify(x: &Tensor, patch: i64) -> Tensor {
+    let (n, c, h, w) = x.size4().expect("images are (N, C, H, W)");
+    x.reshape([n, c, h / patch, patch, w / patch, patch])
+        .permute([0, 2, 4, 3, 5, 1])
+        .reshape([n, (h / patch) * (w / patch), patch * patch * c])
+}
