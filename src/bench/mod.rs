@@ -1,0 +1,137 @@
+//! `mfr bench`: timed training steps on random latents, reported as JSON. Speed targets live
+//! here, never in tests.
+use crate::device;
+use crate::model::{SiT, SiTConfig};
+use crate::spec::{MeanFlowSection, Precision, TrainSection};
+use crate::train;
+use anyhow::{anyhow, Result};
+use serde::Serialize;
+use std::time::Instant;
+use tch::{nn, Device, Kind, Tensor};
+
+pub struct TrainBench {
+    pub model: String,
+    pub batch: i64,
+    pub precision: Precision,
+    pub device: Device,
+    pub warmup: usize,
+    pub steps: usize,
+    pub omega: f64,
+    pub kappa: f64,
+    pub grad_clip: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainBenchResult {
+    pub what: &'static str,
+    pub model: String,
+    pub parameters: i64,
+    pub batch: i64,
+    pub precision: Precision,
+    pub omega: f64,
+    pub kappa: f64,
+    pub grad_clip: f64,
+    pub device: String,
+    pub warmup_steps: usize,
+    pub timed_steps: usize,
+    pub ms_per_step: f64,
+    pub img_per_s: f64,
+    pub peak_memory_gib: f64,
+    /// What `peak_memory_gib` measures: the CUDA caching allocator's peak since warm-up, or the
+    /// whole process's peak resident set on the CPU.
+    pub peak_memory_of: &'static str,
+    pub final_loss: f64,
+    pub libtorch: String,
+    pub mfr_version: &'static str,
+}
+
+pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
+    let config = SiTConfig::preset(&b.model).ok_or_else(|| {
+        anyhow!(
+            "unknown model preset `{}`, expected one of {}",
+            b.model,
+            SiTConfig::preset_names().join(", ")
+        )
+    })?;
+    tch::manual_seed(0);
+    let mut vs = nn::VarStore::new(b.device);
+    let net = SiT::new(&vs.root(), &config);
+    train::prepare_precision(&mut vs, b.precision, b.device)?;
+    let section = TrainSection {
+        batch: b.batch,
+        grad_clip: b.grad_clip,
+        precision: b.precision,
+        ..TrainSection::default()
+    };
+    let opt = train::optimizer(&vs, &section)?;
+    let cfg = MeanFlowSection {
+        omega: b.omega,
+        kappa: b.kappa,
+        ..MeanFlowSection::default()
+    }
+    .config();
+    let kind = if b.precision == Precision::F64 {
+        Kind::Double
+    } else {
+        Kind::Float
+    };
+    let shape = [
+        b.batch,
+        config.in_channels,
+        config.input_size,
+        config.input_size,
+    ];
+    let x = Tensor::randn(shape, (kind, b.device));
+    let labels = Tensor::randint(config.num_classes, [b.batch], (Kind::Int64, b.device));
+
+    let mut trainer = train::Trainer {
+        net: &net,
+        vs: &vs,
+        opt,
+        cfg,
+        precision: b.precision,
+        grad_clip: b.grad_clip,
+    };
+    let mut last = 0.0;
+    let mut run = |n: usize| -> Result<()> {
+        for _ in 0..n {
+            last = trainer.step(&x, &labels)?.loss;
+        }
+        device::synchronize(b.device);
+        Ok(())
+    };
+    run(b.warmup)?;
+    device::reset_peak_memory(b.device)?;
+    let start = Instant::now();
+    run(b.steps)?;
+    let seconds = start.elapsed().as_secs_f64() / b.steps.max(1) as f64;
+    let parameters = vs
+        .trainable_variables()
+        .iter()
+        .map(|v| v.numel() as i64)
+        .sum();
+    Ok(TrainBenchResult {
+        what: "meanflow train step",
+        model: b.model.clone(),
+        parameters,
+        batch: b.batch,
+        precision: b.precision,
+        omega: b.omega,
+        kappa: b.kappa,
+        grad_clip: b.grad_clip,
+        device: device::describe(b.device),
+        warmup_steps: b.warmup,
+        timed_steps: b.steps,
+        ms_per_step: seconds * 1e3,
+        img_per_s: b.batch as f64 / seconds,
+        peak_memory_gib: device::peak_memory_bytes(b.device)? as f64 / (1u64 << 30) as f64,
+        peak_memory_of: if b.device.is_cuda() {
+            "cuda allocator"
+        } else {
+            "process peak RSS"
+        },
+        final_loss: last,
+        libtorch: "2.11.0".to_owned(),
+        mfr_version: env!("CARGO_PKG_VERSION"),
+    })
+}

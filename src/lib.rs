@@ -1,0 +1,8 @@
+//! meanflow-repro: reproduces "Mean Flows for One-step Generative Modeling" on tch (libtorch).
+//! See README.md for the flow of data and the `mfr` commands.
+pub mod bench;
+pub mod device;
+pub mod meanflow;
+pub mod model;
+pub mod spec;
+pub mod train;
