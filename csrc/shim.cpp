@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/forward_grad.h>
 #include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
 
 #include <dlfcn.h>
 #include <cstdint>
@@ -82,6 +83,26 @@ int mfr_cuda_device_name(int device, char* name, size_t name_len, char* err, siz
     int handle = 0;
     TORCH_CHECK(init(0) == 0 && get(&handle, device) == 0, "cuDeviceGet failed for device ", device);
     TORCH_CHECK(get_name(name, static_cast<int>(name_len), handle) == 0, "cuDeviceGetName failed");
+  });
+}
+
+// CUDA autocast to bfloat16 (tch's own helper leaves the dtype at the default float16 and uses
+// the deprecated device-less API). `push` saves the state it replaces; `pop` restores it.
+int mfr_autocast_push(int enabled, int* prev_enabled, int* prev_dtype, char* err, size_t len) {
+  return guarded(err, len, [&] {
+    *prev_enabled = at::autocast::is_autocast_enabled(at::kCUDA) ? 1 : 0;
+    *prev_dtype = static_cast<int>(at::autocast::get_autocast_dtype(at::kCUDA));
+    at::autocast::set_autocast_enabled(at::kCUDA, enabled != 0);
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    at::autocast::increment_nesting();
+  });
+}
+
+int mfr_autocast_pop(int prev_enabled, int prev_dtype, char* err, size_t len) {
+  return guarded(err, len, [&] {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(at::kCUDA, prev_enabled != 0);
+    at::autocast::set_autocast_dtype(at::kCUDA, static_cast<at::ScalarType>(prev_dtype));
   });
 }
 

@@ -13,6 +13,19 @@ extern "C" {
         len: usize,
     ) -> c_int;
     fn mfr_cuda_reset_peak(device: c_int, err: *mut c_char, len: usize) -> c_int;
+    fn mfr_autocast_push(
+        enabled: c_int,
+        prev_enabled: *mut c_int,
+        prev_dtype: *mut c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn mfr_autocast_pop(
+        prev_enabled: c_int,
+        prev_dtype: c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
     fn mfr_set_tf32(enabled: c_int, err: *mut c_char, len: usize) -> c_int;
     fn mfr_cuda_device_name(
         device: c_int,
@@ -116,4 +129,18 @@ pub fn synchronize(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
     }
+}
+
+/// Runs `f` with CUDA autocast to bfloat16 on (or explicitly off), restoring the previous state
+/// afterwards, also when `f` fails. CPU tensors are unaffected.
+pub fn autocast_bf16<T>(enabled: bool, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let (mut prev_enabled, mut prev_dtype) = (0, 0);
+    shim_call("enter autocast", |e, l| unsafe {
+        mfr_autocast_push(enabled as c_int, &mut prev_enabled, &mut prev_dtype, e, l)
+    })?;
+    let out = f();
+    shim_call("leave autocast", |e, l| unsafe {
+        mfr_autocast_pop(prev_enabled, prev_dtype, e, l)
+    })?;
+    out
 }

@@ -1,7 +1,7 @@
 //! `mfr bench`: timed training steps on random latents, reported as JSON. Speed targets live
 //! here, never in tests.
 use crate::device;
-use crate::model::{SiT, SiTConfig};
+use crate::model::{AttentionKernel, SiT, SiTConfig};
 use crate::spec::{MeanFlowSection, Precision, TrainSection};
 use crate::train;
 use anyhow::{anyhow, Result};
@@ -41,6 +41,8 @@ pub struct TrainBenchResult {
     /// whole process's peak resident set on the CPU.
     pub peak_memory_of: &'static str,
     pub final_loss: f64,
+    /// dtype of the network's output inside the step's autocast region (proves what ran).
+    pub compute_dtype: String,
     pub libtorch: String,
     pub mfr_version: &'static str,
 }
@@ -84,6 +86,10 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
     let x = Tensor::randn(shape, (kind, b.device));
     let labels = Tensor::randint(config.num_classes, [b.batch], (Kind::Int64, b.device));
 
+    let compute_dtype = device::autocast_bf16(b.precision == Precision::Bf16, || {
+        let t = Tensor::ones([b.batch], (kind, b.device));
+        Ok(tch::no_grad(|| net.forward(&x, &t, &t, &labels, AttentionKernel::Fused)).kind())
+    })?;
     let mut trainer = train::Trainer {
         net: &net,
         vs: &vs,
@@ -131,6 +137,7 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
             "process peak RSS"
         },
         final_loss: last,
+        compute_dtype: format!("{compute_dtype:?}"),
         libtorch: "2.11.0".to_owned(),
         mfr_version: env!("CARGO_PKG_VERSION"),
     })

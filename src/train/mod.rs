@@ -87,7 +87,7 @@ impl Trainer<'_> {
         self.opt.zero_grad();
         let draw = Draw::sample(&self.cfg, x);
         let autocast = self.precision == Precision::Bf16;
-        let terms = tch::autocast(autocast, || {
+        let terms = crate::device::autocast_bf16(autocast, || {
             meanflow_loss(self.net, &self.cfg, x, labels, &draw)
         })?;
         terms.loss.backward();
