@@ -5,6 +5,17 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    // The code commit recorded in every run directory's env.json.
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/index");
+    let commit = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=MFR_GIT_COMMIT={commit}");
     // torch-sys (links = "tch") publishes the libtorch it linked as DEP_TCH_LIBTORCH_LIB.
     let lib = PathBuf::from(env::var("DEP_TCH_LIBTORCH_LIB").expect(
         "torch-sys did not report a libtorch: build with `make` (it sets LIBTORCH_USE_PYTORCH=1)",

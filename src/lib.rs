@@ -1,8 +1,11 @@
 //! meanflow-repro: reproduces "Mean Flows for One-step Generative Modeling" on tch (libtorch).
 //! See README.md for the flow of data and the `mfr` commands.
 pub mod bench;
+pub mod data;
 pub mod device;
 pub mod meanflow;
 pub mod model;
+pub mod report;
+pub mod runs;
 pub mod spec;
 pub mod train;

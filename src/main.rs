@@ -1,7 +1,7 @@
 //! `mfr`: argument parsing and dispatch only.
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use meanflow_repro::{bench, device, spec::Precision, spec::Spec};
+use meanflow_repro::{bench, device, runs, spec::Precision, spec::Spec};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -21,9 +21,24 @@ enum Command {
     /// Run an experiment spec (train, sample, evaluate, report).
     Run {
         spec: PathBuf,
-        /// Print the resolved spec, its sha256 and the plan, and stop.
+        /// Override a spec field, e.g. --set train.epochs=2 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Print the plan (each run's stages and whether they are done) and stop.
         #[arg(long)]
         dry_run: bool,
+        /// Continue unfinished runs from their newest checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Where run directories go (default: $MFR_RESULTS or ./results).
+        #[arg(long)]
+        results: Option<PathBuf>,
+    },
+    /// Print a spec resolved (every default explicit) with its sha256.
+    Resolve {
+        spec: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Time a component on random data and report JSON.
     Bench {
@@ -92,17 +107,28 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { spec, dry_run } => {
-            let resolved = Spec::load(&spec)?;
+        Command::Run {
+            spec,
+            sets,
+            dry_run,
+            resume,
+            results,
+        } => {
+            let opts = runs::Options {
+                results: results.unwrap_or_else(runs::default_results),
+                dry_run,
+                resume,
+            };
+            runs::run(&spec, &sets, &opts)
+        }
+        Command::Resolve { spec, sets } => {
+            let resolved = Spec::load_with(&spec, &sets)?;
             println!(
                 "# {} (sha256 {})\n{}",
                 spec.display(),
                 resolved.sha256(),
                 resolved.to_toml()
             );
-            if !dry_run {
-                bail!("training is not implemented yet: only `mfr run SPEC --dry-run` works in this version");
-            }
             Ok(())
         }
         Command::Bench {

@@ -59,24 +59,20 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
     let mut vs = nn::VarStore::new(b.device);
     let net = SiT::new(&vs.root(), &config);
     train::prepare_precision(&mut vs, b.precision, b.device)?;
-    let section = TrainSection {
-        batch: b.batch,
-        grad_clip: b.grad_clip,
-        precision: b.precision,
-        ..TrainSection::default()
-    };
-    let opt = train::optimizer(&vs, &section)?;
+    let train_defaults = TrainSection::default();
+    let opt = train::optim::AdamW::new(
+        train::trainable(&vs),
+        train_defaults.lr,
+        train_defaults.betas,
+        0.0,
+    );
     let cfg = MeanFlowSection {
         omega: b.omega,
         kappa: b.kappa,
         ..MeanFlowSection::default()
     }
     .config();
-    let kind = if b.precision == Precision::F64 {
-        Kind::Double
-    } else {
-        Kind::Float
-    };
+    let kind = train::input_kind(b.precision);
     let shape = [
         b.batch,
         config.in_channels,
@@ -92,16 +88,16 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
     })?;
     let mut trainer = train::Trainer {
         net: &net,
-        vs: &vs,
         opt,
         cfg,
         precision: b.precision,
         grad_clip: b.grad_clip,
+        accumulation: 1,
     };
-    let mut last = 0.0;
+    let mut last = Tensor::zeros([], (Kind::Float, b.device));
     let mut run = |n: usize| -> Result<()> {
         for _ in 0..n {
-            last = trainer.step(&x, &labels)?.loss;
+            last = trainer.step(&x, &labels, train_defaults.lr)?.loss;
         }
         device::synchronize(b.device);
         Ok(())
@@ -136,7 +132,7 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
         } else {
             "process peak RSS"
         },
-        final_loss: last,
+        final_loss: last.double_value(&[]),
         compute_dtype: format!("{compute_dtype:?}"),
         libtorch: "2.11.0".to_owned(),
         mfr_version: env!("CARGO_PKG_VERSION"),

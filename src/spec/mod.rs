@@ -16,10 +16,112 @@ use std::path::Path;
 impl Spec {
     /// Reads, parses, resolves and validates a spec file.
     pub fn load(path: &Path) -> Result<Spec, SpecError> {
+        Spec::load_with(path, &[])
+    }
+
+    /// [`Spec::load`] after applying `key=value` overrides (`train.epochs=2`; the value is
+    /// TOML, or a bare string).
+    pub fn load_with(path: &Path, sets: &[String]) -> Result<Spec, SpecError> {
         let file = path.display().to_string();
         let src = std::fs::read_to_string(path)
             .map_err(|e| SpecError::whole(&file, format!("cannot read the spec: {e}")))?;
-        Spec::parse(&src, &file)
+        if sets.is_empty() {
+            return Spec::parse(&src, &file);
+        }
+        let mut doc: toml_edit::DocumentMut = src.parse().map_err(|e: toml_edit::TomlError| {
+            SpecError::whole(&file, format!("invalid TOML: {}", e.message()))
+        })?;
+        for set in sets {
+            let (key, value) = set.split_once('=').ok_or_else(|| {
+                SpecError::whole(
+                    &file,
+                    format!("--set {set}: expected key=value, e.g. train.epochs=2"),
+                )
+            })?;
+            let value: toml_edit::Value =
+                value.trim().parse().unwrap_or_else(|_| value.trim().into());
+            let parts = toml_edit::Key::parse(key.trim())
+                .map_err(|e| SpecError::whole(&file, format!("--set {key}: not a TOML key path ({})", e.message().trim())))?;
+            let (last, tables) = parts.split_last().expect("a parsed key has a part");
+            let mut table = doc.as_table_mut();
+            for part in tables {
+                table = table
+                    .entry(part.get())
+                    .or_insert_with(toml_edit::table)
+                    .as_table_mut()
+                    .ok_or_else(|| SpecError::whole(&file, format!("--set {key}: `{}` is not a section", part.get())))?;
+            }
+            table.insert(last.get(), toml_edit::value(value));
+        }
+        Spec::parse(&doc.to_string(), &format!("{file} (with --set)"))
+    }
+
+    /// The runs this spec stands for: one named `default`, or one per point of its sweep, named
+    /// by the swept values (`data_proportion=0.75`), each with its own resolved spec.
+    pub fn points(&self, file: &str) -> Result<Vec<(String, Spec)>, SpecError> {
+        if self.sweep.is_empty() {
+            return Ok(vec![("default".to_owned(), self.clone())]);
+        }
+        let mut base = self.clone();
+        base.sweep.clear();
+        let base = toml::Value::try_from(&base).expect("a resolved spec is TOML");
+        let mut grid: Vec<Vec<(&String, &toml::Value)>> = vec![Vec::new()];
+        for (key, values) in &self.sweep {
+            if key == "model.preset" {
+                return Err(SpecError::whole(
+                    file,
+                    "`sweep.model.preset`: sweep the shape fields (model.depth, ...) instead"
+                        .into(),
+                ));
+            }
+            if values.is_empty() {
+                return Err(SpecError::whole(
+                    file,
+                    format!("`sweep.{key}`: expected a non-empty list of values"),
+                ));
+            }
+            grid = grid
+                .into_iter()
+                .flat_map(|point| {
+                    values
+                        .iter()
+                        .map(move |v| [point.clone(), vec![(key, v)]].concat())
+                })
+                .collect();
+        }
+        grid.into_iter()
+            .map(|point| {
+                let mut value = base.clone();
+                let mut names = Vec::new();
+                for (key, v) in &point {
+                    let slot = key
+                        .split('.')
+                        .try_fold(&mut value, |node, part| node.get_mut(part))
+                        .ok_or_else(|| {
+                            SpecError::whole(
+                                file,
+                                format!("`sweep.{key}`: not a field of the spec"),
+                            )
+                        })?;
+                    *slot = (*v).clone();
+                    let shown = match v {
+                        toml::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    names.push(
+                        format!("{}={}", key.rsplit('.').next().unwrap_or(key), shown)
+                            .replace(['/', ' '], "_"),
+                    );
+                }
+                let keys: Vec<String> = point.iter().map(|(k, _)| format!("sweep.{k}")).collect();
+                let at =
+                    |msg: String| SpecError::whole(file, format!("`{}`: {msg}", keys.join("`, `")));
+                let spec: Spec = serde_path_to_error::deserialize(value)
+                    .map_err(|e| at(e.inner().to_string()))?;
+                spec.validate().map_err(|(_, msg)| at(msg))?;
+                Ok((names.join(","), spec))
+            })
+            .collect()
     }
 
     /// Parses TOML text; `file` names it in errors.

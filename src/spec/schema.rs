@@ -3,6 +3,7 @@
 use crate::meanflow::{sampler, Guidance, MeanFlowConfig, Tangent, TimeSampler};
 use crate::model::{Conditioning, SiTConfig};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 type Checked = Result<(), (String, String)>;
 
@@ -33,6 +34,10 @@ pub struct Spec {
     pub eval: EvalSection,
     #[serde(default)]
     pub paper: PaperSection,
+    /// A grid over dotted keys (`"meanflow.data_proportion" = [1.0, 0.75]`): each point of the
+    /// grid is its own run. Empty in a point's own resolved spec.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sweep: BTreeMap<String, Vec<toml::Value>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,9 +155,14 @@ pub struct TrainSection {
     pub ema_decay: f64,
     pub precision: Precision,
     pub seed: u64,
+    /// Micro-batches per step (the batch stays global; gradients are summed).
+    pub grad_accumulation: i64,
     pub log_every: i64,
     pub checkpoint_every: i64,
+    /// How many of the newest checkpoints to keep...
     pub keep_checkpoints: i64,
+    /// ...besides these steps, kept whatever happens.
+    pub pin_checkpoints: Vec<u64>,
     pub device: String,
 }
 
@@ -170,9 +180,11 @@ impl Default for TrainSection {
             ema_decay: 0.9999,
             precision: Precision::Bf16,
             seed: 0,
+            grad_accumulation: 1,
             log_every: 100,
             checkpoint_every: 10_000,
             keep_checkpoints: 3,
+            pin_checkpoints: Vec::new(),
             device: "cuda".to_owned(),
         }
     }

@@ -1,22 +1,16 @@
-//! One optimisation step: the MeanFlow loss, backward, optional clipping, AdamW. The loop, EMA and
-//! checkpoints build on this.
+//! Training: one optimisation step ([`Trainer`]), AdamW, EMA, checkpoints and the loop
+//! ([`run::train`]).
+pub mod checkpoint;
+pub mod ema;
+pub mod optim;
+pub mod run;
+
 use crate::meanflow::{meanflow_loss, Draw, MeanFlowConfig};
 use crate::model::SiT;
-use crate::spec::{Precision, TrainSection};
+use crate::spec::Precision;
 use anyhow::{bail, Result};
+use optim::AdamW;
 use tch::{nn, Device, Kind, Tensor};
-
-/// AdamW with the spec's lr, betas and weight decay (eps 1e-8, as torch.optim.AdamW).
-pub fn optimizer(vs: &nn::VarStore, train: &TrainSection) -> Result<nn::Optimizer> {
-    let adamw = nn::AdamW {
-        beta1: train.betas[0],
-        beta2: train.betas[1],
-        wd: train.weight_decay,
-        eps: 1e-8,
-        amsgrad: false,
-    };
-    Ok(nn::OptimizerConfig::build(adamw, vs, train.lr)?)
-}
 
 /// Puts the variables in the precision's dtype and sets TF32; bf16 autocast needs CUDA.
 pub fn prepare_precision(
@@ -37,65 +31,74 @@ pub fn prepare_precision(
     Ok(())
 }
 
-pub struct StepStats {
-    pub loss: f64,
-    pub v_loss: f64,
-    pub grad_norm: f64,
+/// The dtype of the model's inputs and master weights under a precision.
+pub fn input_kind(precision: Precision) -> Kind {
+    if precision == Precision::F64 {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
 }
 
-/// Global L2 norm of the gradients; scales them down to `max_norm` when above it (0 = never).
-pub fn clip_grad_norm(vs: &nn::VarStore, max_norm: f64) -> f64 {
-    let grads: Vec<Tensor> = vs
-        .trainable_variables()
-        .iter()
-        .map(|v| v.grad())
-        .filter(|g| g.defined())
+/// Trainable variables sorted by name (the optimizer's and the checkpoint's order).
+pub fn trainable(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, v)| v.requires_grad())
         .collect();
-    if grads.is_empty() {
-        return 0.0;
-    }
-    let norms: Vec<Tensor> = grads
-        .iter()
-        .map(|g| g.norm().to_kind(Kind::Double))
-        .collect();
-    let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
-    if max_norm > 0.0 && total > max_norm {
-        let scale = max_norm / (total + 1e-6);
-        tch::no_grad(|| {
-            for g in &grads {
-                let _ = g.shallow_clone().g_mul_scalar_(scale);
-            }
-        });
-    }
-    total
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// A step's numbers, left on the device (reading them would stall it).
+pub struct StepStats {
+    pub loss: Tensor,
+    pub v_loss: Tensor,
+    pub grad_norm: Tensor,
 }
 
 /// What a training step needs besides the batch.
 pub struct Trainer<'a> {
     pub net: &'a SiT,
-    pub vs: &'a nn::VarStore,
-    pub opt: nn::Optimizer,
+    pub opt: AdamW,
     pub cfg: MeanFlowConfig,
     pub precision: Precision,
     /// Gradient-norm clip; 0 disables it.
     pub grad_clip: f64,
+    /// Micro-batches per step: the batch is split and the gradients summed.
+    pub accumulation: i64,
 }
 
 impl Trainer<'_> {
-    /// One step on a batch (x, labels): returns the loss, v loss and pre-clip grad norm.
-    pub fn step(&mut self, x: &Tensor, labels: &Tensor) -> Result<StepStats> {
+    /// One step on a batch (x, labels) at learning rate `lr`; randomness comes from torch's
+    /// generator (seed it first for a reproducible step).
+    pub fn step(&mut self, x: &Tensor, labels: &Tensor, lr: f64) -> Result<StepStats> {
         self.opt.zero_grad();
-        let draw = Draw::sample(&self.cfg, x);
-        let autocast = self.precision == Precision::Bf16;
-        let terms = crate::device::autocast_bf16(autocast, || {
-            meanflow_loss(self.net, &self.cfg, x, labels, &draw)
-        })?;
-        terms.loss.backward();
-        let grad_norm = clip_grad_norm(self.vs, self.grad_clip);
-        self.opt.step();
+        let chunks = self.accumulation.max(1);
+        let (mut loss, mut v_loss) = (
+            Tensor::zeros([], (Kind::Float, x.device())),
+            Tensor::zeros([], (Kind::Float, x.device())),
+        );
+        for (x, labels) in x
+            .chunk(chunks, 0)
+            .iter()
+            .zip(labels.chunk(chunks, 0).iter())
+        {
+            let draw = Draw::sample(&self.cfg, x);
+            let autocast = self.precision == Precision::Bf16;
+            let terms = crate::device::autocast_bf16(autocast, || {
+                meanflow_loss(self.net, &self.cfg, x, labels, &draw)
+            })?;
+            (terms.loss.shallow_clone() / chunks as f64).backward();
+            loss += terms.loss.detach().to_kind(Kind::Float) / chunks as f64;
+            v_loss += terms.v_loss.to_kind(Kind::Float) / chunks as f64;
+        }
+        let grad_norm = optim::clip_grad_norm(&self.opt.params, self.grad_clip);
+        self.opt.update(lr);
         Ok(StepStats {
-            loss: terms.loss.double_value(&[]),
-            v_loss: terms.v_loss.double_value(&[]),
+            loss,
+            v_loss,
             grad_norm,
         })
     }

@@ -1,0 +1,110 @@
+//! The .npy format (version 1-3): a header naming dtype, order and shape, then raw data. Reads
+//! little-endian float16/32/64 in C order, which is what numpy writes for the REPA latents.
+use anyhow::{bail, Context, Result};
+use std::io::Read;
+use std::path::Path;
+
+/// A float array as read: its shape and values widened to f32.
+pub struct NpyArray {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+pub fn read(path: &Path) -> Result<NpyArray> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    parse(&bytes).with_context(|| format!("{}: not a readable .npy array", path.display()))
+}
+
+pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        bail!("missing the .npy magic");
+    }
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes(bytes[8..12].try_into()?) as usize, 12),
+        v => bail!("unsupported .npy version {v}"),
+    };
+    let end = start + header_len;
+    if bytes.len() < end {
+        bail!("truncated header");
+    }
+    let header = std::str::from_utf8(&bytes[start..end])?;
+    let descr = field(header, "descr").context("header has no descr")?;
+    let descr = descr.trim_matches(|c| c == '\'' || c == '"');
+    if field(header, "fortran_order").is_some_and(|v| v.starts_with("True")) {
+        bail!("Fortran-ordered arrays are not supported");
+    }
+    let shape_text = field(header, "shape").context("header has no shape")?;
+    let inner = shape_text.trim_start_matches('(');
+    let inner = &inner[..inner.find(')').context("malformed shape")?];
+    let shape: Vec<usize> = inner
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().context("malformed shape"))
+        .collect::<Result<_>>()?;
+    let count: usize = shape.iter().product();
+    let body = &bytes[end..];
+    let width = match descr {
+        "<f2" => 2,
+        "<f4" => 4,
+        "<f8" => 8,
+        other => bail!("dtype {other} is not a little-endian float"),
+    };
+    if body.len() < count * width {
+        bail!(
+            "truncated data: {} bytes for {count} values of {width} bytes",
+            body.len()
+        );
+    }
+    let data = body[..count * width]
+        .chunks_exact(width)
+        .map(|c| match width {
+            2 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+            4 => f32::from_le_bytes(c.try_into().unwrap()),
+            _ => f64::from_le_bytes(c.try_into().unwrap()) as f32,
+        })
+        .collect();
+    Ok(NpyArray { shape, data })
+}
+
+/// The text after `'key':` in a numpy header dict, up to the next top-level comma.
+fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
+    let at = header.find(&format!("'{key}'"))? + key.len() + 2;
+    let rest = header[at..].trim_start().strip_prefix(':')?.trim_start();
+    let mut depth = 0;
+    for (i, c) in rest.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' | '}' if depth == 0 => return Some(rest[..i].trim()),
+            _ => {}
+        }
+    }
+    Some(rest.trim())
+}
+
+/// Writes a little-endian float32 C-order array (tests and tools make small trees with it).
+pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_text = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    data.iter()
+        .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    std::fs::write(path, out).with_context(|| format!("{}: cannot write", path.display()))
+}

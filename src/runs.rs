@@ -1,0 +1,277 @@
+//! `mfr run`: a spec's runs (one, or one per sweep point) in immutable run directories
+//! results/<experiment>/<run>/, each going through its stages (train, sample, curves). A stage
+//! whose outputs are present for unchanged inputs is skipped, so any run can be rerun or resumed.
+use crate::data;
+use crate::meanflow::sampler;
+use crate::report;
+use crate::spec::Spec;
+use crate::train::{self, checkpoint, run::Networks};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+pub struct Options {
+    pub results: PathBuf,
+    pub dry_run: bool,
+    pub resume: bool,
+}
+
+/// Results root: $MFR_RESULTS or ./results.
+pub fn default_results() -> PathBuf {
+    std::env::var_os("MFR_RESULTS").map_or_else(|| PathBuf::from("results"), PathBuf::from)
+}
+
+#[derive(Debug, PartialEq)]
+enum Status {
+    Done(String),
+    Todo(String),
+    Waiting(String),
+}
+
+struct Stage {
+    name: &'static str,
+    status: Status,
+}
+
+pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
+    let spec = Spec::load_with(spec_path, sets)?;
+    let points = spec.points(&spec_path.display().to_string())?;
+    let exp_dir = opts.results.join(&spec.experiment.name);
+    println!(
+        "{}: {} run(s) under {}",
+        spec_path.display(),
+        points.len(),
+        exp_dir.display()
+    );
+    let mut summary = BTreeMap::new();
+    for (name, point) in &points {
+        let dir = exp_dir.join(name);
+        let stages = plan(point, &dir);
+        println!("\n{name} (spec sha256 {})", &point.sha256()[..12]);
+        for s in &stages {
+            let (mark, what) = match &s.status {
+                Status::Done(w) => ("done", w),
+                Status::Todo(w) => ("todo", w),
+                Status::Waiting(w) => ("later", w),
+            };
+            println!("  {:<8} {mark:<5} {what}", s.name);
+        }
+        if opts.dry_run {
+            continue;
+        }
+        prepare(&dir, point, opts.resume)?;
+        for s in &stages {
+            if let Status::Todo(_) = s.status {
+                execute(s.name, point, &dir)?;
+            }
+        }
+        summary.insert(name.clone(), dir.clone());
+    }
+    if opts.dry_run {
+        println!("\n(dry run: nothing was run)");
+        return Ok(());
+    }
+    let index = serde_json::json!({
+        "experiment": spec.experiment.name,
+        "spec": spec_path.display().to_string(),
+        "runs": summary.iter().map(|(k, v)| (k.clone(), v.display().to_string())).collect::<BTreeMap<_, _>>(),
+    });
+    std::fs::write(
+        exp_dir.join("runs.json"),
+        serde_json::to_string_pretty(&index)? + "\n",
+    )?;
+    println!("\nresults: {}", exp_dir.display());
+    Ok(())
+}
+
+fn total_steps(spec: &Spec) -> Result<u64> {
+    let ds = data::open(&spec.train.data)?;
+    Ok(
+        data::Loader::steps_per_epoch(ds.as_ref(), spec.train.batch as usize)
+            * spec.train.epochs as u64,
+    )
+}
+
+fn final_checkpoint(spec: &Spec, dir: &Path, total: u64) -> Option<PathBuf> {
+    let path = dir.join("checkpoints").join(checkpoint::file_name(total));
+    let state = checkpoint::read_state(&path).ok()?;
+    (state.spec_sha256 == spec.sha256()).then_some(path)
+}
+
+fn samples_marker(dir: &Path) -> PathBuf {
+    dir.join("samples").join("inputs.json")
+}
+
+fn plan(spec: &Spec, dir: &Path) -> Vec<Stage> {
+    let total = match total_steps(spec) {
+        Ok(n) => n,
+        Err(e) => {
+            return vec![Stage {
+                name: "train",
+                status: Status::Waiting(format!("{e:#}")),
+            }]
+        }
+    };
+    let trained = final_checkpoint(spec, dir, total);
+    let train = match (&trained, checkpoint::latest(&dir.join("checkpoints"))) {
+        (Some(_), _) => Status::Done(format!("{total} steps")),
+        (None, Some((_, s))) => Status::Todo(format!("resume at step {} of {total}", s.step)),
+        (None, None) => Status::Todo(format!("{total} steps on {}", spec.train.device)),
+    };
+    let sample = if data::open(&spec.train.data)
+        .map(|d| d.is_posterior())
+        .unwrap_or(true)
+    {
+        Status::Waiting(
+            "latent samples need the SD-VAE decoder for grids (a later release)".to_owned(),
+        )
+    } else {
+        let wanted = checkpoint::file_name(total);
+        let have = std::fs::read_to_string(samples_marker(dir)).ok();
+        let nfe: Vec<String> = spec
+            .sample
+            .schedules
+            .iter()
+            .map(|s| format!("{}-NFE", s.len() - 1))
+            .collect();
+        match have {
+            Some(h) if h.contains(&wanted) => Status::Done(format!("grids for {}", nfe.join(", "))),
+            _ => Status::Todo(format!("EMA grids for {}", nfe.join(", "))),
+        }
+    };
+    vec![
+        Stage {
+            name: "train",
+            status: train,
+        },
+        Stage {
+            name: "sample",
+            status: sample,
+        },
+        Stage {
+            name: "curves",
+            status: Status::Todo("loss and v loss curves (PNG, SVG)".to_owned()),
+        },
+    ]
+}
+
+/// Creates the run directory, or checks that an existing one belongs to this very spec.
+fn prepare(dir: &Path, spec: &Spec, resume: bool) -> Result<()> {
+    let spec_file = dir.join("spec.toml");
+    if spec_file.exists() {
+        let old_text = std::fs::read_to_string(&spec_file)?;
+        let old = Spec::parse(&old_text, &spec_file.display().to_string())?;
+        if old.sha256() != spec.sha256() {
+            bail!(
+                "{} holds a run of a different spec (keys that differ: {}): use another experiment name, or remove the directory",
+                dir.display(),
+                differing_keys(&old, spec).join(", ")
+            );
+        }
+        let started = dir
+            .join("checkpoints")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some());
+        let total = total_steps(spec)?;
+        if started && !resume && final_checkpoint(spec, dir, total).is_none() {
+            bail!(
+                "{} holds an unfinished run of this spec: continue it with --resume",
+                dir.display()
+            );
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    std::fs::write(dir.join("spec.sha256"), spec.sha256() + "\n")?;
+    let env = serde_json::json!({
+        "code_commit": env!("MFR_GIT_COMMIT"),
+        "mfr_version": env!("CARGO_PKG_VERSION"),
+        "tch": "0.24.0",
+        "libtorch": "2.11.0",
+        "device": crate::device::parse(&spec.train.device).map(crate::device::describe).unwrap_or_else(|e| e.to_string()),
+    });
+    std::fs::write(
+        dir.join("env.json"),
+        serde_json::to_string_pretty(&env)? + "\n",
+    )?;
+    // Last, so an interrupted preparation leaves no spec.toml claiming the directory.
+    std::fs::write(spec_file, spec.to_toml())?;
+    Ok(())
+}
+
+/// Dotted keys whose values differ between two resolved specs.
+pub fn differing_keys(a: &Spec, b: &Spec) -> Vec<String> {
+    fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {
+        match v {
+            toml::Value::Table(t) => t
+                .iter()
+                .for_each(|(k, v)| flatten(&format!("{prefix}{k}."), v, out)),
+            other => {
+                out.insert(prefix.trim_end_matches('.').to_owned(), other.to_string());
+            }
+        }
+    }
+    let (mut fa, mut fb) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", &toml::Value::try_from(a).expect("TOML"), &mut fa);
+    flatten("", &toml::Value::try_from(b).expect("TOML"), &mut fb);
+    let keys: std::collections::BTreeSet<&String> = fa.keys().chain(fb.keys()).collect();
+    keys.into_iter()
+        .filter(|k| fa.get(*k) != fb.get(*k))
+        .cloned()
+        .collect()
+}
+
+fn execute(stage: &str, spec: &Spec, dir: &Path) -> Result<()> {
+    match stage {
+        "train" => {
+            let trained = train::run::train(spec, dir)?;
+            println!("  trained: {}", trained.checkpoint.display());
+        }
+        "sample" => sample_grids(spec, dir)?,
+        "curves" => {
+            let stats = report::read_stats(&dir.join("stats.jsonl"))?;
+            report::loss_curves(&stats, &spec.experiment.name, &dir.join("loss"))?;
+            println!("  curves: {}", dir.join("loss.png").display());
+        }
+        other => bail!("unknown stage {other}"),
+    }
+    Ok(())
+}
+
+/// One grid per schedule from the EMA weights: a column per class, the same noise for every
+/// schedule so the grids compare sample for sample.
+fn sample_grids(spec: &Spec, dir: &Path) -> Result<()> {
+    let total = total_steps(spec)?;
+    let ckpt = final_checkpoint(spec, dir, total).context("no finished training to sample from")?;
+    let nets = Networks::new(spec)?;
+    nets.load_ema(&ckpt)?;
+    let device = nets.vs.device();
+    let classes = spec.model.num_classes.min(10);
+    let per_class = 10;
+    let n = classes * per_class;
+    let labels = Tensor::arange(n, (Kind::Int64, device)).remainder(classes);
+    tch::manual_seed(data::mix(spec.sample.seed, 0) as i64);
+    let kind = train::input_kind(spec.train.precision);
+    let shape = [
+        n,
+        spec.model.in_channels,
+        spec.model.input_size,
+        spec.model.input_size,
+    ];
+    let noise = Tensor::randn(shape, (kind, device));
+    let out = dir.join("samples");
+    std::fs::create_dir_all(&out)?;
+    for schedule in &spec.sample.schedules {
+        let images = sampler::sample(&nets.ema, &noise, &labels, schedule)?;
+        let path = out.join(format!("grid-{}nfe.png", schedule.len() - 1));
+        report::sample_grid(&images, classes, 6, &path)?;
+        println!("  samples: {}", path.display());
+    }
+    let marker = serde_json::json!({"checkpoint": checkpoint::file_name(total), "schedules": spec.sample.schedules});
+    std::fs::write(
+        samples_marker(dir),
+        serde_json::to_string_pretty(&marker)? + "\n",
+    )?;
+    Ok(())
+}

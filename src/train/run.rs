@@ -1,0 +1,307 @@
+//! The training loop of one run: resumes from the newest whole checkpoint, logs to an
+//! append-only stats.jsonl and a progress bar, checkpoints atomically, stops cleanly on Ctrl-C
+//! and at the first non-finite loss or gradient.
+use super::checkpoint::{self, TrainState};
+use super::{ema, input_kind, optim::AdamW, prepare_precision, trainable, Trainer};
+use crate::data::{self, Loader};
+use crate::device;
+use crate::model::SiT;
+use crate::spec::Spec;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tch::{nn, Kind, Tensor};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C finishes the current step, writes a checkpoint and stops; a second Ctrl-C kills.
+fn install_interrupt_handler() {
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+}
+
+pub struct Trained {
+    pub steps: u64,
+    pub checkpoint: PathBuf,
+}
+
+/// The model and EMA networks of a run, built for its spec on its device.
+pub struct Networks {
+    pub vs: nn::VarStore,
+    pub net: SiT,
+    pub ema_vs: nn::VarStore,
+    pub ema: SiT,
+}
+
+impl Networks {
+    pub fn new(spec: &Spec) -> Result<Self> {
+        let device = device::parse(&spec.train.device)?;
+        let config = spec.model_config();
+        tch::manual_seed(data::mix(spec.train.seed, u64::MAX) as i64);
+        let mut vs = nn::VarStore::new(device);
+        let net = SiT::new(&vs.root(), &config);
+        prepare_precision(&mut vs, spec.train.precision, device)?;
+        let mut ema_vs = nn::VarStore::new(device);
+        let ema = SiT::new(&ema_vs.root(), &config);
+        prepare_precision(&mut ema_vs, spec.train.precision, device)?;
+        ema_vs.freeze();
+        ema::copy(&ema_vs, &vs);
+        Ok(Self {
+            vs,
+            net,
+            ema_vs,
+            ema,
+        })
+    }
+
+    /// Loads the EMA weights of a checkpoint (for sampling).
+    pub fn load_ema(&self, path: &Path) -> Result<()> {
+        let tensors: Vec<(String, Tensor)> = checkpoint::read_tensors(path)?.into_iter().collect();
+        crate::model::load_state_dict(&self.ema_vs, &tensors, "ema.", &path.display().to_string())
+    }
+}
+
+fn check_data(spec: &Spec, ds: &dyn data::Dataset) -> Result<()> {
+    let m = &spec.model;
+    let [c, h, w] = ds.stored_shape();
+    let channels = if ds.is_posterior() { c / 2 } else { c };
+    if channels != m.in_channels || h != m.input_size || w != m.input_size {
+        bail!(
+            "{}: samples are {channels} x {h} x {w}, but the spec's model takes {} x {} x {} (set model.in_channels and model.input_size)",
+            spec.train.data, m.in_channels, m.input_size, m.input_size
+        );
+    }
+    if ds.num_classes() > m.num_classes {
+        bail!(
+            "{}: labels go up to {}, but model.num_classes is {}",
+            spec.train.data,
+            ds.num_classes() - 1,
+            m.num_classes
+        );
+    }
+    Ok(())
+}
+
+fn lr_at(spec: &Spec, step: u64) -> f64 {
+    let t = &spec.train;
+    if t.warmup_steps > 0 && (step as i64) < t.warmup_steps {
+        t.lr * (step + 1) as f64 / t.warmup_steps as f64
+    } else {
+        t.lr
+    }
+}
+
+/// Trains the run in `dir` to the spec's last step, continuing from its newest checkpoint.
+pub fn train(spec: &Spec, dir: &Path) -> Result<Trained> {
+    let t = &spec.train;
+    let ds = data::open(&t.data)?;
+    check_data(spec, ds.as_ref())?;
+    let nets = Networks::new(spec)?;
+    let device = nets.vs.device();
+    let batch = t.batch as usize;
+    let per_epoch = Loader::steps_per_epoch(ds.as_ref(), batch);
+    if per_epoch == 0 {
+        bail!(
+            "{}: {} samples make no batch of {batch} (lower train.batch)",
+            t.data,
+            ds.len()
+        );
+    }
+    let total = per_epoch * t.epochs as u64;
+    let ckpt_dir = dir.join("checkpoints");
+    std::fs::create_dir_all(&ckpt_dir)
+        .with_context(|| format!("{}: cannot create", ckpt_dir.display()))?;
+
+    let named = trainable(&nets.vs);
+    let mut opt = AdamW::new(named, t.lr, t.betas, t.weight_decay);
+    let (start, wall_before) = match checkpoint::latest(&ckpt_dir) {
+        Some((path, state)) => {
+            if state.spec_sha256 != spec.sha256() {
+                bail!(
+                    "{}: written for spec {}, not this one ({})",
+                    path.display(),
+                    state.spec_sha256,
+                    spec.sha256()
+                );
+            }
+            restore(&path, &state, &nets, &mut opt)?;
+            eprintln!(
+                "resuming from {} (step {} of {total})",
+                path.display(),
+                state.step
+            );
+            (state.step, state.wall_s)
+        }
+        None => (0, 0.0),
+    };
+    if start >= total {
+        return Ok(Trained {
+            steps: total,
+            checkpoint: ckpt_dir.join(checkpoint::file_name(total)),
+        });
+    }
+
+    let mut trainer = Trainer {
+        net: &nets.net,
+        opt,
+        cfg: spec.meanflow_config(),
+        precision: t.precision,
+        grad_clip: t.grad_clip,
+        accumulation: t.grad_accumulation,
+    };
+    let mut loader = Loader::new(ds.clone(), batch, t.seed, start, 4)?;
+    let mut stats = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("stats.jsonl"))
+        .with_context(|| format!("{}: cannot open stats.jsonl", dir.display()))?;
+    let bar = ProgressBar::new(total).with_position(start);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} {msg}",
+        )
+        .expect("a valid template"),
+    );
+    bar.set_prefix(spec.experiment.name.clone());
+    install_interrupt_handler();
+
+    let zero = || Tensor::zeros([], (Kind::Float, device));
+    let (mut loss_sum, mut v_loss_sum, mut norm_sum) = (zero(), zero(), zero());
+    let mut first_bad = Tensor::full([], -1i64, (Kind::Int64, device));
+    let started = Instant::now();
+    let mut window = (Instant::now(), 0u64);
+    let kind = input_kind(t.precision);
+    let mut last_saved = None;
+    for step in start..total {
+        tch::manual_seed(data::mix(t.seed, step) as i64);
+        let b = loader.next_batch()?;
+        let x = data::model_input(ds.as_ref(), &b.x.to_device(device)).to_kind(kind);
+        let lr = lr_at(spec, step);
+        let s = trainer.step(&x, &b.labels.to_device(device), lr)?;
+        ema::update(&nets.ema_vs, &nets.vs, t.ema_decay);
+        let bad = s
+            .loss
+            .isfinite()
+            .logical_and(&s.grad_norm.isfinite())
+            .logical_not();
+        first_bad = first_bad.where_self(
+            &(first_bad.ge(0).logical_or(&bad.logical_not())),
+            &Tensor::full([], step as i64, (Kind::Int64, device)),
+        );
+        loss_sum += &s.loss;
+        v_loss_sum += &s.v_loss;
+        norm_sum += s.grad_norm.to_kind(Kind::Float);
+        window.1 += 1;
+        let done = step + 1;
+        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        let log = done % t.log_every as u64 == 0 || done == total || interrupted;
+        let save = done % t.checkpoint_every as u64 == 0 || done == total || interrupted;
+        if log || save {
+            let bad_step = first_bad.int64_value(&[]);
+            if bad_step >= 0 {
+                bar.abandon();
+                let kept = last_saved.or_else(|| checkpoint::latest(&ckpt_dir).map(|c| c.0));
+                bail!(
+                    "non-finite loss or gradient at step {bad_step}; stopped without saving it. Last good checkpoint: {}. Lower train.lr, set train.grad_clip, or train in bf16/f32 rather than fp16",
+                    kept.map_or("none".to_owned(), |p| p.display().to_string())
+                );
+            }
+        }
+        if log {
+            let n = window.1 as f64;
+            let elapsed = window.0.elapsed().as_secs_f64();
+            let line = serde_json::json!({
+                "step": done,
+                "epoch": step / per_epoch,
+                "loss": loss_sum.double_value(&[]) / n,
+                "v_loss": v_loss_sum.double_value(&[]) / n,
+                "grad_norm": norm_sum.double_value(&[]) / n,
+                "lr": lr,
+                "img_per_s": n * batch as f64 / elapsed.max(1e-9),
+                "wall_s": wall_before + started.elapsed().as_secs_f64(),
+            });
+            writeln!(stats, "{line}").context("writing stats.jsonl")?;
+            bar.set_message(format!(
+                "loss {:.4} v_loss {:.4}",
+                line["loss"], line["v_loss"]
+            ));
+            (loss_sum, v_loss_sum, norm_sum) = (zero(), zero(), zero());
+            window = (Instant::now(), 0);
+        }
+        bar.set_position(done);
+        if save {
+            let state = TrainState {
+                step: done,
+                epoch: done / per_epoch,
+                adam_step: trainer.opt.step,
+                seed: t.seed,
+                spec_sha256: spec.sha256(),
+                wall_s: wall_before + started.elapsed().as_secs_f64(),
+            };
+            let path = ckpt_dir.join(checkpoint::file_name(done));
+            checkpoint::write(&path, &checkpoint_tensors(&nets, &trainer.opt), &state)?;
+            checkpoint::prune(&ckpt_dir, t.keep_checkpoints as usize, &t.pin_checkpoints)?;
+            last_saved = Some(path);
+        }
+        if interrupted {
+            bar.abandon();
+            bail!("interrupted at step {done}; the checkpoint is saved: continue with `mfr run SPEC --resume`");
+        }
+    }
+    bar.finish();
+    Ok(Trained {
+        steps: total,
+        checkpoint: last_saved.expect("the last step saves"),
+    })
+}
+
+fn checkpoint_tensors(nets: &Networks, opt: &AdamW) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    for (prefix, vs) in [("model.", &nets.vs), ("ema.", &nets.ema_vs)] {
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        out.extend(vars.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
+    }
+    for (name, _, m, v) in &opt.params {
+        out.push((format!("opt.exp_avg.{name}"), m.shallow_clone()));
+        out.push((format!("opt.exp_avg_sq.{name}"), v.shallow_clone()));
+    }
+    out
+}
+
+fn restore(path: &Path, state: &TrainState, nets: &Networks, opt: &mut AdamW) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = checkpoint::read_tensors(path)?.into_iter().collect();
+    let source = path.display().to_string();
+    let only = |prefix: &str| -> Vec<(String, Tensor)> {
+        tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect()
+    };
+    crate::model::load_state_dict(&nets.vs, &only("model."), "model.", &source)?;
+    crate::model::load_state_dict(&nets.ema_vs, &only("ema."), "ema.", &source)?;
+    let by_name: std::collections::HashMap<&str, &Tensor> =
+        tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    tch::no_grad(|| -> Result<()> {
+        for (name, _, m, v) in &mut opt.params {
+            for (prefix, dst) in [("opt.exp_avg.", m), ("opt.exp_avg_sq.", v)] {
+                let src = by_name
+                    .get(format!("{prefix}{name}").as_str())
+                    .with_context(|| format!("{source}: no {prefix}{name}"))?;
+                dst.copy_(&src.to_kind(dst.kind()).to_device(dst.device()));
+            }
+        }
+        Ok(())
+    })?;
+    opt.step = state.adam_step;
+    Ok(())
+}
