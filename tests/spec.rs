@@ -135,3 +135,31 @@ fn a_missing_file_is_one_sentence() {
         "{err}"
     );
 }
+
+#[test]
+fn set_overrides_a_field_and_names_itself_in_errors() {
+    let dir = std::env::temp_dir().join(format!("mfr-set-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("s.toml");
+    std::fs::write(&path, MINIMAL).unwrap();
+    let sets = [
+        "train.epochs=3".to_owned(),
+        "meanflow.jvp_tangent=v,1,1".to_owned(),
+        "sweep.\"meanflow.omega\"=[1.0, 2.0]".to_owned(),
+    ];
+    let spec = Spec::load_with(&path, &sets).unwrap();
+    assert_eq!(spec.train.epochs, 3);
+    assert_eq!(spec.meanflow_config().tangent.dr, 1.0);
+    assert_eq!(spec.points("s.toml").unwrap().len(), 2);
+    let err = Spec::load_with(&path, &["train.batch=-1".to_owned()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("(with --set)") && err.contains("`train.batch`"),
+        "{err}"
+    );
+    let err = Spec::load_with(&path, &["train.batch".to_owned()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected key=value"), "{err}");
+}

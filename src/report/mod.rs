@@ -18,8 +18,18 @@ fn register_font() {
     });
 }
 
-/// (step, loss, v_loss) of every line of a stats.jsonl.
-pub fn read_stats(path: &Path) -> Result<Vec<(f64, f64, f64)>> {
+/// One logged line of a run's stats.jsonl.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StatLine {
+    pub step: f64,
+    pub loss: f64,
+    pub v_loss: f64,
+}
+
+type Pick = fn(&StatLine) -> f64;
+
+/// The logged lines of a stats.jsonl.
+pub fn read_stats(path: &Path) -> Result<Vec<StatLine>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
     text.lines()
@@ -32,13 +42,17 @@ pub fn read_stats(path: &Path) -> Result<Vec<(f64, f64, f64)>> {
                 v[k].as_f64()
                     .with_context(|| format!("{}: line {} has no `{k}`", path.display(), i + 1))
             };
-            Ok((num("step")?, num("loss")?, num("v_loss")?))
+            Ok(StatLine {
+                step: num("step")?,
+                loss: num("loss")?,
+                v_loss: num("v_loss")?,
+            })
         })
         .collect()
 }
 
 /// Loss and v loss against step, side by side, as `<stem>.png` and `<stem>.svg`.
-pub fn loss_curves(stats: &[(f64, f64, f64)], title: &str, stem: &Path) -> Result<()> {
+pub fn loss_curves(stats: &[StatLine], title: &str, stem: &Path) -> Result<()> {
     if stats.is_empty() {
         bail!("no statistics to plot for {title}");
     }
@@ -60,7 +74,7 @@ pub fn loss_curves(stats: &[(f64, f64, f64)], title: &str, stem: &Path) -> Resul
 
 fn draw_curves<DB: DrawingBackend>(
     root: DrawingArea<DB, plotters::coord::Shift>,
-    stats: &[(f64, f64, f64)],
+    stats: &[StatLine],
     title: &str,
 ) -> Result<()>
 where
@@ -68,10 +82,10 @@ where
 {
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let panels = root.split_evenly((1, 2));
-    let max_step = stats.iter().map(|s| s.0).fold(1.0, f64::max);
-    let series: [(&str, fn(&(f64, f64, f64)) -> f64, RGBColor); 2] = [
-        ("weighted loss (sits near 1 with p = 1)", |s| s.1, BLUE),
-        ("v loss: mean ||u - v||^2", |s| s.2, RED),
+    let max_step = stats.iter().map(|s| s.step).fold(1.0, f64::max);
+    let series: [(&str, Pick, RGBColor); 2] = [
+        ("weighted loss (sits near 1 with p = 1)", |s| s.loss, BLUE),
+        ("v loss: mean ||u - v||^2", |s| s.v_loss, RED),
     ];
     for (panel, (label, pick, color)) in panels.iter().zip(series) {
         let values: Vec<f64> = stats.iter().map(pick).collect();
@@ -96,7 +110,7 @@ where
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         chart
             .draw_series(LineSeries::new(
-                stats.iter().map(|s| (s.0, pick(s))),
+                stats.iter().map(|s| (s.step, pick(s))),
                 &color,
             ))
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -137,7 +151,7 @@ pub fn sample_grid(images: &Tensor, cols: i64, zoom: u32, path: &Path) -> Result
                     RGBColor(at(0), at(1), at(2))
                 };
                 let (px, py) = ((x0 + x as u32 * z) as i32, (y0 + y as u32 * z) as i32);
-                let corner = (px + z as i32 - 1, py + z as i32 - 1);
+                let corner = (px + z as i32, py + z as i32);
                 root.draw(&Rectangle::new([(px, py), corner], color.filled()))
                     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             }

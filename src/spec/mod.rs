@@ -40,8 +40,12 @@ impl Spec {
             })?;
             let value: toml_edit::Value =
                 value.trim().parse().unwrap_or_else(|_| value.trim().into());
-            let parts = toml_edit::Key::parse(key.trim())
-                .map_err(|e| SpecError::whole(&file, format!("--set {key}: not a TOML key path ({})", e.message().trim())))?;
+            let parts = toml_edit::Key::parse(key.trim()).map_err(|e| {
+                SpecError::whole(
+                    &file,
+                    format!("--set {key}: not a TOML key path ({})", e.message().trim()),
+                )
+            })?;
             let (last, tables) = parts.split_last().expect("a parsed key has a part");
             let mut table = doc.as_table_mut();
             for part in tables {
@@ -49,7 +53,12 @@ impl Spec {
                     .entry(part.get())
                     .or_insert_with(toml_edit::table)
                     .as_table_mut()
-                    .ok_or_else(|| SpecError::whole(&file, format!("--set {key}: `{}` is not a section", part.get())))?;
+                    .ok_or_else(|| {
+                        SpecError::whole(
+                            &file,
+                            format!("--set {key}: `{}` is not a section", part.get()),
+                        )
+                    })?;
             }
             table.insert(last.get(), toml_edit::value(value));
         }
@@ -133,6 +142,8 @@ impl Spec {
             .map_err(|(key, msg)| SpecError::at_key(file, src, &key, msg))?;
         spec.validate()
             .map_err(|(key, msg)| SpecError::at_key(file, src, &key, msg))?;
+        // Every sweep point must be a valid spec too.
+        spec.points(file)?;
         Ok(spec)
     }
 

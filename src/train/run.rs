@@ -19,6 +19,10 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_sigint(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
+    // The next Ctrl-C kills at once (both calls are async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+    }
 }
 
 /// Ctrl-C finishes the current step, writes a checkpoint and stops; a second Ctrl-C kills.
