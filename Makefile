@@ -17,7 +17,7 @@ CARGO_ENV := VIRTUAL_ENV=$(VENV) PATH="$(VENV)/bin:$$PATH" LIBTORCH_USE_PYTORCH=
 endif
 CARGO := $(CARGO_ENV) cargo
 
-.PHONY: setup build test lint demo bench clean
+.PHONY: setup build test lint demo bench devbin clean
 
 setup: $(VENV)/.ready
 
@@ -48,6 +48,12 @@ demo: build
 
 bench: build
 	$(RELEASE) bench train --model micro/2 --batch 32 --precision f32 --device cpu --steps 10 --warmup 2 --json results/bench-train-cpu.json
+
+# What bench/gpu-bench.sh needs on a GPU machine, in the ignored .devbin/ (carry it there).
+devbin: build
+	mkdir -p .devbin
+	cp $(RELEASE) .devbin/mfr
+	cp ../shared/bench/reference_step.py ../shared/bench/reference_jax.py .devbin/
 
 clean:
 	cargo clean
