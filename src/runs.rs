@@ -1,7 +1,7 @@
 //! `mfr run`: a spec's runs (one, or one per sweep point) in immutable run directories
 //! results/<experiment>/<run>/, each going through its stages (train, sample, curves). A stage
 //! whose outputs are present for unchanged inputs is skipped, so any run can be rerun or resumed.
-use crate::data;
+use crate::data::{self, Dataset};
 use crate::meanflow::sampler;
 use crate::report;
 use crate::spec::Spec;
@@ -9,6 +9,7 @@ use crate::train::{self, checkpoint, run::Networks};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 pub struct Options {
@@ -45,9 +46,15 @@ pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
         exp_dir.display()
     );
     let mut summary = BTreeMap::new();
+    // Opening a dataset lists every file: once per data directory, shared by the sweep's points.
+    let mut datasets: BTreeMap<String, Result<Arc<dyn Dataset>, String>> = BTreeMap::new();
     for (name, point) in &points {
         let dir = exp_dir.join(name);
-        let stages = plan(point, &dir);
+        let ds = datasets
+            .entry(point.train.data.clone())
+            .or_insert_with(|| data::open(&point.train.data).map_err(|e| format!("{e:#}")))
+            .clone();
+        let stages = plan(point, &dir, &ds);
         println!("\n{name} (spec sha256 {})", &point.sha256()[..12]);
         for s in &stages {
             let (mark, what) = match &s.status {
@@ -60,10 +67,11 @@ pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
         if opts.dry_run {
             continue;
         }
-        prepare(&dir, point, opts.resume)?;
+        let ds = ds.map_err(anyhow::Error::msg)?;
+        prepare(&dir, point, opts.resume, total_steps(point, ds.as_ref()))?;
         for s in &stages {
             if let Status::Todo(_) = s.status {
-                execute(s.name, point, &dir)?;
+                execute(s.name, point, &dir, &ds)?;
             }
         }
         summary.insert(name.clone(), dir.clone());
@@ -85,12 +93,8 @@ pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
     Ok(())
 }
 
-fn total_steps(spec: &Spec) -> Result<u64> {
-    let ds = data::open(&spec.train.data)?;
-    Ok(
-        data::Loader::steps_per_epoch(ds.as_ref(), spec.train.batch as usize)
-            * spec.train.epochs as u64,
-    )
+fn total_steps(spec: &Spec, ds: &dyn Dataset) -> u64 {
+    data::Loader::steps_per_epoch(ds, spec.train.batch as usize) * spec.train.epochs as u64
 }
 
 fn final_checkpoint(spec: &Spec, dir: &Path, total: u64) -> Option<PathBuf> {
@@ -103,26 +107,24 @@ fn samples_marker(dir: &Path) -> PathBuf {
     dir.join("samples").join("inputs.json")
 }
 
-fn plan(spec: &Spec, dir: &Path) -> Vec<Stage> {
-    let total = match total_steps(spec) {
-        Ok(n) => n,
+fn plan(spec: &Spec, dir: &Path, ds: &Result<Arc<dyn Dataset>, String>) -> Vec<Stage> {
+    let ds = match ds {
+        Ok(ds) => ds,
         Err(e) => {
             return vec![Stage {
                 name: "train",
-                status: Status::Waiting(format!("{e:#}")),
+                status: Status::Waiting(e.clone()),
             }]
         }
     };
+    let total = total_steps(spec, ds.as_ref());
     let trained = final_checkpoint(spec, dir, total);
     let train = match (&trained, checkpoint::latest(&dir.join("checkpoints"))) {
         (Some(_), _) => Status::Done(format!("{total} steps")),
         (None, Some((_, s))) => Status::Todo(format!("resume at step {} of {total}", s.step)),
         (None, None) => Status::Todo(format!("{total} steps on {}", spec.train.device)),
     };
-    let sample = if data::open(&spec.train.data)
-        .map(|d| d.is_posterior())
-        .unwrap_or(true)
-    {
+    let sample = if ds.is_posterior() {
         Status::Waiting(
             "latent samples need the SD-VAE decoder for grids (a later release)".to_owned(),
         )
@@ -157,7 +159,7 @@ fn plan(spec: &Spec, dir: &Path) -> Vec<Stage> {
 }
 
 /// Creates the run directory, or checks that an existing one belongs to this very spec.
-fn prepare(dir: &Path, spec: &Spec, resume: bool) -> Result<()> {
+fn prepare(dir: &Path, spec: &Spec, resume: bool, total: u64) -> Result<()> {
     let spec_file = dir.join("spec.toml");
     if spec_file.exists() {
         let old_text = std::fs::read_to_string(&spec_file)?;
@@ -173,7 +175,6 @@ fn prepare(dir: &Path, spec: &Spec, resume: bool) -> Result<()> {
             .join("checkpoints")
             .read_dir()
             .is_ok_and(|mut d| d.next().is_some());
-        let total = total_steps(spec)?;
         if started && !resume && final_checkpoint(spec, dir, total).is_none() {
             bail!(
                 "{} holds an unfinished run of this spec: continue it with --resume",
@@ -222,13 +223,13 @@ pub fn differing_keys(a: &Spec, b: &Spec) -> Vec<String> {
         .collect()
 }
 
-fn execute(stage: &str, spec: &Spec, dir: &Path) -> Result<()> {
+fn execute(stage: &str, spec: &Spec, dir: &Path, ds: &Arc<dyn Dataset>) -> Result<()> {
     match stage {
         "train" => {
-            let trained = train::run::train(spec, dir)?;
+            let trained = train::run::train(spec, ds.clone(), dir)?;
             println!("  trained: {}", trained.checkpoint.display());
         }
-        "sample" => sample_grids(spec, dir)?,
+        "sample" => sample_grids(spec, dir, total_steps(spec, ds.as_ref()))?,
         "curves" => {
             let stats = report::read_stats(&dir.join("stats.jsonl"))?;
             report::loss_curves(&stats, &spec.experiment.name, &dir.join("loss"))?;
@@ -241,8 +242,7 @@ fn execute(stage: &str, spec: &Spec, dir: &Path) -> Result<()> {
 
 /// One grid per schedule from the EMA weights: a column per class, the same noise for every
 /// schedule so the grids compare sample for sample.
-fn sample_grids(spec: &Spec, dir: &Path) -> Result<()> {
-    let total = total_steps(spec)?;
+fn sample_grids(spec: &Spec, dir: &Path, total: u64) -> Result<()> {
     let ckpt = final_checkpoint(spec, dir, total).context("no finished training to sample from")?;
     let nets = Networks::new(spec)?;
     nets.load_ema(&ckpt)?;

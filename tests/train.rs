@@ -78,7 +78,7 @@ fn n_steps_then_resume_then_n_steps_equals_2n_steps_bit_for_bit() {
     latent_tree(&root.join("data"), 24, None);
     let spec = latent_spec(&root.join("data"), "");
     let whole = root.join("whole");
-    let trained = run::train(&spec, &whole).unwrap();
+    let trained = run::train(&spec, data::open(&spec.train.data).unwrap(), &whole).unwrap();
     assert_eq!(trained.steps, 6);
 
     // An interrupted run: only the step-3 checkpoint exists, as after a kill at step 4 or 5.
@@ -90,7 +90,7 @@ fn n_steps_then_resume_then_n_steps_equals_2n_steps_bit_for_bit() {
         resumed.join("checkpoints").join(&halfway),
     )
     .unwrap();
-    let again = run::train(&spec, &resumed).unwrap();
+    let again = run::train(&spec, data::open(&spec.train.data).unwrap(), &resumed).unwrap();
 
     let (a, b) = (
         weights(&trained.checkpoint, ""),
@@ -120,7 +120,7 @@ fn a_write_interrupted_mid_file_leaves_the_previous_checkpoint() {
     latent_tree(&root.join("data"), 24, None);
     let spec = latent_spec(&root.join("data"), "");
     let dir = root.join("run");
-    run::train(&spec, &dir).unwrap();
+    run::train(&spec, data::open(&spec.train.data).unwrap(), &dir).unwrap();
     let ckpts = dir.join("checkpoints");
     // A crash mid-write leaves a temporary file; a damaged final file may exist too.
     std::fs::write(ckpts.join("step-00000009.safetensors.tmp"), b"partial").unwrap();
@@ -218,7 +218,7 @@ fn a_non_finite_loss_stops_training_without_saving_it() {
     let dir = root.join("run");
     let err = format!(
         "{:#}",
-        run::train(&spec, &dir)
+        run::train(&spec, data::open(&spec.train.data).unwrap(), &dir)
             .err()
             .expect("NaN data must stop training")
     );
@@ -254,7 +254,7 @@ log_every = 8
 checkpoint_every = 1000
 "#;
     let spec = Spec::parse(text, "learn.toml").unwrap();
-    run::train(&spec, &root).unwrap();
+    run::train(&spec, data::open(&spec.train.data).unwrap(), &root).unwrap();
     let stats = meanflow_repro::report::read_stats(&root.join("stats.jsonl")).unwrap();
     let (first, last) = (stats.first().unwrap().v_loss, stats.last().unwrap().v_loss);
     assert!(last < 0.7 * first, "v loss went from {first} to {last}");

@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{nn, Kind, Tensor};
 
@@ -103,10 +104,10 @@ fn lr_at(spec: &Spec, step: u64) -> f64 {
     }
 }
 
-/// Trains the run in `dir` to the spec's last step, continuing from its newest checkpoint.
-pub fn train(spec: &Spec, dir: &Path) -> Result<Trained> {
+/// Trains the run in `dir` on `ds` (the spec's `train.data`) to the spec's last step,
+/// continuing from its newest checkpoint.
+pub fn train(spec: &Spec, ds: Arc<dyn data::Dataset>, dir: &Path) -> Result<Trained> {
     let t = &spec.train;
-    let ds = data::open(&t.data)?;
     check_data(spec, ds.as_ref())?;
     let nets = Networks::new(spec)?;
     let device = nets.vs.device();
