@@ -1,6 +1,7 @@
 //! `mfr`: argument parsing and dispatch only.
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use meanflow_repro::meanflow::JvpMethod;
 use meanflow_repro::{bench, device, runs, spec::Precision, spec::Spec};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,10 +71,19 @@ enum BenchCommand {
         /// Gradient-norm clip (the PyTorch port's 1.0; 0 disables).
         #[arg(long, default_value_t = 1.0)]
         grad_clip: f64,
+        /// How du/dt is computed.
+        #[arg(long, value_enum, default_value_t = JvpArg::Manual)]
+        jvp: JvpArg,
         /// Also write the result to this file.
         #[arg(long)]
         json: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum JvpArg {
+    Manual,
+    ForwardAd,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -143,6 +153,7 @@ fn run(cli: Cli) -> Result<()> {
                     omega,
                     kappa,
                     grad_clip,
+                    jvp,
                     json,
                 },
         } => {
@@ -156,6 +167,10 @@ fn run(cli: Cli) -> Result<()> {
                 omega,
                 kappa,
                 grad_clip,
+                jvp: match jvp {
+                    JvpArg::Manual => JvpMethod::Manual,
+                    JvpArg::ForwardAd => JvpMethod::ForwardAd,
+                },
             };
             let result = serde_json::to_string_pretty(&bench::train(&b)?)?;
             println!("{result}");

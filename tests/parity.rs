@@ -15,7 +15,7 @@ mod common;
 use common::rel_err;
 use meanflow_repro::meanflow::loss::velocity;
 use meanflow_repro::meanflow::{
-    meanflow_loss, sampler, Draw, Guidance, MeanFlowConfig, Tangent, TimeSampler,
+    meanflow_loss, sampler, Draw, Guidance, JvpMethod, MeanFlowConfig, Tangent, TimeSampler,
 };
 use meanflow_repro::model::{load_state_dict, Conditioning, SiT, SiTConfig};
 use serde_json::Value;
@@ -84,7 +84,7 @@ impl Checker {
 
 /// Compares every tensor the fixture holds with ours: one line per mismatch, and the largest
 /// relative error seen (for the record).
-fn check_fixture(path: &Path) -> Result<(Vec<String>, f64), String> {
+fn check_fixture(path: &Path, jvp: JvpMethod) -> Result<(Vec<String>, f64), String> {
     let meta = meta(path)?;
     let tensors = Tensor::read_safetensors(path).map_err(|e| format!("unreadable tensors: {e}"))?;
     let file: BTreeMap<String, Tensor> = tensors
@@ -123,6 +123,7 @@ fn check_fixture(path: &Path) -> Result<(Vec<String>, f64), String> {
         },
         class_dropout: 0.1,
         tangent: Tangent { dr: 0.0, dt: 1.0 },
+        jvp,
         norm_p: num(&meta, "norm_p")?,
         norm_eps: num(&meta, "norm_eps")?,
     };
@@ -225,15 +226,18 @@ fn every_fixture_matches_the_reference_step() {
         dir.display()
     );
     let mut report = Vec::new();
-    for path in &files {
-        match check_fixture(path) {
+    // Both ways of computing du/dt must reproduce the reference step.
+    for (path, jvp) in files
+        .iter()
+        .flat_map(|p| [(p, JvpMethod::Manual), (p, JvpMethod::ForwardAd)])
+    {
+        let name = format!("{} [{jvp:?}]", path.display());
+        match check_fixture(path, jvp) {
             Ok((bad, worst)) if bad.is_empty() => {
-                println!("{}: largest relative error {worst:.2e}", path.display())
+                println!("{name}: largest relative error {worst:.2e}")
             }
-            Ok((bad, _)) => {
-                report.extend(bad.into_iter().map(|b| format!("{}: {b}", path.display())))
-            }
-            Err(e) => report.push(format!("{}: {e}", path.display())),
+            Ok((bad, _)) => report.extend(bad.into_iter().map(|b| format!("{name}: {b}"))),
+            Err(e) => report.push(format!("{name}: {e}")),
         }
     }
     assert!(report.is_empty(), "parity failures:\n{}", report.join("\n"));

@@ -9,6 +9,13 @@ use meanflow_repro::train::{checkpoint, ema, run};
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Tensor};
 
+/// Training draws from torch's one global generator, which it seeds per step: tests that train
+/// take turns, or one test's draws would interleave with another's.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mfr-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -74,6 +81,7 @@ fn weights(path: &Path, prefix: &str) -> Vec<(String, Tensor)> {
 
 #[test]
 fn n_steps_then_resume_then_n_steps_equals_2n_steps_bit_for_bit() {
+    let _turn = serial();
     let root = temp_dir("resume");
     latent_tree(&root.join("data"), 24, None);
     let spec = latent_spec(&root.join("data"), "");
@@ -116,6 +124,7 @@ fn n_steps_then_resume_then_n_steps_equals_2n_steps_bit_for_bit() {
 
 #[test]
 fn a_write_interrupted_mid_file_leaves_the_previous_checkpoint() {
+    let _turn = serial();
     let root = temp_dir("truncated");
     latent_tree(&root.join("data"), 24, None);
     let spec = latent_spec(&root.join("data"), "");
@@ -212,6 +221,7 @@ fn ema_moves_by_one_minus_decay() {
 
 #[test]
 fn a_non_finite_loss_stops_training_without_saving_it() {
+    let _turn = serial();
     let root = temp_dir("nan");
     latent_tree(&root.join("data"), 24, Some(5));
     let spec = latent_spec(&root.join("data"), "");
@@ -231,6 +241,7 @@ fn a_non_finite_loss_stops_training_without_saving_it() {
 
 #[test]
 fn a_short_run_on_the_digits_learns() {
+    let _turn = serial();
     if data::open("digits").is_err() {
         panic!("the digits are missing: run `make setup` (it installs scikit-learn into .venv)");
     }
@@ -262,6 +273,7 @@ checkpoint_every = 1000
 
 #[test]
 fn an_existing_run_of_another_spec_is_refused_by_key() {
+    let _turn = serial();
     let root = temp_dir("immutable");
     latent_tree(&root.join("data"), 24, None);
     let spec_path = root.join("spec.toml");

@@ -1,6 +1,7 @@
 //! `mfr bench`: timed training steps on random latents, reported as JSON. Speed targets live
 //! here, never in tests.
 use crate::device;
+use crate::meanflow::{meanflow_loss, Draw, JvpMethod, MeanFlowConfig};
 use crate::model::{AttentionKernel, SiT, SiTConfig};
 use crate::spec::{MeanFlowSection, Precision, TrainSection};
 use crate::train;
@@ -19,6 +20,17 @@ pub struct TrainBench {
     pub omega: f64,
     pub kappa: f64,
     pub grad_clip: f64,
+    pub jvp: JvpMethod,
+}
+
+/// Relative differences (||a - b|| / ||b||) of the JVP method under test from forward-mode AD,
+/// on one batch with the same randomness, in the bench's precision.
+#[derive(Debug, Serialize)]
+pub struct Agreement {
+    pub u: f64,
+    pub du_dt: f64,
+    pub loss: f64,
+    pub grads: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -31,6 +43,8 @@ pub struct TrainBenchResult {
     pub omega: f64,
     pub kappa: f64,
     pub grad_clip: f64,
+    pub jvp: JvpMethod,
+    pub agreement_with_forward_ad: Agreement,
     pub device: String,
     pub warmup_steps: usize,
     pub timed_steps: usize,
@@ -59,6 +73,14 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
     let mut vs = nn::VarStore::new(b.device);
     let net = SiT::new(&vs.root(), &config);
     train::prepare_precision(&mut vs, b.precision, b.device)?;
+    // Random weights everywhere: a freshly initialised SiT outputs exactly zero (adaLN-Zero),
+    // which would make the agreement check below trivially exact.
+    tch::no_grad(|| {
+        for mut v in vs.trainable_variables() {
+            let w = v.randn_like() * 0.02;
+            v.copy_(&w);
+        }
+    });
     let train_defaults = TrainSection::default();
     let opt = train::optim::AdamW::new(
         train::trainable(&vs),
@@ -69,6 +91,7 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
     let cfg = MeanFlowSection {
         omega: b.omega,
         kappa: b.kappa,
+        jvp: b.jvp,
         ..MeanFlowSection::default()
     }
     .config();
@@ -86,6 +109,7 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
         let t = Tensor::ones([b.batch], (kind, b.device));
         Ok(tch::no_grad(|| net.forward(&x, &t, &t, &labels, AttentionKernel::Fused)).kind())
     })?;
+    let agreement = agreement(&net, &vs, &cfg, &x, &labels, b.precision)?;
     let mut trainer = train::Trainer {
         net: &net,
         opt,
@@ -121,6 +145,8 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
         omega: b.omega,
         kappa: b.kappa,
         grad_clip: b.grad_clip,
+        jvp: b.jvp,
+        agreement_with_forward_ad: agreement,
         device: device::describe(b.device),
         warmup_steps: b.warmup,
         timed_steps: b.steps,
@@ -136,5 +162,54 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
         compute_dtype: format!("{compute_dtype:?}"),
         libtorch: "2.11.0".to_owned(),
         mfr_version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+fn agreement(
+    net: &SiT,
+    vs: &nn::VarStore,
+    cfg: &MeanFlowConfig,
+    x: &Tensor,
+    labels: &Tensor,
+    precision: Precision,
+) -> Result<Agreement> {
+    tch::manual_seed(1);
+    let draw = Draw::sample(cfg, x);
+    let run = |jvp: JvpMethod| -> Result<[Tensor; 4]> {
+        let cfg = MeanFlowConfig { jvp, ..cfg.clone() };
+        for mut g in vs
+            .trainable_variables()
+            .iter()
+            .map(|v| v.grad())
+            .filter(|g| g.defined())
+        {
+            let _ = g.zero_();
+        }
+        let terms = device::autocast_bf16(precision == Precision::Bf16, || {
+            meanflow_loss(net, &cfg, x, labels, &draw)
+        })?;
+        terms.loss.backward();
+        let grads: Vec<Tensor> = vs
+            .trainable_variables()
+            .iter()
+            .map(|v| v.grad().to_kind(Kind::Float).reshape([-1]))
+            .collect();
+        Ok([
+            terms.u,
+            terms.du_dt,
+            terms.loss.detach(),
+            Tensor::cat(&grads, 0),
+        ])
+    };
+    let (ours, plain) = (run(cfg.jvp)?, run(JvpMethod::ForwardAd)?);
+    let rel = |a: &Tensor, b: &Tensor| {
+        let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+        (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-300)
+    };
+    Ok(Agreement {
+        u: rel(&ours[0], &plain[0]),
+        du_dt: rel(&ours[1], &plain[1]),
+        loss: rel(&ours[2], &plain[2]),
+        grads: rel(&ours[3], &plain[3]),
     })
 }

@@ -4,7 +4,7 @@
 //! [`meanflow_loss`] is a pure function of explicit randomness ([`Draw`]), so it can be checked
 //! against golden fixtures; [`Draw::sample`] draws that randomness as training does.
 use super::jvp::jvp;
-use crate::model::{AttentionKernel, SiT};
+use crate::model::{AttentionKernel, Dual, SiT};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -43,6 +43,17 @@ pub struct Tangent {
     pub dt: f64,
 }
 
+/// How du/dt is computed. Both give the same numbers (to rounding); `Manual` records no
+/// autograd graph for the tangent and lets attention's primal use the fused kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JvpMethod {
+    /// Hand-written tangent rules carried beside the primal ([`crate::model::Dual`]).
+    Manual,
+    /// libtorch's forward-mode AD through the plain network (the reference's torch.func.jvp).
+    ForwardAd,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MeanFlowConfig {
     pub time_sampler: TimeSampler,
@@ -52,6 +63,7 @@ pub struct MeanFlowConfig {
     /// Probability of the null label (the first num_drop ~ Binomial(B, p) samples get it).
     pub class_dropout: f64,
     pub tangent: Tangent,
+    pub jvp: JvpMethod,
     /// Adaptive weight (loss + norm_eps)^norm_p.
     pub norm_p: f64,
     pub norm_eps: f64,
@@ -63,7 +75,8 @@ pub struct Draw {
     pub t: Tensor,
     pub r: Tensor,
     pub e: Tensor,
-    pub num_drop: i64,
+    /// A 0-dim int64 tensor on x's device (reading it would stall the device every step).
+    pub num_drop: Tensor,
 }
 
 impl Draw {
@@ -82,13 +95,17 @@ impl Draw {
         let e = x.randn_like();
         let num_drop = Tensor::rand([b], (Kind::Float, x.device()))
             .lt(cfg.class_dropout)
-            .sum(Kind::Int64)
-            .int64_value(&[]);
-        Self::new(cfg, t, r, e, num_drop)
+            .sum(Kind::Int64);
+        Self::with_times(cfg, t, r, e, num_drop)
     }
 
     /// From ordered times (t >= r): applies data_proportion, r = t on the first floor(B * proportion).
     pub fn new(cfg: &MeanFlowConfig, t: Tensor, r: Tensor, e: Tensor, num_drop: i64) -> Self {
+        let num_drop = Tensor::from(num_drop).to_device(t.device());
+        Self::with_times(cfg, t, r, e, num_drop)
+    }
+
+    fn with_times(cfg: &MeanFlowConfig, t: Tensor, r: Tensor, e: Tensor, num_drop: Tensor) -> Self {
         let b = t.size()[0];
         let equal = (b as f64 * cfg.data_proportion).floor() as i64;
         let mask = Tensor::arange(b, (Kind::Int64, t.device())).lt(equal);
@@ -163,10 +180,10 @@ pub fn drop_labels(
     labels: &Tensor,
     v: &Tensor,
     v_g: &Tensor,
-    num_drop: i64,
+    num_drop: &Tensor,
 ) -> (Tensor, Tensor) {
     let b = labels.size()[0];
-    let dropped = Tensor::arange(b, (Kind::Int64, labels.device())).lt(num_drop);
+    let dropped = Tensor::arange(b, (Kind::Int64, labels.device())).lt_tensor(num_drop);
     let y_inp = labels
         .full_like(net.config.null_class())
         .where_self(&dropped, labels);
@@ -174,22 +191,37 @@ pub fn drop_labels(
 }
 
 /// u = u_theta(z_t, r, t | y) and its total derivative d/dt u along (dz, dr, dt) = (v_g, dr, dt).
+/// u keeps its autograd graph; du/dt is detached.
 pub fn u_and_du_dt(
     net: &SiT,
+    cfg: &MeanFlowConfig,
     z_t: &Tensor,
     t: &Tensor,
     r: &Tensor,
     y: &Tensor,
     v_g: &Tensor,
-    tangent: &Tangent,
 ) -> Result<(Tensor, Tensor)> {
-    let dt = t.full_like(tangent.dt);
-    let dr = r.full_like(tangent.dr);
-    jvp(
-        |x| Ok(net.forward(&x[0], &x[1], &x[2], y, AttentionKernel::Explicit)),
-        &[z_t, t, r],
-        &[v_g, &dt, &dr],
-    )
+    let dt = t.full_like(cfg.tangent.dt);
+    let dr = r.full_like(cfg.tangent.dr);
+    match cfg.jvp {
+        JvpMethod::Manual => {
+            let dual = |p: &Tensor, d: &Tensor| Dual::new(p.shallow_clone(), d.shallow_clone());
+            let out = net.forward_dual(
+                &dual(z_t, v_g),
+                &dual(t, &dt),
+                &dual(r, &dr),
+                y,
+                AttentionKernel::Fused,
+            );
+            let du_dt = out.tangent().detach();
+            Ok((out.primal, du_dt))
+        }
+        JvpMethod::ForwardAd => jvp(
+            |x| Ok(net.forward(&x[0], &x[1], &x[2], y, AttentionKernel::Explicit)),
+            &[z_t, t, r],
+            &[v_g, &dt, &dr],
+        ),
+    }
 }
 
 /// The MeanFlow identity's target: u_tgt = v_g - clip(t - r, 0, 1) du/dt, without gradient.
@@ -214,8 +246,8 @@ pub fn meanflow_loss(
     let Draw { t, r, e, num_drop } = draw;
     let (z_t, v) = interpolate(x, t, e);
     let (v_g, _) = guide(net, &cfg.guidance, &z_t, t, &v, labels);
-    let (y_inp, v_g) = drop_labels(net, labels, &v, &v_g, *num_drop);
-    let (u, du_dt) = u_and_du_dt(net, &z_t, t, r, &y_inp, &v_g, &cfg.tangent)?;
+    let (y_inp, v_g) = drop_labels(net, labels, &v, &v_g, num_drop);
+    let (u, du_dt) = u_and_du_dt(net, cfg, &z_t, t, r, &y_inp, &v_g)?;
     let u_tgt = target(&v_g, t, r, &du_dt);
     let per_sample_loss = sum_sq(&(&u - &u_tgt));
     let adaptive_weight = (per_sample_loss.detach() + cfg.norm_eps).pow_tensor_scalar(cfg.norm_p);

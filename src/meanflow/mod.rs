@@ -3,4 +3,6 @@ pub mod jvp;
 pub mod loss;
 pub mod sampler;
 
-pub use loss::{meanflow_loss, Draw, Guidance, MeanFlowConfig, Tangent, Terms, TimeSampler};
+pub use loss::{
+    meanflow_loss, Draw, Guidance, JvpMethod, MeanFlowConfig, Tangent, Terms, TimeSampler,
+};

@@ -1,4 +1,5 @@
 //! The SiT's input embeddings: patches, fixed 2-D sin-cos positions, scalar times, class labels.
+use super::flow::Flow;
 use tch::{nn, Kind, Tensor};
 
 /// Xavier-uniform bound for a (fan_out, fan_in) matrix: the init of every SiT linear layer.
@@ -46,11 +47,9 @@ impl PatchEmbed {
     }
 
     /// (N, C, H, W) -> (N, T, D).
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let stride = [self.patch, self.patch];
-        x.conv2d(&self.weight, Some(&self.bias), stride, [0, 0], [1, 1], 1)
-            .flatten(2, 3)
-            .transpose(1, 2)
+    pub fn forward<V: Flow>(&self, x: &V) -> V {
+        x.patch_conv(&self.weight, &self.bias, self.patch)
+            .map(|t| t.flatten(2, 3).transpose(1, 2))
     }
 }
 
@@ -110,22 +109,12 @@ impl TimestepEmbedder {
         }
     }
 
-    pub fn forward(&self, t: &Tensor) -> Tensor {
-        use tch::nn::Module;
-        self.fc2
-            .forward(&self.fc0.forward(&sinusoid(t, FREQUENCY_DIM)).silu())
+    pub fn forward<V: Flow>(&self, t: &V) -> V {
+        t.sinusoid(FREQUENCY_DIM)
+            .linear(&self.fc0)
+            .silu()
+            .linear(&self.fc2)
     }
-}
-
-/// [cos(t f), sin(t f)], f_i = exp(-ln(10000) i / (dim/2)). Computed in float32 whatever t's
-/// dtype, as the reference computes it (GLIDE's `timestep_embedding` casts t to float), then cast
-/// back. On x86 libtorch takes float32 exp/sin/cos from MKL's vector math, whose last bit depends
-/// on the code path MKL picks for the CPU (see tests/parity.rs).
-pub fn sinusoid(t: &Tensor, dim: i64) -> Tensor {
-    let half = dim / 2;
-    let freqs = (Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64).ln()) / half).exp();
-    let args = t.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
-    Tensor::cat(&[args.cos(), args.sin()], -1).to_kind(t.kind())
 }
 
 /// `y_embedder.embedding_table`: num_classes + 1 rows, the last one the null class of CFG.

@@ -1,9 +1,11 @@
 //! Networks. They know tensors and names, never files: weights come in as (name, tensor) pairs.
 pub mod attention;
 pub mod embed;
+pub mod flow;
 pub mod sit;
 
 pub use attention::AttentionKernel;
+pub use flow::{Dual, Flow};
 pub use sit::{Conditioning, SiT, SiTConfig};
 
 use anyhow::{bail, Result};

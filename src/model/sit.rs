@@ -2,8 +2,9 @@
 //! trains it. Module paths equal the PyTorch state-dict keys (`blocks.3.attn.qkv.weight`, ...).
 use super::attention::{Attention, AttentionKernel};
 use super::embed::{linear, xavier, LabelEmbedder, PatchEmbed, TimestepEmbedder};
+use super::flow::{Dual, Flow};
 use serde::{Deserialize, Serialize};
-use tch::{nn, nn::Module, Tensor};
+use tch::{nn, Tensor};
 
 /// Which functions of (t, r) the network embeds (paper Table 1c). Each gets its own embedder:
 /// `t_embedder` for t, `h_embedder` for t - r (the official default), `r_embedder` for r.
@@ -87,16 +88,6 @@ impl SiTConfig {
     }
 }
 
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
-    x * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1)
-}
-
-/// LayerNorm without affine parameters, eps 1e-6.
-fn norm(x: &Tensor) -> Tensor {
-    let d = x.size()[x.dim() - 1];
-    x.layer_norm([d], None::<Tensor>, None::<Tensor>, 1e-6, true)
-}
-
 #[derive(Debug)]
 struct Mlp {
     fc1: nn::Linear,
@@ -112,8 +103,8 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.fc2.forward(&self.fc1.forward(x).gelu("tanh"))
+    fn forward<V: Flow>(&self, x: &V) -> V {
+        x.linear(&self.fc1).gelu_tanh().linear(&self.fc2)
     }
 }
 
@@ -144,15 +135,22 @@ impl Block {
         }
     }
 
-    fn forward(&self, x: &Tensor, c_silu: &Tensor, kernel: AttentionKernel) -> Tensor {
-        let m = self.ada_ln.forward(c_silu).chunk(6, -1);
+    fn forward<V: Flow>(&self, x: &V, c_silu: &V, kernel: AttentionKernel) -> V {
+        let m = c_silu.linear(&self.ada_ln).chunk(6);
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
-        let x = x + gate_msa.unsqueeze(1)
-            * self
+        let x = x.gated_add(
+            gate_msa,
+            &self
                 .attn
-                .forward(&modulate(&norm(x), shift_msa, scale_msa), kernel);
-        &x + gate_mlp.unsqueeze(1) * self.mlp.forward(&modulate(&norm(&x), shift_mlp, scale_mlp))
+                .forward(&x.normalized().modulate(shift_msa, scale_msa), kernel),
+        );
+        x.gated_add(
+            gate_mlp,
+            &self
+                .mlp
+                .forward(&x.normalized().modulate(shift_mlp, scale_mlp)),
+        )
     }
 }
 
@@ -170,9 +168,9 @@ impl FinalLayer {
         }
     }
 
-    fn forward(&self, x: &Tensor, c_silu: &Tensor) -> Tensor {
-        let m = self.ada_ln.forward(c_silu).chunk(2, -1);
-        self.linear.forward(&modulate(&norm(x), &m[0], &m[1]))
+    fn forward<V: Flow>(&self, x: &V, c_silu: &V) -> V {
+        let m = c_silu.linear(&self.ada_ln).chunk(2);
+        x.normalized().modulate(&m[0], &m[1]).linear(&self.linear)
     }
 }
 
@@ -240,28 +238,48 @@ impl SiT {
         y: &Tensor,
         kernel: AttentionKernel,
     ) -> Tensor {
+        self.run(x, t, r, y, kernel)
+    }
+
+    /// u_theta and its directional derivative along the tangents of (x, t, r) in one pass; only
+    /// the primal carries autograd history (see [`super::flow`]).
+    pub fn forward_dual(
+        &self,
+        x: &Dual,
+        t: &Dual,
+        r: &Dual,
+        y: &Tensor,
+        kernel: AttentionKernel,
+    ) -> Dual {
+        self.run(x, t, r, y, kernel)
+    }
+
+    fn run<V: Flow>(&self, x: &V, t: &V, r: &V, y: &Tensor, kernel: AttentionKernel) -> V {
         // c = emb_t(t) + emb_h(t - r) (+ emb_r(r)) + emb_y(y), summed in the reference's order.
-        let times = [
-            (&self.t_embedder, t.shallow_clone()),
-            (&self.h_embedder, t - r),
-            (&self.r_embedder, r.shallow_clone()),
+        let h = || t.add(&r.map(|r| -r));
+        let parts = [
+            self.t_embedder.as_ref().map(|e| e.forward(t)),
+            self.h_embedder.as_ref().map(|e| e.forward(&h())),
+            self.r_embedder.as_ref().map(|e| e.forward(r)),
+            Some(V::constant(self.y_embedder.forward(y))),
         ];
-        let c = times
-            .iter()
-            .filter_map(|(embedder, s)| embedder.as_ref().map(|e| e.forward(s)))
-            .chain(std::iter::once(self.y_embedder.forward(y)))
-            .reduce(|sum, e| sum + e)
+        let c = parts
+            .into_iter()
+            .flatten()
+            .reduce(|sum, e| sum.add(&e))
             .expect("the label embedding is always there");
         let c_silu = c.silu();
-        let mut h = self.x_embedder.forward(x) + &self.pos_embed;
+        let mut h = self
+            .x_embedder
+            .forward(x)
+            .add(&V::constant(self.pos_embed.shallow_clone()));
         for block in &self.blocks {
             h = block.forward(&h, &c_silu, kernel);
         }
-        unpatchify(
-            &self.final_layer.forward(&h, &c_silu),
-            self.config.patch_size,
-            self.config.in_channels,
-        )
+        let (patch, channels) = (self.config.patch_size, self.config.in_channels);
+        self.final_layer
+            .forward(&h, &c_silu)
+            .map(|x| unpatchify(x, patch, channels))
     }
 }
 

@@ -1,6 +1,6 @@
 //! The spec file's sections. Defaults are the paper's SiT-B/4 setting (facts: Sec. 4, Table 4,
 //! Appendix A); every section rejects keys it does not know.
-use crate::meanflow::{sampler, Guidance, MeanFlowConfig, Tangent, TimeSampler};
+use crate::meanflow::{sampler, Guidance, JvpMethod, MeanFlowConfig, Tangent, TimeSampler};
 use crate::model::{Conditioning, SiTConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -105,6 +105,9 @@ pub struct MeanFlowSection {
     pub class_dropout: f64,
     pub jvp_tangent: JvpTangent,
     pub conditioning: Conditioning,
+    /// How du/dt is computed: "manual" (tangent rules beside the primal; no graph for the
+    /// tangent) or "forward_ad" (libtorch's forward-mode AD, as the reference). Same numbers.
+    pub jvp: JvpMethod,
 }
 
 impl Default for MeanFlowSection {
@@ -123,6 +126,7 @@ impl Default for MeanFlowSection {
             class_dropout: 0.1,
             jvp_tangent: JvpTangent::V01,
             conditioning: Conditioning::THalf,
+            jvp: JvpMethod::Manual,
         }
     }
 }
@@ -500,6 +504,7 @@ impl MeanFlowSection {
             },
             class_dropout: m.class_dropout,
             tangent: Tangent { dr, dt },
+            jvp: m.jvp,
             norm_p: m.norm_p,
             norm_eps: m.norm_eps,
         }

@@ -1,0 +1,290 @@
+//! What flows through the network. The SiT's forward is written once over [`Flow`]: a plain
+//! [`Tensor`] gives the ordinary forward; a [`Dual`] carries each value's tangent beside it and
+//! gives the JVP in the same pass, by hand-written tangent rules.
+//!
+//! Why by hand: libtorch's forward-mode AD records an autograd graph for every tangent op when
+//! the parameters require grad (the tangent is a function of them), although MeanFlow uses the
+//! tangent only as a stop-gradient target. Here the tangent is computed under no_grad beside a
+//! primal that alone carries the graph, and attention's primal may use the fused kernel. Each
+//! rule is the forward-AD formula libtorch itself uses for that op (derivatives.yaml), so the
+//! two paths agree to rounding (tests/flow.rs; the parity fixtures hold for both).
+use tch::{nn, Kind, Tensor};
+
+/// LayerNorm epsilon of every SiT norm.
+pub const NORM_EPS: f64 = 1e-6;
+
+pub trait Flow: Sized {
+    /// A value with a zero tangent.
+    fn constant(value: Tensor) -> Self;
+    /// The ordinary value.
+    fn primal(&self) -> &Tensor;
+    /// A linear shape op (reshape, permute, ...) applied to the value and its tangent alike.
+    fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Self;
+    fn add(&self, other: &Self) -> Self;
+    /// `x W^T + b`.
+    fn linear(&self, layer: &nn::Linear) -> Self;
+    /// A convolution with kernel = stride = `patch` (the patch embedding).
+    fn patch_conv(&self, weight: &Tensor, bias: &Tensor, patch: i64) -> Self;
+    fn silu(&self) -> Self;
+    fn gelu_tanh(&self) -> Self;
+    /// LayerNorm over the last dimension without affine parameters.
+    fn normalized(&self) -> Self;
+    /// `x (1 + scale) + shift`, scale and shift per sample, broadcast over tokens.
+    fn modulate(&self, shift: &Self, scale: &Self) -> Self;
+    /// `x + gate * y`, gate per sample, broadcast over tokens.
+    fn gated_add(&self, gate: &Self, y: &Self) -> Self;
+    fn chunk(&self, chunks: i64) -> Vec<Self>;
+    /// softmax(q k^T scale) v over (N, heads, T, head_dim).
+    fn attention(q: &Self, k: &Self, v: &Self, scale: f64, fused: bool) -> Self;
+    /// [cos(t f), sin(t f)] of a (N,) time, computed in float32 as the reference does.
+    fn sinusoid(&self, dim: i64) -> Self;
+}
+
+fn sinusoid_args(t: &Tensor, dim: i64) -> (Tensor, Tensor) {
+    let half = dim / 2;
+    let freqs = (Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64).ln()) / half).exp();
+    let args = t.to_kind(Kind::Float).unsqueeze(1) * &freqs.unsqueeze(0);
+    (args, freqs)
+}
+
+fn explicit_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+    (q * scale)
+        .matmul(&k.transpose(-2, -1))
+        .softmax(-1, None::<Kind>)
+        .matmul(v)
+}
+
+impl Flow for Tensor {
+    fn constant(value: Tensor) -> Self {
+        value
+    }
+    fn primal(&self) -> &Tensor {
+        self
+    }
+    fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Self {
+        f(self)
+    }
+    fn add(&self, other: &Self) -> Self {
+        self + other
+    }
+    fn linear(&self, layer: &nn::Linear) -> Self {
+        self.linear(&layer.ws, layer.bs.as_ref())
+    }
+    fn patch_conv(&self, weight: &Tensor, bias: &Tensor, patch: i64) -> Self {
+        self.conv2d(weight, Some(bias), [patch, patch], [0, 0], [1, 1], 1)
+    }
+    fn silu(&self) -> Self {
+        Tensor::silu(self)
+    }
+    fn gelu_tanh(&self) -> Self {
+        self.gelu("tanh")
+    }
+    fn normalized(&self) -> Self {
+        let d = self.size()[self.dim() - 1];
+        self.layer_norm([d], None::<Tensor>, None::<Tensor>, NORM_EPS, true)
+    }
+    fn modulate(&self, shift: &Self, scale: &Self) -> Self {
+        self * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1)
+    }
+    fn gated_add(&self, gate: &Self, y: &Self) -> Self {
+        self + gate.unsqueeze(1) * y
+    }
+    fn chunk(&self, chunks: i64) -> Vec<Self> {
+        Tensor::chunk(self, chunks, -1)
+    }
+    fn attention(q: &Self, k: &Self, v: &Self, scale: f64, fused: bool) -> Self {
+        if fused {
+            Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, scale, false)
+        } else {
+            explicit_attention(q, k, v, scale)
+        }
+    }
+    fn sinusoid(&self, dim: i64) -> Self {
+        let (args, _) = sinusoid_args(self, dim);
+        Tensor::cat(&[args.cos(), args.sin()], -1).to_kind(self.kind())
+    }
+}
+
+/// A value and its tangent (None: zero, which skips the work).
+pub struct Dual {
+    pub primal: Tensor,
+    pub tangent: Option<Tensor>,
+}
+
+impl Dual {
+    pub fn new(primal: Tensor, tangent: Tensor) -> Self {
+        Self {
+            primal,
+            tangent: Some(tangent),
+        }
+    }
+
+    /// The tangent, materialising a zero one.
+    pub fn tangent(&self) -> Tensor {
+        self.tangent
+            .as_ref()
+            .map_or_else(|| self.primal.zeros_like(), |t| t.shallow_clone())
+    }
+
+    /// A new dual from a primal op and a tangent rule run without autograd recording.
+    fn with(primal: Tensor, tangent: Option<impl FnOnce() -> Tensor>) -> Self {
+        Self {
+            primal,
+            tangent: tangent.map(|rule| tch::no_grad(rule)),
+        }
+    }
+}
+
+/// a + b where either may be absent (zero).
+fn sum(a: Option<Tensor>, b: Option<Tensor>) -> Option<Tensor> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+impl Flow for Dual {
+    fn constant(value: Tensor) -> Self {
+        Self {
+            primal: value,
+            tangent: None,
+        }
+    }
+    fn primal(&self) -> &Tensor {
+        &self.primal
+    }
+    fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Self {
+        Self {
+            primal: f(&self.primal),
+            tangent: self.tangent.as_ref().map(&f),
+        }
+    }
+    fn add(&self, other: &Self) -> Self {
+        let tangent = tch::no_grad(|| {
+            sum(
+                self.tangent.as_ref().map(|t| t.shallow_clone()),
+                other.tangent.as_ref().map(|t| t.shallow_clone()),
+            )
+        });
+        Self {
+            primal: &self.primal + &other.primal,
+            tangent,
+        }
+    }
+    fn linear(&self, layer: &nn::Linear) -> Self {
+        let rule = self
+            .tangent
+            .as_ref()
+            .map(|t| move || t.linear(&layer.ws, None::<Tensor>));
+        Self::with(Flow::linear(&self.primal, layer), rule)
+    }
+    fn patch_conv(&self, weight: &Tensor, bias: &Tensor, patch: i64) -> Self {
+        let rule = self
+            .tangent
+            .as_ref()
+            .map(|t| move || t.conv2d(weight, None::<Tensor>, [patch, patch], [0, 0], [1, 1], 1));
+        Self::with(self.primal.patch_conv(weight, bias, patch), rule)
+    }
+    fn silu(&self) -> Self {
+        let rule = self
+            .tangent
+            .as_ref()
+            .map(|t| || self.primal.silu_backward(t));
+        Self::with(Flow::silu(&self.primal), rule)
+    }
+    fn gelu_tanh(&self) -> Self {
+        let rule = self
+            .tangent
+            .as_ref()
+            .map(|t| || self.primal.gelu_backward(t, "tanh"));
+        Self::with(self.primal.gelu_tanh(), rule)
+    }
+    fn normalized(&self) -> Self {
+        let d = self.primal.size()[self.primal.dim() - 1];
+        let (out, _, rstd) =
+            Tensor::native_layer_norm(&self.primal, [d], None::<Tensor>, None::<Tensor>, NORM_EPS);
+        // d xhat = rstd (dx - mean(dx) - xhat mean(xhat dx))
+        let rule = self.tangent.as_ref().map(|t| {
+            let out = &out;
+            move || {
+                let centred = t - t.mean_dim(-1, true, None::<Kind>);
+                (centred - out * (out * t).mean_dim(-1, true, None::<Kind>)) * rstd
+            }
+        });
+        Self::with(out.shallow_clone(), rule)
+    }
+    fn modulate(&self, shift: &Self, scale: &Self) -> Self {
+        let primal = self.primal.modulate(&shift.primal, &scale.primal);
+        let tangent = tch::no_grad(|| {
+            let dx = self
+                .tangent
+                .as_ref()
+                .map(|t| t * (scale.primal.unsqueeze(1) + 1.0));
+            let dscale = scale
+                .tangent
+                .as_ref()
+                .map(|t| &self.primal * t.unsqueeze(1));
+            let dshift = shift.tangent.as_ref().map(|t| t.unsqueeze(1));
+            sum(sum(dx, dscale), dshift)
+        });
+        Self { primal, tangent }
+    }
+    fn gated_add(&self, gate: &Self, y: &Self) -> Self {
+        let primal = self.primal.gated_add(&gate.primal, &y.primal);
+        let tangent = tch::no_grad(|| {
+            let dgate = gate.tangent.as_ref().map(|t| t.unsqueeze(1) * &y.primal);
+            let dy = y.tangent.as_ref().map(|t| gate.primal.unsqueeze(1) * t);
+            sum(
+                self.tangent.as_ref().map(|t| t.shallow_clone()),
+                sum(dgate, dy),
+            )
+        });
+        Self { primal, tangent }
+    }
+    fn chunk(&self, chunks: i64) -> Vec<Self> {
+        let tangents = self.tangent.as_ref().map(|t| Tensor::chunk(t, chunks, -1));
+        Tensor::chunk(&self.primal, chunks, -1)
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| Self {
+                primal: p,
+                tangent: tangents.as_ref().map(|t| t[i].shallow_clone()),
+            })
+            .collect()
+    }
+    fn attention(q: &Self, k: &Self, v: &Self, scale: f64, fused: bool) -> Self {
+        let primal = Tensor::attention(&q.primal, &k.primal, &v.primal, scale, fused);
+        let tangent = tch::no_grad(|| {
+            if q.tangent.is_none() && k.tangent.is_none() && v.tangent.is_none() {
+                return None;
+            }
+            // The fused primal keeps no probabilities: recompute them for the tangent.
+            let qs = &q.primal * scale;
+            let kt = k.primal.transpose(-2, -1);
+            let p = qs.matmul(&kt).softmax(-1, None::<Kind>);
+            let ds = sum(
+                q.tangent.as_ref().map(|t| (t * scale).matmul(&kt)),
+                k.tangent.as_ref().map(|t| qs.matmul(&t.transpose(-2, -1))),
+            );
+            let dp = ds.map(|ds| &p * (&ds - (&p * &ds).sum_dim_intlist(-1, true, None::<Kind>)));
+            sum(
+                dp.map(|dp| dp.matmul(&v.primal)),
+                v.tangent.as_ref().map(|t| p.matmul(t)),
+            )
+        });
+        Self { primal, tangent }
+    }
+    fn sinusoid(&self, dim: i64) -> Self {
+        let primal = self.primal.sinusoid(dim);
+        // libtorch's rules: mul -> dt * f, cos -> d * -sin, sin -> d * cos, casts -> casts.
+        let rule = self.tangent.as_ref().map(|t| {
+            move || {
+                let (args, freqs) = sinusoid_args(&self.primal, dim);
+                let dargs = t.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
+                Tensor::cat(&[&dargs * -args.sin(), &dargs * args.cos()], -1).to_kind(t.kind())
+            }
+        });
+        Self::with(primal, rule)
+    }
+}
