@@ -14,6 +14,7 @@ MFR=.devbin/mfr
 run() { echo "## $*"; timeout 150 "$@" 2>&1 | tail -25; }
 python3 bench/make-latents.py /tmp/b4-latents 1536 &
 run $MFR bench train --model SiT-B/4 --batch 256 --precision bf16 --device cuda --omega 3 --json "$OUT/ours-b4-bf16.json"
+run $MFR bench train --model SiT-B/4 --batch 256 --precision bf16 --device cuda --omega 3 --jvp forward-ad --json "$OUT/ours-b4-bf16-fwad.json"
 run env MEANFLOW_REF=.ref/MeanFlow-PyTorch python3 .devbin/reference_step.py --model SiT-B/4 --batch 256 --omega 3.0
 run $MFR bench train --model SiT-B/4 --batch 256 --precision tf32 --device cuda --omega 3 --json "$OUT/ours-b4-tf32.json"
 run env MEANFLOW_REF=.ref/MeanFlow-PyTorch python3 .devbin/reference_step.py --model SiT-B/4 --batch 256 --omega 3.0 --fp32
