@@ -5,6 +5,13 @@
 #include <torch/csrc/autograd/forward_grad.h>
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_foreach_mul.h>
+#include <ATen/ops/_foreach_norm.h>
+#include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/clamp_max.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/stack.h>
 
 #include <dlfcn.h>
 #include <cstdint>
@@ -16,6 +23,14 @@ void write_message(char* err, size_t len, const char* msg) {
   if (err == nullptr || len == 0) return;
   std::strncpy(err, msg, len - 1);
   err[len - 1] = '\0';
+}
+
+// tch hands tensors over as pointers to at::Tensor handles.
+std::vector<at::Tensor> tensors(void* const* handles, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) out.push_back(*static_cast<const at::Tensor*>(handles[i]));
+  return out;
 }
 
 template <typename F>
@@ -103,6 +118,43 @@ int mfr_autocast_pop(int prev_enabled, int prev_dtype, char* err, size_t len) {
     if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
     at::autocast::set_autocast_enabled(at::kCUDA, prev_enabled != 0);
     at::autocast::set_autocast_dtype(at::kCUDA, static_cast<at::ScalarType>(prev_dtype));
+  });
+}
+
+// One AdamW step over all parameters in one fused kernel (torch.optim.AdamW(fused=True)).
+// `steps` are the per-parameter step counts as float tensors, incremented here first.
+int mfr_fused_adamw(void* const* params, void* const* grads, void* const* exp_avgs,
+                    void* const* exp_avg_sqs, void* const* steps, size_t n, double lr,
+                    double beta1, double beta2, double weight_decay, double eps, char* err,
+                    size_t len) {
+  return guarded(err, len, [&] {
+    auto state_steps = tensors(steps, n);
+    at::_foreach_add_(state_steps, 1.0);
+    at::_fused_adamw_(tensors(params, n), tensors(grads, n), tensors(exp_avgs, n),
+                      tensors(exp_avg_sqs, n), {}, state_steps, lr, beta1, beta2,
+                      weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+  });
+}
+
+// The global L2 norm of `grads` (returned as a new tensor handle in *total) and, when
+// max_norm > 0, the gradients scaled by min(1, max_norm / (norm + 1e-6)), as clip_grad_norm_.
+int mfr_clip_grad_norm(void* const* grads, size_t n, double max_norm, void** total, char* err,
+                       size_t len) {
+  return guarded(err, len, [&] {
+    auto g = tensors(grads, n);
+    auto norm = at::linalg_vector_norm(at::stack(at::_foreach_norm(g, 2)), 2);
+    if (max_norm > 0) at::_foreach_mul_(g, at::clamp_max(max_norm / (norm + 1e-6), 1.0));
+    *total = new at::Tensor(norm);
+  });
+}
+
+// ema <- decay * ema + (1 - decay) * model, over all tensors at once.
+int mfr_foreach_ema(void* const* ema, void* const* model, size_t n, double decay, char* err,
+                    size_t len) {
+  return guarded(err, len, [&] {
+    auto e = tensors(ema, n);
+    at::_foreach_mul_(e, decay);
+    at::_foreach_add_(e, tensors(model, n), 1.0 - decay);
   });
 }
 

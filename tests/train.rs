@@ -215,7 +215,7 @@ fn ema_moves_by_one_minus_decay() {
         e.shallow_clone()
             .copy_(&Tensor::from_slice(&[10.0f32, 0.0, 4.0]));
     });
-    ema::update(&shadow, &model, 0.75);
+    ema::update(&shadow, &model, 0.75).unwrap();
     assert_eq!(Vec::<f32>::try_from(&e).unwrap(), vec![7.75, 0.5, 2.0]);
 }
 

@@ -1,16 +1,41 @@
 //! Exponential moving average of the weights: ema <- decay * ema + (1 - decay) * weights, as the
 //! reference's update_ema. The EMA lives in its own network, which sampling uses.
+use super::optim::handles;
+use crate::device::shim_call;
+use anyhow::Result;
+use std::ffi::c_void;
+use std::os::raw::{c_char, c_int};
 use tch::nn::VarStore;
 
-/// One EMA update of every variable of `ema` from the same-named one of `model`.
-pub fn update(ema: &VarStore, model: &VarStore, decay: f64) {
+extern "C" {
+    fn mfr_foreach_ema(
+        ema: *const *mut c_void,
+        model: *const *mut c_void,
+        n: usize,
+        decay: f64,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+}
+
+/// One EMA update of every variable of `ema` from the same-named one of `model`, in two
+/// multi-tensor kernels.
+pub fn update(ema: &VarStore, model: &VarStore, decay: f64) -> Result<()> {
     let source = model.variables();
+    let pairs: Vec<(tch::Tensor, tch::Tensor)> = ema
+        .variables()
+        .into_iter()
+        .map(|(name, e)| (e, source[&name].shallow_clone()))
+        .collect();
+    let (e, p) = (
+        handles(pairs.iter().map(|x| &x.0)),
+        handles(pairs.iter().map(|x| &x.1)),
+    );
     tch::no_grad(|| {
-        for (name, mut e) in ema.variables() {
-            let p = &source[&name];
-            let _ = e.g_mul_scalar_(decay).g_add_(&p.g_mul_scalar(1.0 - decay));
-        }
-    });
+        shim_call("EMA update", |er, l| unsafe {
+            mfr_foreach_ema(e.as_ptr(), p.as_ptr(), e.len(), decay, er, l)
+        })
+    })
 }
 
 /// Sets the EMA to the weights (at the start of training).

@@ -94,8 +94,8 @@ impl Trainer<'_> {
             loss += terms.loss.detach().to_kind(Kind::Float) / chunks as f64;
             v_loss += terms.v_loss.to_kind(Kind::Float) / chunks as f64;
         }
-        let grad_norm = optim::clip_grad_norm(&self.opt.params, self.grad_clip);
-        self.opt.update(lr);
+        let grad_norm = optim::clip_grad_norm(&self.opt.params, self.grad_clip)?;
+        self.opt.update(lr)?;
         Ok(StepStats {
             loss,
             v_loss,

@@ -191,7 +191,7 @@ pub fn train(spec: &Spec, ds: Arc<dyn data::Dataset>, dir: &Path) -> Result<Trai
         let x = data::model_input(ds.as_ref(), &b.x.to_device(device)).to_kind(kind);
         let lr = lr_at(spec, step);
         let s = trainer.step(&x, &b.labels.to_device(device), lr)?;
-        ema::update(&nets.ema_vs, &nets.vs, t.ema_decay);
+        ema::update(&nets.ema_vs, &nets.vs, t.ema_decay)?;
         let bad = s
             .loss
             .isfinite()
@@ -246,7 +246,7 @@ pub fn train(spec: &Spec, ds: Arc<dyn data::Dataset>, dir: &Path) -> Result<Trai
             let state = TrainState {
                 step: done,
                 epoch: done / per_epoch,
-                adam_step: trainer.opt.step,
+                adam_step: trainer.opt.step(),
                 seed: t.seed,
                 spec_sha256: spec.sha256(),
                 wall_s: wall_before + started.elapsed().as_secs_f64(),
@@ -307,6 +307,6 @@ fn restore(path: &Path, state: &TrainState, nets: &Networks, opt: &mut AdamW) ->
         }
         Ok(())
     })?;
-    opt.step = state.adam_step;
+    opt.set_step(state.adam_step);
     Ok(())
 }
