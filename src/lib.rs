@@ -7,5 +7,6 @@ pub mod meanflow;
 pub mod model;
 pub mod report;
 pub mod runs;
+pub mod site;
 pub mod spec;
 pub mod train;

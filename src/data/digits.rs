@@ -46,34 +46,14 @@ impl Digits {
     }
 }
 
-/// $MFR_DIGITS, else scikit-learn's copy in the project venv, else in python3's site-packages.
+/// $MFR_DIGITS, else scikit-learn's copy in the project venv or python3's site-packages.
 fn locate() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("MFR_DIGITS") {
         return Ok(PathBuf::from(p));
     }
-    let suffix = "sklearn/datasets/data/digits.csv.gz";
-    if let Ok(entries) = std::fs::read_dir(".venv/lib") {
-        for e in entries.flatten() {
-            let candidate = e.path().join("site-packages").join(suffix);
-            if candidate.exists() {
-                return Ok(candidate);
-            }
-        }
-    }
-    let probe = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sklearn, os; print(os.path.dirname(sklearn.__file__))",
-        ])
-        .output();
-    if let Ok(out) = probe {
-        let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let candidate = Path::new(&dir).join("datasets/data/digits.csv.gz");
-        if out.status.success() && candidate.exists() {
-            return Ok(candidate);
-        }
-    }
-    bail!("the digits demo data was not found: run `make setup` (it installs scikit-learn into .venv) or set MFR_DIGITS to a digits.csv.gz")
+    crate::site::package_file("sklearn/datasets/data/digits.csv.gz").context(
+        "the digits demo data was not found: run `make setup` (it installs scikit-learn into .venv) or set MFR_DIGITS to a digits.csv.gz",
+    )
 }
 
 impl Dataset for Digits {

@@ -2,6 +2,7 @@
 pub mod attention;
 pub mod embed;
 pub mod flow;
+pub mod inception;
 pub mod sit;
 
 pub use attention::AttentionKernel;
@@ -26,10 +27,11 @@ pub fn load_state_dict(
         .filter_map(|(name, t)| name.strip_prefix(prefix).map(|n| (n, t)))
         .collect();
     let vars = vs.variables();
-    let missing: Vec<&String> = vars
+    let mut missing: Vec<&String> = vars
         .keys()
         .filter(|k| !given.contains_key(k.as_str()))
         .collect();
+    missing.sort();
     let extra: Vec<&&str> = given.keys().filter(|k| !vars.contains_key(**k)).collect();
     let mismatched: Vec<String> = vars
         .iter()
@@ -55,7 +57,7 @@ pub fn load_state_dict(
         if !mismatched.is_empty() {
             msg += &format!("; wrong shapes: {}", mismatched.join(", "));
         }
-        bail!("{msg} (check the spec's [model] section against the checkpoint)");
+        bail!("{msg}");
     }
     tch::no_grad(|| {
         for (k, mut v) in vars {
