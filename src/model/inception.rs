@@ -102,9 +102,9 @@ enum Block {
     E {
         conv: ConvBn,
         tower_conv: ConvBn,
-        tower_mixed: [ConvBn; 2],
+        tower_mixed: Vec<ConvBn>,
         tower_1: Vec<ConvBn>,
-        tower_1_mixed: [ConvBn; 2],
+        tower_1_mixed: Vec<ConvBn>,
         pool_conv: ConvBn,
         max_pool: bool,
     },
@@ -181,7 +181,7 @@ impl Block {
         Block::E {
             conv: c("conv", cin, 320, [1, 1]),
             tower_conv: c("tower_conv", cin, 384, [1, 1]),
-            tower_mixed: [
+            tower_mixed: vec![
                 c("tower_mixed_conv", 384, 384, [1, 3]),
                 c("tower_mixed_conv_1", 384, 384, [3, 1]),
             ],
@@ -189,7 +189,7 @@ impl Block {
                 c("tower_1_conv", cin, 448, [1, 1]),
                 c("tower_1_conv_1", 448, 384, [3, 3]),
             ],
-            tower_1_mixed: [
+            tower_1_mixed: vec![
                 c("tower_1_mixed_conv", 384, 384, [1, 3]),
                 c("tower_1_mixed_conv_1", 384, 384, [3, 1]),
             ],
