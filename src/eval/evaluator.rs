@@ -66,7 +66,7 @@ pub fn default_cache() -> PathBuf {
 
 /// Images to featurise: an .npz's arr_0, or a folder of PNGs (sorted by name).
 enum Source<'a> {
-    Npz(super::npz::Images<'a>),
+    Npz(Box<super::npz::Images<'a>>),
     Pngs { files: Vec<PathBuf>, next: usize },
 }
 
@@ -202,7 +202,7 @@ fn reference_features(
         }
     }
     let mut npz = Npz::open(reference)?;
-    let mut source = Source::Npz(npz.images("arr_0")?);
+    let mut source = Source::Npz(Box::new(npz.images("arr_0")?));
     let (pool, spatial, _) = featurise(net, &mut source, opts.batch, opts.device, "reference")?;
     if let Some(dir) = cached.parent() {
         std::fs::create_dir_all(dir)
@@ -229,7 +229,7 @@ pub fn evaluate(reference: &Path, samples: &Path, opts: &Options) -> Result<Repo
         }
     } else {
         sample_npz = Npz::open(samples)?;
-        Source::Npz(sample_npz.images("arr_0")?)
+        Source::Npz(Box::new(sample_npz.images("arr_0")?))
     };
     let (pool, spatial, img_per_s) =
         featurise(&net, &mut source, opts.batch, opts.device, "samples")?;
