@@ -67,6 +67,34 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// 1-NFE sampling of latents (random weights).
+    Sample {
+        #[arg(long, default_value = "SiT-B/4")]
+        model: String,
+        #[arg(long, default_value_t = 1024)]
+        batch: i64,
+        #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
+        precision: PrecisionArg,
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        #[arg(long, default_value_t = 10)]
+        batches: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Inception features of random 256 x 256 images (random weights).
+    Evaluate {
+        #[arg(long, default_value_t = 250)]
+        batch: i64,
+        #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+        precision: PrecisionArg,
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        #[arg(long, default_value_t = 10)]
+        batches: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// MeanFlow training steps (loss, JVP, backward, AdamW) on random latents.
     Train {
         #[arg(long, default_value = "SiT-B/4")]
@@ -132,6 +160,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints a result as JSON and writes it to `json` when asked.
+fn emit(result: &impl serde::Serialize, json: Option<PathBuf>) -> Result<()> {
+    let text = serde_json::to_string_pretty(result)?;
+    println!("{text}");
+    if let Some(path) = json {
+        std::fs::write(&path, text + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run {
@@ -147,6 +186,39 @@ fn run(cli: Cli) -> Result<()> {
                 resume,
             };
             runs::run(&spec, &sets, &opts)
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Sample {
+                    model,
+                    batch,
+                    precision,
+                    device,
+                    batches,
+                    json,
+                },
+        } => {
+            let dev = device::parse(&device)?;
+            emit(
+                &bench::sample(&model, batch, precision.into(), dev, 2, batches)?,
+                json,
+            )
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Evaluate {
+                    batch,
+                    precision,
+                    device,
+                    batches,
+                    json,
+                },
+        } => {
+            let dev = device::parse(&device)?;
+            emit(
+                &bench::evaluate(batch, precision.into(), dev, 1, batches)?,
+                json,
+            )
         }
         Command::Evaluate {
             reference,
@@ -211,13 +283,7 @@ fn run(cli: Cli) -> Result<()> {
                     JvpArg::ForwardAd => JvpMethod::ForwardAd,
                 },
             };
-            let result = serde_json::to_string_pretty(&bench::train(&b)?)?;
-            println!("{result}");
-            if let Some(path) = json {
-                std::fs::write(&path, result + "\n")
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            Ok(())
+            emit(&bench::train(&b)?, json)
         }
     }
 }

@@ -213,3 +213,157 @@ fn agreement(
         grads: rel(&ours[3], &plain[3]),
     })
 }
+
+/// Fills every trainable variable with N(0, std) (timing on zeros can flatter a kernel).
+fn randomise(vs: &nn::VarStore, std: f64) {
+    tch::no_grad(|| {
+        for mut v in vs.trainable_variables() {
+            let w = v.randn_like() * std;
+            v.copy_(&w);
+        }
+    });
+}
+
+fn time_batches(
+    device: Device,
+    warmup: usize,
+    batches: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    device::synchronize(device);
+    device::reset_peak_memory(device)?;
+    let start = Instant::now();
+    for _ in 0..batches {
+        f()?;
+    }
+    device::synchronize(device);
+    Ok(start.elapsed().as_secs_f64() / batches.max(1) as f64)
+}
+
+#[derive(Debug, Serialize)]
+pub struct ThroughputResult {
+    pub what: String,
+    pub batch: i64,
+    pub precision: Precision,
+    pub device: String,
+    pub warmup_batches: usize,
+    pub timed_batches: usize,
+    pub ms_per_batch: f64,
+    pub img_per_s: f64,
+    pub peak_memory_gib: f64,
+    pub peak_memory_of: &'static str,
+    pub weights: &'static str,
+}
+
+fn throughput(
+    what: String,
+    batch: i64,
+    precision: Precision,
+    dev: Device,
+    warmup: usize,
+    batches: usize,
+    seconds: f64,
+) -> Result<ThroughputResult> {
+    Ok(ThroughputResult {
+        what,
+        batch,
+        precision,
+        device: device::describe(dev),
+        warmup_batches: warmup,
+        timed_batches: batches,
+        ms_per_batch: seconds * 1e3,
+        img_per_s: batch as f64 / seconds,
+        peak_memory_gib: device::peak_memory_bytes(dev)? as f64 / (1u64 << 30) as f64,
+        peak_memory_of: if dev.is_cuda() {
+            "cuda allocator"
+        } else {
+            "process peak RSS"
+        },
+        weights: "random (timing only)",
+    })
+}
+
+/// 1-NFE sampling of latents (no VAE decode) with random weights.
+pub fn sample(
+    model: &str,
+    batch: i64,
+    precision: Precision,
+    dev: Device,
+    warmup: usize,
+    batches: usize,
+) -> Result<ThroughputResult> {
+    let config = SiTConfig::preset(model).ok_or_else(|| {
+        anyhow!(
+            "unknown model preset `{model}`, expected one of {}",
+            SiTConfig::preset_names().join(", ")
+        )
+    })?;
+    let mut vs = nn::VarStore::new(dev);
+    let net = SiT::new(&vs.root(), &config);
+    train::prepare_precision(&mut vs, precision, dev)?;
+    randomise(&vs, 0.02);
+    let kind = train::input_kind(precision);
+    let e = Tensor::randn(
+        [
+            batch,
+            config.in_channels,
+            config.input_size,
+            config.input_size,
+        ],
+        (kind, dev),
+    );
+    let labels = Tensor::randint(config.num_classes, [batch], (Kind::Int64, dev));
+    let seconds = time_batches(dev, warmup, batches, || {
+        device::autocast_bf16(precision == Precision::Bf16, || {
+            crate::meanflow::sampler::sample(&net, &e, &labels, &[1.0, 0.0])
+        })
+        .map(drop)
+    })?;
+    throughput(
+        format!("1-NFE sampling, {model} (latents only)"),
+        batch,
+        precision,
+        dev,
+        warmup,
+        batches,
+        seconds,
+    )
+}
+
+/// Inception features (pool_3 and sFID's) of random 256 x 256 uint8 images, random weights.
+pub fn evaluate(
+    batch: i64,
+    precision: Precision,
+    dev: Device,
+    warmup: usize,
+    batches: usize,
+) -> Result<ThroughputResult> {
+    let vs = nn::VarStore::new(dev);
+    let net = crate::model::inception::Inception::new(&vs.root());
+    randomise(&vs, 0.05);
+    if dev.is_cuda() {
+        // libtorch lets cuDNN convolutions use TF32 unless told otherwise.
+        device::set_tf32(precision == Precision::Tf32)?;
+    }
+    let images = Tensor::randint(256, [batch, 256, 256, 3], (Kind::Uint8, dev));
+    let seconds = time_batches(dev, warmup, batches, || {
+        device::autocast_bf16(precision == Precision::Bf16, || {
+            Ok(tch::no_grad(|| net.features_of_images(&images))
+                .pool
+                .sum(Kind::Float))
+        })
+        .map(drop)
+    })?;
+    throughput(
+        "Inception features of 256 x 256 images (resize, pool_3, mixed_6/conv)".to_owned(),
+        batch,
+        precision,
+        dev,
+        warmup,
+        batches,
+        seconds,
+    )
+}

@@ -220,6 +220,10 @@ pub fn evaluate(reference: &Path, samples: &Path, opts: &Options) -> Result<Repo
         None => inception::bundled_torchscript()?,
     };
     let (_vs, net) = inception::load(&weights, opts.device)?;
+    if opts.device.is_cuda() {
+        // Full float32: libtorch lets cuDNN convolutions use TF32 (~1e-3 relative) by default.
+        crate::device::set_tf32(false)?;
+    }
 
     let mut sample_npz;
     let mut source = if samples.is_dir() {
