@@ -7,6 +7,7 @@ use crate::report;
 use crate::spec::Spec;
 use crate::train::{self, checkpoint, run::Networks};
 use anyhow::{bail, Context, Result};
+use sha2::Digest;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -80,10 +81,45 @@ pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
         println!("\n(dry run: nothing was run)");
         return Ok(());
     }
+    // The runs side by side: the sweep's table (paper Table 1a in the demo's case).
+    let fids: Vec<(String, serde_json::Value)> = summary
+        .iter()
+        .filter_map(|(name, dir)| {
+            let text = std::fs::read_to_string(metrics_file(dir)).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            Some((name.clone(), v))
+        })
+        .collect();
+    if let Some((_, first)) = fids.first() {
+        let columns: Vec<String> = first["fid"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        println!(
+            "\nFID ({} samples per run vs {} training images; small-sample, not FID-50K)",
+            first["num_samples"], first["num_reference"]
+        );
+        println!(
+            "  {:<32} {}",
+            "run",
+            columns
+                .iter()
+                .map(|c| format!("{c:>10}"))
+                .collect::<String>()
+        );
+        for (name, v) in &fids {
+            let cells: String = columns
+                .iter()
+                .map(|c| format!("{:>10.2}", v["fid"][c].as_f64().unwrap_or(f64::NAN)))
+                .collect();
+            println!("  {name:<32} {cells}");
+        }
+    }
     let index = serde_json::json!({
         "experiment": spec.experiment.name,
         "spec": spec_path.display().to_string(),
         "runs": summary.iter().map(|(k, v)| (k.clone(), v.display().to_string())).collect::<BTreeMap<_, _>>(),
+        "fid": fids.iter().map(|(k, v)| (k.clone(), v["fid"].clone())).collect::<BTreeMap<_, _>>(),
     });
     std::fs::write(
         exp_dir.join("runs.json"),
@@ -152,10 +188,35 @@ fn plan(spec: &Spec, dir: &Path, ds: &Result<Arc<dyn Dataset>, String>) -> Vec<S
             status: sample,
         },
         Stage {
+            name: "evaluate",
+            status: evaluate_status(spec, dir, ds.as_ref(), total),
+        },
+        Stage {
             name: "curves",
             status: Status::Todo("loss and v loss curves (PNG, SVG)".to_owned()),
         },
     ]
+}
+
+fn metrics_file(dir: &Path) -> PathBuf {
+    dir.join("samples").join("metrics.json")
+}
+
+fn evaluate_status(spec: &Spec, dir: &Path, ds: &dyn Dataset, total: u64) -> Status {
+    if ds.is_posterior() {
+        return Status::Waiting(
+            "FID of latent samples needs the SD-VAE decoder (a later release)".to_owned(),
+        );
+    }
+    let what = format!(
+        "small-sample FID: {} samples per schedule vs all {} training images",
+        spec.sample.num_samples,
+        ds.len()
+    );
+    match std::fs::read_to_string(metrics_file(dir)) {
+        Ok(text) if text.contains(&checkpoint::file_name(total)) => Status::Done(what),
+        _ => Status::Todo(what),
+    }
 }
 
 /// Creates the run directory, or checks that an existing one belongs to this very spec.
@@ -230,6 +291,7 @@ fn execute(stage: &str, spec: &Spec, dir: &Path, ds: &Arc<dyn Dataset>) -> Resul
             println!("  trained: {}", trained.checkpoint.display());
         }
         "sample" => sample_grids(spec, dir, total_steps(spec, ds.as_ref()))?,
+        "evaluate" => evaluate_pixels(spec, dir, ds.as_ref(), total_steps(spec, ds.as_ref()))?,
         "curves" => {
             let stats = report::read_stats(&dir.join("stats.jsonl"))?;
             report::loss_curves(&stats, &spec.experiment.name, &dir.join("loss"))?;
@@ -272,6 +334,111 @@ fn sample_grids(spec: &Spec, dir: &Path, total: u64) -> Result<()> {
     std::fs::write(
         samples_marker(dir),
         serde_json::to_string_pretty(&marker)? + "\n",
+    )?;
+    Ok(())
+}
+
+/// Pixel-space samples in [-1, 1], (N, 1 or 3, H, W), as uint8 RGB NHWC for the Inception.
+fn to_rgb_u8(images: &Tensor) -> Tensor {
+    let rgb = if images.size()[1] == 1 {
+        images.repeat([1, 3, 1, 1])
+    } else {
+        images.shallow_clone()
+    };
+    ((rgb.to_kind(Kind::Float).clamp(-1.0, 1.0) + 1.0) * 127.5)
+        .round()
+        .to_kind(Kind::Uint8)
+        .permute([0, 2, 3, 1])
+        .contiguous()
+}
+
+/// FID of `sample.num_samples` EMA samples per schedule against every training image, for data
+/// in pixel space (the demo). A small-sample FID: comparable between the runs of one spec, not
+/// with FID-50K numbers. The training images' features are cached by content.
+fn evaluate_pixels(spec: &Spec, dir: &Path, ds: &dyn Dataset, total: u64) -> Result<()> {
+    use crate::eval::evaluator::{cached_features, default_cache, featurise, weights_tag, Source};
+    use crate::eval::{frechet_distance, Stats};
+    use crate::model::inception;
+    let ckpt = final_checkpoint(spec, dir, total).context("no finished training to evaluate")?;
+    let nets = Networks::new(spec)?;
+    nets.load_ema(&ckpt)?;
+    let device = nets.vs.device();
+    let weights = inception::bundled_torchscript()?;
+    let (_ivs, net) = inception::load(&weights, device)?;
+    let batch = spec.sample.batch as usize;
+
+    // Every training image, and a content hash of them for the cache key.
+    let [c, h, w] = ds.stored_shape();
+    let size = (c * h * w) as usize;
+    let mut pixels = vec![0f32; ds.len() * size];
+    for (i, out) in pixels.chunks_exact_mut(size).enumerate() {
+        ds.read(i, out)?;
+    }
+    let bytes: Vec<u8> = pixels.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let hash: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let key = format!("{}-{hash}-{}", spec.train.data, weights_tag(&weights));
+    let reference = Tensor::from_slice(&pixels).view([ds.len() as i64, c, h, w]);
+    let (ref_pool, _) = cached_features(&default_cache(), &key, || {
+        let mut source = Source::Memory {
+            images: to_rgb_u8(&reference),
+            next: 0,
+        };
+        let (pool, spatial, _) = featurise(&net, &mut source, batch, device, "training images")?;
+        Ok((pool, spatial))
+    })?;
+    let ref_stats = Stats::of(&ref_pool)?;
+
+    let n = spec.sample.num_samples;
+    let classes = spec.model.num_classes;
+    let kind = train::input_kind(spec.train.precision);
+    let mut fids = serde_json::Map::new();
+    for schedule in &spec.sample.schedules {
+        let mut images = Vec::new();
+        for (i, start) in (0..n).step_by(batch).enumerate() {
+            let b = (batch as i64).min(n - start);
+            tch::manual_seed(data::mix(spec.sample.seed, 1 + i as u64) as i64);
+            let noise = Tensor::randn(
+                [
+                    b,
+                    spec.model.in_channels,
+                    spec.model.input_size,
+                    spec.model.input_size,
+                ],
+                (kind, device),
+            );
+            let labels = (Tensor::arange(b, (Kind::Int64, device)) + start).remainder(classes);
+            images.push(to_rgb_u8(&sampler::sample(
+                &nets.ema, &noise, &labels, schedule,
+            )?));
+        }
+        let nfe = format!("{}-NFE", schedule.len() - 1);
+        let mut source = Source::Memory {
+            images: Tensor::cat(&images, 0),
+            next: 0,
+        };
+        let (pool, _, _) = featurise(&net, &mut source, batch, device, &nfe)?;
+        let fid = frechet_distance(&ref_stats, &Stats::of(&pool)?)?;
+        println!(
+            "  FID ({nfe}, {n} samples vs {} training images): {fid:.2}",
+            ds.len()
+        );
+        fids.insert(nfe, fid.into());
+    }
+    let metrics = serde_json::json!({
+        "fid": fids,
+        "num_samples": n,
+        "num_reference": ds.len(),
+        "note": "small-sample FID of pixel-space samples (Inception features of upscaled images): compare runs of one spec, not FID-50K numbers",
+        "checkpoint": checkpoint::file_name(total),
+        "inception_weights": weights.display().to_string(),
+    });
+    std::fs::write(
+        metrics_file(dir),
+        serde_json::to_string_pretty(&metrics)? + "\n",
     )?;
     Ok(())
 }

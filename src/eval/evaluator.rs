@@ -64,10 +64,12 @@ pub fn default_cache() -> PathBuf {
     base.join("meanflow-repro")
 }
 
-/// Images to featurise: an .npz's arr_0, or a folder of PNGs (sorted by name).
-enum Source<'a> {
+/// Images to featurise: an .npz's arr_0, a folder of PNGs (sorted by name), or uint8 NHWC
+/// images in memory.
+pub enum Source<'a> {
     Npz(Box<super::npz::Images<'a>>),
     Pngs { files: Vec<PathBuf>, next: usize },
+    Memory { images: Tensor, next: i64 },
 }
 
 impl Source<'_> {
@@ -75,12 +77,20 @@ impl Source<'_> {
         match self {
             Source::Npz(images) => images.len(),
             Source::Pngs { files, .. } => files.len(),
+            Source::Memory { images, .. } => images.size()[0] as usize,
         }
     }
 
     fn next_batch(&mut self, batch: usize) -> Result<Option<Tensor>> {
         match self {
             Source::Npz(images) => images.next_batch(batch),
+            Source::Memory { images, next } => {
+                let n = images.size()[0];
+                let take = (batch as i64).min(n - *next);
+                let out = (take > 0).then(|| images.narrow(0, *next, take));
+                *next += take.max(0);
+                Ok(out)
+            }
             Source::Pngs { files, next } => {
                 let chunk = &files[*next..(*next + batch).min(files.len())];
                 if chunk.is_empty() {
@@ -122,7 +132,7 @@ fn png_folder(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Features of every image of a source, in batches, with a progress bar; (pool, spatial) on
 /// the CPU in float32, and the throughput.
-fn featurise(
+pub fn featurise(
     net: &Inception,
     source: &mut Source,
     batch: usize,
@@ -176,8 +186,41 @@ fn sha256_file(path: &Path) -> Result<String> {
         .collect())
 }
 
-/// The reference's image features, from the cache or computed and cached (keyed by the file's
-/// sha256 and the weights' file name).
+/// (pool, spatial) features cached under `cache`/reference-features/`key`, or computed by
+/// `compute` and stored there (atomically).
+pub fn cached_features(
+    cache: &Path,
+    key: &str,
+    compute: impl FnOnce() -> Result<(Tensor, Tensor)>,
+) -> Result<(Tensor, Tensor)> {
+    let cached = cache
+        .join("reference-features")
+        .join(format!("{key}.safetensors"));
+    if let Ok(list) = Tensor::read_safetensors(&cached) {
+        let map: std::collections::HashMap<String, Tensor> = list.into_iter().collect();
+        if let (Some(p), Some(s)) = (map.get("pool"), map.get("spatial")) {
+            return Ok((p.shallow_clone(), s.shallow_clone()));
+        }
+    }
+    let (pool, spatial) = compute()?;
+    if let Some(dir) = cached.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+    }
+    let tmp = cached.with_extension("tmp");
+    Tensor::write_safetensors(&[("pool", &pool), ("spatial", &spatial)], &tmp)?;
+    std::fs::rename(&tmp, &cached)?;
+    Ok((pool, spatial))
+}
+
+/// The weights' identity in cache keys.
+pub fn weights_tag(weights: &Path) -> String {
+    weights
+        .file_stem()
+        .map_or("weights".into(), |s| s.to_string_lossy().into_owned())
+}
+
+/// The reference's image features, keyed by the file's sha256 and the weights.
 fn reference_features(
     net: &Inception,
     reference: &Path,
@@ -187,31 +230,14 @@ fn reference_features(
     let key = format!(
         "{}-{}",
         &sha256_file(reference)?[..16],
-        weights
-            .file_stem()
-            .map_or("weights".into(), |s| s.to_string_lossy())
+        weights_tag(weights)
     );
-    let cached = opts
-        .cache
-        .join("reference-features")
-        .join(format!("{key}.safetensors"));
-    if let Ok(list) = Tensor::read_safetensors(&cached) {
-        let map: std::collections::HashMap<String, Tensor> = list.into_iter().collect();
-        if let (Some(p), Some(s)) = (map.get("pool"), map.get("spatial")) {
-            return Ok((p.shallow_clone(), s.shallow_clone()));
-        }
-    }
-    let mut npz = Npz::open(reference)?;
-    let mut source = Source::Npz(Box::new(npz.images("arr_0")?));
-    let (pool, spatial, _) = featurise(net, &mut source, opts.batch, opts.device, "reference")?;
-    if let Some(dir) = cached.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create", dir.display()))?;
-    }
-    let tmp = cached.with_extension("tmp");
-    Tensor::write_safetensors(&[("pool", &pool), ("spatial", &spatial)], &tmp)?;
-    std::fs::rename(&tmp, &cached)?;
-    Ok((pool, spatial))
+    cached_features(&opts.cache, &key, || {
+        let mut npz = Npz::open(reference)?;
+        let mut source = Source::Npz(Box::new(npz.images("arr_0")?));
+        let (pool, spatial, _) = featurise(net, &mut source, opts.batch, opts.device, "reference")?;
+        Ok((pool, spatial))
+    })
 }
 
 pub fn evaluate(reference: &Path, samples: &Path, opts: &Options) -> Result<Report> {
