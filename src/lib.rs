@@ -1,5 +1,6 @@
 //! meanflow-repro: reproduces "Mean Flows for One-step Generative Modeling" on tch (libtorch).
 //! See README.md for the flow of data and the `mfr` commands.
+pub mod assets;
 pub mod bench;
 pub mod data;
 pub mod device;

@@ -3,7 +3,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use meanflow_repro::eval::evaluator;
 use meanflow_repro::meanflow::JvpMethod;
-use meanflow_repro::{bench, device, runs, spec::Precision, spec::Spec};
+use meanflow_repro::{assets, bench, device, runs, spec::Precision, spec::Spec};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -35,6 +35,22 @@ enum Command {
         /// Where run directories go (default: $MFR_RESULTS or ./results).
         #[arg(long)]
         results: Option<PathBuf>,
+    },
+    /// Download an asset of the manifest into the cache, its sha256 checked (no NAME: list them).
+    Fetch {
+        name: Option<String>,
+        /// Every asset that has a pinned hash.
+        #[arg(long)]
+        all: bool,
+        /// Never use the network: fail unless the asset is already cached.
+        #[arg(long)]
+        offline: bool,
+        /// Base URL of a mirror serving the same file names (also $MFR_MIRROR).
+        #[arg(long)]
+        mirror: Option<String>,
+        /// The sha256 to check against, for an asset with no pinned hash.
+        #[arg(long)]
+        sha256: Option<String>,
     },
     /// Print a spec resolved (every default explicit) with its sha256.
     Resolve {
@@ -239,6 +255,47 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
                     .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        }
+        Command::Fetch {
+            name,
+            all,
+            offline,
+            mirror,
+            sha256,
+        } => {
+            let mut opts = assets::Options::new(evaluator::default_cache());
+            opts.offline = offline;
+            opts.mirror = mirror.or(opts.mirror);
+            opts.sha256 = sha256;
+            let wanted: Vec<assets::Asset> = match (name, all) {
+                (Some(name), _) => vec![assets::find(&name)?],
+                (None, true) => assets::manifest()
+                    .into_iter()
+                    .filter(|a| a.pin != assets::Pin::Unpinned)
+                    .collect(),
+                (None, false) => {
+                    for a in assets::manifest() {
+                        let state = if assets::cached_path(&a, &opts.cache).exists() {
+                            "cached"
+                        } else {
+                            "missing"
+                        };
+                        println!(
+                            "{:<28} {state:<8} {}\n{:<28} {} [{}]",
+                            a.name, a.url, "", a.used_by, a.licence
+                        );
+                    }
+                    return Ok(());
+                }
+            };
+            for asset in wanted {
+                println!(
+                    "{}: {}",
+                    asset.name,
+                    assets::fetch(&asset, &opts)?.display()
+                );
             }
             Ok(())
         }
