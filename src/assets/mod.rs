@@ -72,7 +72,7 @@ pub fn manifest() -> Vec<Asset> {
             Pin::Unpinned,
             "MIT (stabilityai/sd-vae-ft-ema)",
             "sampling: the SD-VAE decoder the PyTorch port decodes with",
-            "the hash is the LFS sha256 on the file's Hugging Face page: pass it with --sha256",
+            "pass --sha256 HEX, the LFS sha256 shown on the file's Hugging Face page",
         ),
         asset(
             "sd-vae-ft-mse",
@@ -81,7 +81,7 @@ pub fn manifest() -> Vec<Asset> {
             Pin::Unpinned,
             "MIT (stabilityai/sd-vae-ft-mse)",
             "preprocessing and sampling: the SD-VAE the paper encodes with",
-            "the hash is the LFS sha256 on the file's Hugging Face page: pass it with --sha256",
+            "pass --sha256 HEX, the LFS sha256 shown on the file's Hugging Face page",
         ),
     ]
 }
