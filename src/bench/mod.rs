@@ -62,25 +62,14 @@ pub struct TrainBenchResult {
 }
 
 pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
-    let config = SiTConfig::preset(&b.model).ok_or_else(|| {
-        anyhow!(
-            "unknown model preset `{}`, expected one of {}",
-            b.model,
-            SiTConfig::preset_names().join(", ")
-        )
-    })?;
+    let config = preset(&b.model)?;
     tch::manual_seed(0);
     let mut vs = nn::VarStore::new(b.device);
     let net = SiT::new(&vs.root(), &config);
     train::prepare_precision(&mut vs, b.precision, b.device)?;
     // Random weights everywhere: a freshly initialised SiT outputs exactly zero (adaLN-Zero),
     // which would make the agreement check below trivially exact.
-    tch::no_grad(|| {
-        for mut v in vs.trainable_variables() {
-            let w = v.randn_like() * 0.02;
-            v.copy_(&w);
-        }
-    });
+    randomise(&vs, 0.02);
     let train_defaults = TrainSection::default();
     let opt = train::optim::AdamW::new(
         train::trainable(&vs),
@@ -214,6 +203,15 @@ fn agreement(
     })
 }
 
+fn preset(model: &str) -> Result<SiTConfig> {
+    SiTConfig::preset(model).ok_or_else(|| {
+        anyhow!(
+            "unknown model preset `{model}`, expected one of {}",
+            SiTConfig::preset_names().join(", ")
+        )
+    })
+}
+
 /// Fills every trainable variable with N(0, std) (timing on zeros can flatter a kernel).
 fn randomise(vs: &nn::VarStore, std: f64) {
     tch::no_grad(|| {
@@ -295,12 +293,7 @@ pub fn sample(
     warmup: usize,
     batches: usize,
 ) -> Result<ThroughputResult> {
-    let config = SiTConfig::preset(model).ok_or_else(|| {
-        anyhow!(
-            "unknown model preset `{model}`, expected one of {}",
-            SiTConfig::preset_names().join(", ")
-        )
-    })?;
+    let config = preset(model)?;
     let mut vs = nn::VarStore::new(dev);
     let net = SiT::new(&vs.root(), &config);
     train::prepare_precision(&mut vs, precision, dev)?;
