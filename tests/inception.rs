@@ -7,30 +7,11 @@
 //! same libtorch, so it can differ only where the two order their arithmetic differently; 1e-5
 //! relative on pool_3 and on the mixed_6/conv activations is ~100 float32 ulps, loose enough for
 //! that and far below what moves an FID (torch-fidelity documents 1e-4 against TF itself).
+mod common;
+
+use common::{eval_fixture as fixture, rel_err};
 use meanflow_repro::model::inception::{self, Inception};
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use tch::{nn, Device, Kind, Tensor};
-
-fn fixture(name: &str) -> BTreeMap<String, Tensor> {
-    let dir = std::env::var_os("MFR_EVAL_FIXTURES").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/eval-fixtures"),
-        PathBuf::from,
-    );
-    let path = dir.join(name);
-    let tensors = Tensor::read_safetensors(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (run `make test`, which writes the fixtures first)",
-            path.display()
-        )
-    });
-    tensors.into_iter().collect()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
-    (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[])
-}
 
 #[test]
 fn tf1_resize_matches_torch_fidelity() {

@@ -1,19 +1,13 @@
 //! FID, IS and precision/recall against numpy/scipy and brute force (golden data from
 //! tests/make_eval_fixtures.py: FID by ADM's own arithmetic with scipy.linalg.sqrtm).
+mod common;
+
 use meanflow_repro::eval::{frechet_distance, inception_score, precision_recall, Stats};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use tch::Tensor;
 
 fn fixture() -> BTreeMap<String, Tensor> {
-    let dir = std::env::var_os("MFR_EVAL_FIXTURES").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/eval-fixtures"),
-        PathBuf::from,
-    );
-    let path = dir.join("metrics.safetensors");
-    let tensors = Tensor::read_safetensors(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run `make test` first)", path.display()));
-    tensors.into_iter().collect()
+    common::eval_fixture("metrics.safetensors")
 }
 
 fn scalar(t: &Tensor, i: i64) -> f64 {

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 use meanflow_repro::model::{Conditioning, SiT, SiTConfig};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use tch::{nn, Device, Kind, Tensor};
 
 /// ||a - b|| / ||b|| in f64 (||b|| floored at 1e-300 so an all-zero reference still compares).
@@ -38,4 +40,21 @@ pub fn random_network(config: &SiTConfig, seed: i64) -> (nn::VarStore, SiT) {
         }
     });
     (vs, net)
+}
+
+/// A golden file written by tests/make_eval_fixtures.py (`make test` runs it first) into
+/// $MFR_EVAL_FIXTURES, default target/eval-fixtures.
+pub fn eval_fixture(name: &str) -> BTreeMap<String, Tensor> {
+    let dir = std::env::var_os("MFR_EVAL_FIXTURES").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/eval-fixtures"),
+        PathBuf::from,
+    );
+    let path = dir.join(name);
+    let tensors = Tensor::read_safetensors(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run `make test`, which writes the fixtures first)",
+            path.display()
+        )
+    });
+    tensors.into_iter().collect()
 }
