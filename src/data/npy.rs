@@ -124,22 +124,30 @@ fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 
 /// Writes a little-endian float32 C-order array (tests and tools make small trees with it).
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    let body: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(path, encode("<f4", shape, &body))
+        .with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// A version-1 .npy file: the header for `descr` and `shape` (padded to 64 bytes, as numpy
+/// writes it), then `body`, C order.
+pub fn encode(descr: &str, shape: &[usize], body: &[u8]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let shape_text = if dims.len() == 1 {
         format!("({},)", dims[0])
     } else {
         format!("({})", dims.join(", "))
     };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    let mut out = Vec::with_capacity(10 + header.len() + body.len());
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    data.iter()
-        .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
-    std::fs::write(path, out).with_context(|| format!("{}: cannot write", path.display()))
+    out.extend_from_slice(body);
+    out
 }

@@ -144,22 +144,10 @@ impl Images<'_> {
 /// Writes uint8 NHWC images as an ADM-style .npz (`arr_0`, stored): samples and tests use it.
 pub fn write_images(path: &Path, images: &Tensor) -> Result<()> {
     let shape: Vec<usize> = images.size().iter().map(|&d| d as usize).collect();
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let mut header = format!(
-        "{{'descr': '|u1', 'fortran_order': False, 'shape': ({}), }}",
-        dims.join(", ")
-    );
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
-    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    npy.extend_from_slice(header.as_bytes());
     let data = images.to_kind(Kind::Uint8).contiguous();
     let mut bytes = vec![0u8; data.numel()];
     data.copy_data_u8(&mut bytes, data.numel());
-    npy.extend_from_slice(&bytes);
+    let npy = npy::encode("|u1", &shape, &bytes);
     let tmp = path.with_extension("npz.tmp");
     let file = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
     let mut zip = zip::ZipWriter::new(file);

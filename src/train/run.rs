@@ -125,16 +125,16 @@ pub fn train(spec: &Spec, ds: Arc<dyn data::Dataset>, dir: &Path) -> Result<Trai
     std::fs::create_dir_all(&ckpt_dir)
         .with_context(|| format!("{}: cannot create", ckpt_dir.display()))?;
 
+    let spec_sha256 = spec.sha256();
     let named = trainable(&nets.vs);
     let mut opt = AdamW::new(named, t.lr, t.betas, t.weight_decay);
     let (start, wall_before) = match checkpoint::latest(&ckpt_dir) {
         Some((path, state)) => {
-            if state.spec_sha256 != spec.sha256() {
+            if state.spec_sha256 != spec_sha256 {
                 bail!(
-                    "{}: written for spec {}, not this one ({})",
+                    "{}: written for spec {}, not this one ({spec_sha256})",
                     path.display(),
                     state.spec_sha256,
-                    spec.sha256()
                 );
             }
             restore(&path, &state, &nets, &mut opt)?;
@@ -248,7 +248,7 @@ pub fn train(spec: &Spec, ds: Arc<dyn data::Dataset>, dir: &Path) -> Result<Trai
                 epoch: done / per_epoch,
                 adam_step: trainer.opt.step(),
                 seed: t.seed,
-                spec_sha256: spec.sha256(),
+                spec_sha256: spec_sha256.clone(),
                 wall_s: wall_before + started.elapsed().as_secs_f64(),
             };
             let path = ckpt_dir.join(checkpoint::file_name(done));
@@ -285,15 +285,9 @@ fn checkpoint_tensors(nets: &Networks, opt: &AdamW) -> Vec<(String, Tensor)> {
 fn restore(path: &Path, state: &TrainState, nets: &Networks, opt: &mut AdamW) -> Result<()> {
     let tensors: Vec<(String, Tensor)> = checkpoint::read_tensors(path)?.into_iter().collect();
     let source = path.display().to_string();
-    let only = |prefix: &str| -> Vec<(String, Tensor)> {
-        tensors
-            .iter()
-            .filter(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.shallow_clone()))
-            .collect()
-    };
-    crate::model::load_state_dict(&nets.vs, &only("model."), "model.", &source)?;
-    crate::model::load_state_dict(&nets.ema_vs, &only("ema."), "ema.", &source)?;
+    // load_state_dict considers only the names under its prefix.
+    crate::model::load_state_dict(&nets.vs, &tensors, "model.", &source)?;
+    crate::model::load_state_dict(&nets.ema_vs, &tensors, "ema.", &source)?;
     let by_name: std::collections::HashMap<&str, &Tensor> =
         tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     tch::no_grad(|| -> Result<()> {
