@@ -163,3 +163,37 @@ fn set_overrides_a_field_and_names_itself_in_errors() {
         .to_string();
     assert!(err.contains("expected key=value"), "{err}");
 }
+
+#[test]
+fn ablation_groups_vary_one_factor_around_one_shared_default_run() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/b4-ablations.toml");
+    let spec = Spec::load(&path).unwrap();
+    let points = spec.points("b4-ablations").unwrap();
+    let names: Vec<&str> = points.iter().map(|(n, _)| n.as_str()).collect();
+    // The default, then per group its settings other than the default's: ratio, tangent,
+    // conditioning 3 each, uniform sampler 1, logit-normal 3, p 4, omega 4, Table 5's kappa 4.
+    assert_eq!(points.len(), 1 + 3 + 3 + 3 + 1 + 3 + 4 + 4 + 4, "{names:?}");
+    assert_eq!(names[0], "default");
+    assert_eq!(points[0].1.meanflow.data_proportion, 0.75);
+    assert!(names.contains(&"P_mean=-0.2,P_std=1.2"), "{names:?}");
+    assert!(names.contains(&"kappa=0.5,omega=1.0"), "{names:?}");
+    let shas: std::collections::BTreeSet<String> = points.iter().map(|(_, s)| s.sha256()).collect();
+    assert_eq!(shas.len(), points.len(), "every run is a distinct spec");
+    let err = parse_err(&format!(
+        "{MINIMAL}[sweep]\n\"meanflow.omega\" = [1.0]\n[ablations.a]\n\"meanflow.kappa\" = [0.5]\n"
+    ));
+    assert!(err.contains("use one of them"), "{err}");
+}
+
+#[test]
+fn the_paper_rows_are_not_part_of_what_a_run_computes() {
+    let base = Spec::parse(MINIMAL, "a.toml").unwrap();
+    let cited = Spec::parse(
+        &format!("{MINIMAL}[paper]\nrows = [\"table1.default\"]\n"),
+        "b.toml",
+    )
+    .unwrap();
+    assert_eq!(base.sha256(), cited.sha256());
+    let other = Spec::parse(&format!("{MINIMAL}[train]\nlr = 2e-4\n"), "c.toml").unwrap();
+    assert_ne!(base.sha256(), other.sha256());
+}

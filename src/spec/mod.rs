@@ -11,6 +11,7 @@ pub use schema::{
 };
 
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 impl Spec {
@@ -65,72 +66,42 @@ impl Spec {
         Spec::parse(&doc.to_string(), &format!("{file} (with --set)"))
     }
 
-    /// The runs this spec stands for: one named `default`, or one per point of its sweep, named
-    /// by the swept values (`data_proportion=0.75`), each with its own resolved spec.
+    /// The runs this spec stands for: one named `default`, one per point of its sweep (named by
+    /// the swept values, `data_proportion=0.75`), or `default` and the other points of its
+    /// ablation groups, each with its own resolved spec.
     pub fn points(&self, file: &str) -> Result<Vec<(String, Spec)>, SpecError> {
-        if self.sweep.is_empty() {
-            return Ok(vec![("default".to_owned(), self.clone())]);
-        }
         let mut base = self.clone();
         base.sweep.clear();
-        let base = toml::Value::try_from(&base).expect("a resolved spec is TOML");
-        let mut grid: Vec<Vec<(&String, &toml::Value)>> = vec![Vec::new()];
-        for (key, values) in &self.sweep {
-            if key == "model.preset" {
-                return Err(SpecError::whole(
-                    file,
-                    "`sweep.model.preset`: sweep the shape fields (model.depth, ...) instead"
-                        .into(),
-                ));
-            }
-            if values.is_empty() {
-                return Err(SpecError::whole(
-                    file,
-                    format!("`sweep.{key}`: expected a non-empty list of values"),
-                ));
-            }
-            grid = grid
-                .into_iter()
-                .flat_map(|point| {
-                    values
-                        .iter()
-                        .map(move |v| [point.clone(), vec![(key, v)]].concat())
-                })
-                .collect();
-        }
-        grid.into_iter()
-            .map(|point| {
-                let mut value = base.clone();
-                let mut names = Vec::new();
-                for (key, v) in &point {
-                    let slot = key
-                        .split('.')
-                        .try_fold(&mut value, |node, part| node.get_mut(part))
-                        .ok_or_else(|| {
-                            SpecError::whole(
-                                file,
-                                format!("`sweep.{key}`: not a field of the spec"),
-                            )
-                        })?;
-                    *slot = (*v).clone();
-                    let shown = match v {
-                        toml::Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    };
-                    names.push(
-                        format!("{}={}", key.rsplit('.').next().unwrap_or(key), shown)
-                            .replace(['/', ' '], "_"),
-                    );
+        base.ablations.clear();
+        match (self.sweep.is_empty(), self.ablations.is_empty()) {
+            (true, true) => Ok(vec![("default".to_owned(), base)]),
+            (false, true) => grid(&base, &self.sweep, "sweep", file),
+            (true, false) => {
+                let base_sha = base.sha256();
+                let mut seen = std::collections::BTreeSet::from([base_sha.clone()]);
+                let mut out = vec![("default".to_owned(), base.clone())];
+                for (group, keys) in &self.ablations {
+                    for (name, spec) in grid(&base, keys, &format!("ablations.{group}"), file)? {
+                        if seen.insert(spec.sha256()) {
+                            out.push((name, spec));
+                        }
+                    }
                 }
-                let keys: Vec<String> = point.iter().map(|(k, _)| format!("sweep.{k}")).collect();
-                let at =
-                    |msg: String| SpecError::whole(file, format!("`{}`: {msg}", keys.join("`, `")));
-                let spec: Spec = serde_path_to_error::deserialize(value)
-                    .map_err(|e| at(e.inner().to_string()))?;
-                spec.validate().map_err(|(_, msg)| at(msg))?;
-                Ok((names.join(","), spec))
-            })
-            .collect()
+                let mut names = std::collections::BTreeSet::new();
+                if let Some((name, _)) = out.iter().find(|(n, _)| !names.insert(n.clone())) {
+                    return Err(SpecError::whole(
+                        file,
+                        format!("two ablation points are both named `{name}`: give their keys distinct values"),
+                    ));
+                }
+                Ok(out)
+            }
+            (false, false) => Err(SpecError::whole(
+                file,
+                "`sweep` and `ablations`: use one of them (ablation groups are sweeps of their own)"
+                    .into(),
+            )),
+        }
     }
 
     /// Parses TOML text; `file` names it in errors.
@@ -152,9 +123,77 @@ impl Spec {
         toml::to_string(self).expect("a resolved spec serialises")
     }
 
-    /// sha256 of [`Spec::to_toml`], lowercase hex.
+    /// sha256 of [`Spec::to_toml`] without the `[paper]` section, lowercase hex: what a run
+    /// computes does not depend on which paper rows it is compared with.
     pub fn sha256(&self) -> String {
-        let digest = Sha256::digest(self.to_toml().as_bytes());
+        let mut computed = self.clone();
+        computed.paper = PaperSection::default();
+        let digest = Sha256::digest(computed.to_toml().as_bytes());
         digest.iter().map(|b| format!("{b:02x}")).collect()
     }
+}
+
+/// Every point of the grid `keys` spans around `base`, named by its values.
+fn grid(
+    base: &Spec,
+    keys: &BTreeMap<String, Vec<toml::Value>>,
+    table: &str,
+    file: &str,
+) -> Result<Vec<(String, Spec)>, SpecError> {
+    let base = toml::Value::try_from(base).expect("a resolved spec is TOML");
+    let mut grid: Vec<Vec<(&String, &toml::Value)>> = vec![Vec::new()];
+    for (key, values) in keys {
+        if key == "model.preset" {
+            return Err(SpecError::whole(
+                file,
+                format!(
+                    "`{table}.model.preset`: sweep the shape fields (model.depth, ...) instead"
+                ),
+            ));
+        }
+        if values.is_empty() {
+            return Err(SpecError::whole(
+                file,
+                format!("`{table}.{key}`: expected a non-empty list of values"),
+            ));
+        }
+        grid = grid
+            .into_iter()
+            .flat_map(|point| {
+                values
+                    .iter()
+                    .map(move |v| [point.clone(), vec![(key, v)]].concat())
+            })
+            .collect();
+    }
+    grid.into_iter()
+        .map(|point| {
+            let mut value = base.clone();
+            let mut names = Vec::new();
+            for (key, v) in &point {
+                let slot = key
+                    .split('.')
+                    .try_fold(&mut value, |node, part| node.get_mut(part))
+                    .ok_or_else(|| {
+                        SpecError::whole(file, format!("`{table}.{key}`: not a field of the spec"))
+                    })?;
+                *slot = (*v).clone();
+                let shown = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                names.push(
+                    format!("{}={}", key.rsplit('.').next().unwrap_or(key), shown)
+                        .replace(['/', ' '], "_"),
+                );
+            }
+            let keys: Vec<String> = point.iter().map(|(k, _)| format!("{table}.{k}")).collect();
+            let at =
+                |msg: String| SpecError::whole(file, format!("`{}`: {msg}", keys.join("`, `")));
+            let spec: Spec =
+                serde_path_to_error::deserialize(value).map_err(|e| at(e.inner().to_string()))?;
+            spec.validate().map_err(|(_, msg)| at(msg))?;
+            Ok((names.join(","), spec))
+        })
+        .collect()
 }

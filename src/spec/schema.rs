@@ -38,6 +38,11 @@ pub struct Spec {
     /// grid is its own run. Empty in a point's own resolved spec.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sweep: BTreeMap<String, Vec<toml::Value>>,
+    /// One-factor-at-a-time studies, as paper Table 1 is: each named group is a grid like
+    /// `sweep` around the base spec; the runs are the base spec (`default`) and every group's
+    /// points, each distinct spec once.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ablations: BTreeMap<String, BTreeMap<String, Vec<toml::Value>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +59,10 @@ pub struct ExperimentSection {
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     pub preset: Option<String>,
+    /// Weights to sample and evaluate instead of training: a checkpoint written by `mfr import`
+    /// (e.g. the public meanflow-B4.pth) or by an earlier run. The train stage is then skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
     pub depth: Option<i64>,
     pub hidden_size: Option<i64>,
     pub num_heads: Option<i64>,
