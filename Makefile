@@ -23,7 +23,7 @@ CARGO_ENV := VIRTUAL_ENV=$(VENV) PATH="$(VENV)/bin:$$PATH" LIBTORCH_USE_PYTORCH=
 endif
 CARGO := $(CARGO_ENV) cargo
 
-.PHONY: setup build test lint demo bench devbin clean
+.PHONY: setup build test lint demo reproduce-b4 bench devbin clean
 
 setup: $(VENV)/.ready
 
@@ -55,8 +55,24 @@ lint: setup
 	cargo fmt --all -- --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
 
+# Trains, samples and scores the four demo runs, then renders reports/demo-digits/.
 demo: build
 	$(RELEASE) run experiments/demo-digits.toml --resume
+
+# The headline job on a GPU machine: experiments/b4.toml (Table 1's default row and omega = 3).
+# With CKPT=meanflow-B4.pth: import the public checkpoint and evaluate it instead of training.
+# Either way `mfr check` first lists everything missing (GPU, latents, VAE, reference batch).
+IMPORTED := results/imported/meanflow-B4.safetensors
+reproduce-b4: build
+ifdef CKPT
+	$(RELEASE) check experiments/b4-public.toml --set model.weights=$(CKPT)
+	mkdir -p $(dir $(IMPORTED))
+	$(RELEASE) import $(CKPT) --out $(IMPORTED)
+	$(RELEASE) run experiments/b4-public.toml --resume
+else
+	$(RELEASE) check experiments/b4.toml
+	$(RELEASE) run experiments/b4.toml --resume
+endif
 
 bench: build
 	$(RELEASE) bench train --model micro/2 --batch 32 --precision f32 --device cpu --steps 10 --warmup 2 --json results/bench-train-cpu.json

@@ -9,6 +9,7 @@ pub mod meanflow;
 pub mod model;
 pub mod report;
 pub mod runs;
+pub mod sample;
 pub mod site;
 pub mod spec;
 pub mod train;

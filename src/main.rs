@@ -3,7 +3,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use meanflow_repro::eval::evaluator;
 use meanflow_repro::meanflow::JvpMethod;
-use meanflow_repro::{assets, bench, device, runs, spec::Precision, spec::Spec};
+use meanflow_repro::{assets, bench, device, report, runs, spec::Precision, spec::Spec};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,21 +20,45 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run an experiment spec (train, sample, evaluate, report).
+    /// Run an experiment spec: train, sample, evaluate, curves, then render its report.
     Run {
-        spec: PathBuf,
-        /// Override a spec field, e.g. --set train.epochs=2 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
+        #[command(flatten)]
+        run: RunArgs,
         /// Print the plan (each run's stages and whether they are done) and stop.
         #[arg(long)]
         dry_run: bool,
-        /// Continue unfinished runs from their newest checkpoint.
+    },
+    /// Only the train stage of a spec's runs.
+    Train {
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Only the sample stage: EMA samples per schedule as ADM .npz files (and grids),
+    /// resumable; the runs must be trained (or the spec must give model.weights).
+    Sample {
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Check that this machine has everything a spec needs (GPU, data, VAE, reference batch,
+    /// Inception weights); lists every missing thing with the command that provides it.
+    Check {
+        spec: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Render reports/<experiment>/ (index.html, report.md, plots, grids) from
+    /// results/<experiment> or one run directory.
+    Report {
+        path: PathBuf,
+        /// Reports root (default: $MFR_REPORTS or ./reports).
         #[arg(long)]
-        resume: bool,
-        /// Where run directories go (default: $MFR_RESULTS or ./results).
+        out: Option<PathBuf>,
+    },
+    /// Write reports/<experiment>/discrepancy-<run>.md for a run that misses the paper.
+    Discrepancy {
+        run: PathBuf,
         #[arg(long)]
-        results: Option<PathBuf>,
+        out: Option<PathBuf>,
     },
     /// Download an asset of the manifest into the cache, its sha256 checked (no NAME: list them).
     Fetch {
@@ -87,6 +111,33 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    spec: PathBuf,
+    /// Override a spec field, e.g. --set train.epochs=2 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Continue unfinished runs from their newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Where run directories go (default: $MFR_RESULTS or ./results).
+    #[arg(long)]
+    results: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn go(self, dry_run: bool, only: Option<&'static str>) -> Result<()> {
+        let opts = runs::Options {
+            results: self.results.unwrap_or_else(runs::default_results),
+            dry_run,
+            resume: self.resume,
+            only,
+            reports: only.is_none().then(report::render::default_reports),
+        };
+        runs::run(&self.spec, &self.sets, &opts)
+    }
 }
 
 #[derive(Subcommand)]
@@ -197,19 +248,25 @@ fn emit(result: &impl serde::Serialize, json: Option<PathBuf>) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run {
-            spec,
-            sets,
-            dry_run,
-            resume,
-            results,
-        } => {
-            let opts = runs::Options {
-                results: results.unwrap_or_else(runs::default_results),
-                dry_run,
-                resume,
-            };
-            runs::run(&spec, &sets, &opts)
+        Command::Run { run, dry_run } => run.go(dry_run, None),
+        Command::Train { run } => run.go(false, Some("train")),
+        Command::Sample { run } => run.go(false, Some("sample")),
+        Command::Check { spec, sets } => runs::preflight(&spec, &sets),
+        Command::Report { path, out } => {
+            let out = report::render::report(
+                &path,
+                &out.unwrap_or_else(report::render::default_reports),
+            )?;
+            println!("{}", out.join("index.html").display());
+            Ok(())
+        }
+        Command::Discrepancy { run, out } => {
+            let path = report::discrepancy::discrepancy(
+                &run,
+                &out.unwrap_or_else(report::render::default_reports),
+            )?;
+            println!("{}", path.display());
+            Ok(())
         }
         Command::Bench {
             what:

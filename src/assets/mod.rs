@@ -38,7 +38,11 @@ pub fn manifest() -> Vec<Asset> {
     let asset =
         |name: &str, url: &str, size, pin, licence: &str, used_by: &str, note: &str| Asset {
             name: name.to_owned(),
-            file: url.rsplit('/').next().unwrap_or(name).to_owned(),
+            // Both SD-VAE files are called diffusion_pytorch_model.safetensors upstream.
+            file: match url.rsplit('/').next() {
+                Some("diffusion_pytorch_model.safetensors") | None => format!("{name}.safetensors"),
+                Some(file) => file.to_owned(),
+            },
             url: url.to_owned(),
             size,
             pin,
@@ -84,6 +88,17 @@ pub fn manifest() -> Vec<Asset> {
             "pass --sha256 HEX, the LFS sha256 shown on the file's Hugging Face page",
         ),
     ]
+}
+
+impl Pin {
+    /// The pin as a report shows it.
+    pub fn describe(&self) -> String {
+        match self {
+            Pin::Sha256(h) => format!("sha256 {}", &h[..16.min(h.len())]),
+            Pin::Sha256Prefix(p) => format!("sha256 {p}..."),
+            Pin::Unpinned => "unpinned".to_owned(),
+        }
+    }
 }
 
 pub fn find(name: &str) -> Result<Asset> {

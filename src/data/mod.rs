@@ -28,6 +28,12 @@ pub trait Dataset: Send + Sync {
     fn is_posterior(&self) -> bool;
 }
 
+/// Whether `data` names pixel data (the bundled digits) rather than SD-VAE latents; decides how
+/// samples become images without opening the data.
+pub fn is_pixels(data: &str) -> bool {
+    data == "digits"
+}
+
 /// `digits` is the bundled demo data; anything else is a directory in the REPA latent layout.
 pub fn open(data: &str) -> Result<Arc<dyn Dataset>> {
     let ds: Arc<dyn Dataset> = match data {

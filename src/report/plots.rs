@@ -51,112 +51,318 @@ pub fn read_stats(path: &Path) -> Result<Vec<StatLine>> {
         .collect()
 }
 
-/// Loss and v loss against step, side by side, as `<stem>.png` and `<stem>.svg`.
-pub fn loss_curves(stats: &[StatLine], title: &str, stem: &Path) -> Result<()> {
-    if stats.is_empty() {
+/// Distinct, print-safe colours for up to ten series (then they repeat).
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("plotting: {e:?}")
+}
+
+type Area<'a, DB> = DrawingArea<DB, plotters::coord::Shift>;
+
+/// Renders `draw` to `<stem>.png` and `<stem>.svg`.
+macro_rules! png_and_svg {
+    ($stem:expr, $size:expr, $draw:ident ( $($arg:expr),* )) => {{
+        register_font();
+        let png = $stem.with_extension("png");
+        let svg = $stem.with_extension("svg");
+        $draw(BitMapBackend::new(&png, $size).into_drawing_area(), $($arg),*)?;
+        $draw(SVGBackend::new(&svg, $size).into_drawing_area(), $($arg),*)?;
+        Ok(())
+    }};
+}
+
+/// (lo, hi) of `values` with 5% padding; a flat series gets a small band.
+fn padded_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let pad = ((hi - lo) * 0.05).max(1e-6 * hi.abs().max(1.0));
+    (lo - pad, hi + pad)
+}
+
+/// Loss and v loss against step, side by side, one line per run, as `<stem>.png` and `.svg`.
+pub fn loss_curves(runs: &[(&str, &[StatLine])], title: &str, stem: &Path) -> Result<()> {
+    if runs.iter().all(|(_, s)| s.is_empty()) {
         bail!("no statistics to plot for {title}");
     }
-    register_font();
-    let png = stem.with_extension("png");
-    let svg = stem.with_extension("svg");
-    draw_curves(
-        BitMapBackend::new(&png, (1100, 420)).into_drawing_area(),
-        stats,
-        title,
-    )?;
-    draw_curves(
-        SVGBackend::new(&svg, (1100, 420)).into_drawing_area(),
-        stats,
-        title,
-    )?;
-    Ok(())
+    png_and_svg!(stem, (1200, 460), draw_curves(runs, title))
 }
 
 fn draw_curves<DB: DrawingBackend>(
-    root: DrawingArea<DB, plotters::coord::Shift>,
-    stats: &[StatLine],
+    root: Area<DB>,
+    runs: &[(&str, &[StatLine])],
     title: &str,
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    root.fill(&WHITE).map_err(plot_err)?;
     let panels = root.split_evenly((1, 2));
-    let max_step = stats.iter().map(|s| s.step).fold(1.0, f64::max);
-    let series: [(&str, Pick, RGBColor); 2] = [
-        ("weighted loss (sits near 1 with p = 1)", |s| s.loss, BLUE),
-        ("v loss: mean ||u - v||^2", |s| s.v_loss, RED),
+    let all = || runs.iter().flat_map(|(_, s)| s.iter());
+    let max_step = all().map(|s| s.step).fold(1.0, f64::max);
+    let series: [(&str, Pick); 2] = [
+        ("weighted loss (sits near 1 with p = 1)", |s| s.loss),
+        ("v loss: mean ||u - v||^2", |s| s.v_loss),
     ];
-    for (panel, (label, pick, color)) in panels.iter().zip(series) {
-        let values: Vec<f64> = stats.iter().map(pick).collect();
-        let (lo, hi) = values
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-                (a.min(*v), b.max(*v))
-            });
-        let pad = ((hi - lo) * 0.05).max(1e-6);
+    for (panel, (label, pick)) in panels.iter().zip(series) {
+        let (lo, hi) = padded_range(all().map(pick));
         let mut chart = ChartBuilder::on(panel)
             .caption(format!("{title}: {label}"), ("sans-serif", 16))
             .margin(12)
             .x_label_area_size(32)
             .y_label_area_size(56)
-            .build_cartesian_2d(0.0..max_step, (lo - pad)..(hi + pad))
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            .build_cartesian_2d(0.0..max_step, lo..hi)
+            .map_err(plot_err)?;
         chart
             .configure_mesh()
             .x_desc("step")
             .label_style(("sans-serif", 12))
             .draw()
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        chart
-            .draw_series(LineSeries::new(
-                stats.iter().map(|s| (s.step, pick(s))),
-                &color,
-            ))
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            .map_err(plot_err)?;
+        for (i, (name, stats)) in runs.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            let drawn = chart
+                .draw_series(LineSeries::new(
+                    stats.iter().map(|s| (s.step, pick(s))),
+                    &color,
+                ))
+                .map_err(plot_err)?;
+            if !name.is_empty() {
+                drawn
+                    .label(*name)
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
+            }
+        }
+        if runs.iter().any(|(name, _)| !name.is_empty()) {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 11))
+                .draw()
+                .map_err(plot_err)?;
+        }
     }
-    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    root.present().map_err(plot_err)?;
     Ok(())
 }
 
-/// Images (N, C, H, W) in [-1, 1], C = 1 or 3, tiled `cols` wide and scaled up `zoom` times.
-pub fn sample_grid(images: &Tensor, cols: i64, zoom: u32, path: &Path) -> Result<()> {
-    let (n, c, h, w) = images.size4().context("a grid takes (N, C, H, W) images")?;
-    if c != 1 && c != 3 {
-        bail!("a grid shows 1- or 3-channel images, not {c}");
+/// FID against the number of network evaluations, one line per run.
+pub fn fid_by_nfe(runs: &[(String, Vec<(i64, f64)>)], title: &str, stem: &Path) -> Result<()> {
+    if runs.iter().all(|(_, p)| p.is_empty()) {
+        bail!("no FIDs to plot for {title}");
     }
+    png_and_svg!(stem, (760, 460), draw_fid_by_nfe(runs, title))
+}
+
+fn draw_fid_by_nfe<DB: DrawingBackend>(
+    root: Area<DB>,
+    runs: &[(String, Vec<(i64, f64)>)],
+    title: &str,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(plot_err)?;
+    let points = || runs.iter().flat_map(|(_, p)| p.iter());
+    let max_nfe = points().map(|p| p.0).max().unwrap_or(1).max(2);
+    let (lo, hi) = padded_range(points().map(|p| p.1));
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{title}: FID by NFE"), ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.5..(max_nfe as f64 + 0.5), lo.min(0.0)..hi)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("network evaluations (NFE)")
+        .y_desc("FID")
+        .x_labels(max_nfe as usize)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .label_style(("sans-serif", 12))
+        .draw()
+        .map_err(plot_err)?;
+    for (i, (name, pts)) in runs.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let xy: Vec<(f64, f64)> = pts.iter().map(|&(n, f)| (n as f64, f)).collect();
+        chart
+            .draw_series(LineSeries::new(xy.clone(), &color))
+            .map_err(plot_err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
+        chart
+            .draw_series(xy.into_iter().map(|p| Circle::new(p, 4, color.filled())))
+            .map_err(plot_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 11))
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// One bar pair per row: the paper's number beside ours.
+pub struct Bar {
+    pub label: String,
+    pub paper: f64,
+    pub ours: Option<f64>,
+}
+
+/// Ours-vs-paper bars for the rows of a sweep.
+pub fn paper_vs_ours(bars: &[Bar], title: &str, stem: &Path) -> Result<()> {
+    if bars.is_empty() {
+        bail!("no rows to plot for {title}");
+    }
+    let width = (160 + 90 * bars.len() as u32).max(600);
+    png_and_svg!(stem, (width, 480), draw_bars(bars, title))
+}
+
+fn draw_bars<DB: DrawingBackend>(root: Area<DB>, bars: &[Bar], title: &str) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(plot_err)?;
+    let hi = bars
+        .iter()
+        .flat_map(|b| [Some(b.paper), b.ours])
+        .flatten()
+        .fold(1.0, f64::max)
+        * 1.12;
+    let n = bars.len();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{title}: paper vs ours (FID)"), ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(70)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..n as f64, 0.0..hi)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            bars.get(i).map_or(String::new(), |b| b.label.clone())
+        })
+        .y_desc("FID")
+        .label_style(("sans-serif", 11))
+        .draw()
+        .map_err(plot_err)?;
+    let (paper_color, ours_color) = (PALETTE[7], PALETTE[0]);
+    let rect = |i: usize, side: f64, v: f64, c: RGBColor| {
+        let x0 = i as f64 + 0.12 + side * 0.38;
+        Rectangle::new([(x0, 0.0), (x0 + 0.36, v)], c.filled())
+    };
+    chart
+        .draw_series(
+            bars.iter()
+                .enumerate()
+                .map(|(i, b)| rect(i, 0.0, b.paper, paper_color)),
+        )
+        .map_err(plot_err)?
+        .label("paper")
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], paper_color.filled()));
+    chart
+        .draw_series(
+            bars.iter()
+                .enumerate()
+                .filter_map(|(i, b)| b.ours.map(|v| rect(i, 1.0, v, ours_color))),
+        )
+        .map_err(plot_err)?
+        .label("ours")
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], ours_color.filled()));
+    chart
+        .draw_series(bars.iter().enumerate().flat_map(|(i, b)| {
+            let mut labels = vec![Text::new(
+                format!("{:.1}", b.paper),
+                (i as f64 + 0.14, b.paper + hi * 0.01),
+                ("sans-serif", 10).into_font(),
+            )];
+            if let Some(v) = b.ours {
+                labels.push(Text::new(
+                    format!("{v:.1}"),
+                    (i as f64 + 0.52, v + hi * 0.01),
+                    ("sans-serif", 10).into_font(),
+                ));
+            }
+            labels
+        }))
+        .map_err(plot_err)?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 11))
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// uint8 NHWC images (1 or 3 channels) as one PNG grid of `cols` columns, each pixel drawn
+/// `zoom` x `zoom`, 2-pixel white gaps.
+pub fn sample_grid(images: &Tensor, cols: i64, zoom: u32, path: &Path) -> Result<()> {
+    let (n, h, w, c) = images
+        .size4()
+        .context("a grid takes (N, H, W, C) uint8 images")?;
+    if images.kind() != Kind::Uint8 || (c != 1 && c != 3) {
+        bail!(
+            "a grid shows uint8 1- or 3-channel images, got {:?} x {c}",
+            images.kind()
+        );
+    }
+    let data = Vec::<u8>::try_from(
+        images
+            .to_device(tch::Device::Cpu)
+            .contiguous()
+            .reshape([-1]),
+    )?;
     let rows = (n + cols - 1) / cols;
-    let pixels = ((images.to_kind(Kind::Float).clamp(-1.0, 1.0) + 1.0) * 127.5)
-        .round()
-        .to_kind(Kind::Uint8)
-        .to_device(tch::Device::Cpu)
-        .contiguous();
-    let data = Vec::<u8>::try_from(pixels.reshape([-1]))?;
     let (gap, z) = (2u32, zoom);
-    let width = cols as u32 * (w as u32 * z + gap) + gap;
-    let height = rows as u32 * (h as u32 * z + gap) + gap;
-    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let (cell_w, cell_h) = (w as u32 * z + gap, h as u32 * z + gap);
+    let mut grid = image::RgbImage::from_pixel(
+        cols as u32 * cell_w + gap,
+        rows as u32 * cell_h + gap,
+        image::Rgb([255, 255, 255]),
+    );
     for i in 0..n {
         let (x0, y0) = (
-            (i % cols) as u32 * (w as u32 * z + gap) + gap,
-            (i / cols) as u32 * (h as u32 * z + gap) + gap,
+            (i % cols) as u32 * cell_w + gap,
+            (i / cols) as u32 * cell_h + gap,
         );
-        for y in 0..h {
-            for x in 0..w {
-                let at = |ch: i64| data[(((i * c + ch) * h + y) * w + x) as usize];
-                let color = if c == 1 {
-                    RGBColor(at(0), at(0), at(0))
-                } else {
-                    RGBColor(at(0), at(1), at(2))
+        for y in 0..h as u32 * z {
+            for x in 0..w as u32 * z {
+                let at = |ch: i64| {
+                    let (sy, sx) = ((y / z) as i64, (x / z) as i64);
+                    data[(((i * h + sy) * w + sx) * c + ch.min(c - 1)) as usize]
                 };
-                let (px, py) = ((x0 + x as u32 * z) as i32, (y0 + y as u32 * z) as i32);
-                let corner = (px + z as i32, py + z as i32);
-                root.draw(&Rectangle::new([(px, py), corner], color.filled()))
-                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                grid.put_pixel(x0 + x, y0 + y, image::Rgb([at(0), at(1), at(2)]));
             }
         }
     }
-    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    Ok(())
+    grid.save(path)
+        .with_context(|| format!("{}: cannot write", path.display()))
 }

@@ -1,0 +1,267 @@
+//! `mfr sample`: EMA samples into ADM's sample format, an .npz whose arr_0 is (N, H, W, 3) uint8
+//! and arr_1 the class labels. Batch b draws its noise from seed mix(sample.seed, 1 + b) and
+//! takes labels (i mod num_classes) for its global indices i, so any batch can be regenerated
+//! alone and the classes are balanced. Each finished batch is a part file renamed into place;
+//! an interrupted run keeps its parts and continues, and the .npz is assembled (streamed, never
+//! held in memory) only when every part is there.
+use crate::data;
+use crate::meanflow::sampler;
+use crate::model::{vae, SiT};
+use crate::spec::{Precision, Spec};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// What turns the network's output into uint8 NHWC images.
+pub enum Decoder {
+    /// The data is pixels in [-1, 1] (the demo's digits): 1 channel is repeated to RGB.
+    Pixels,
+    /// The data is SD-VAE latents times 0.18215.
+    Vae(Box<vae::AutoencoderKl>, tch::nn::VarStore),
+}
+
+impl Decoder {
+    /// The SD-VAE named by `sample.vae` (an asset name, fetched into the cache, or a path).
+    pub fn vae(spec: &Spec, device: Device) -> Result<Decoder> {
+        let path = vae_weights(&spec.sample.vae)?;
+        let (vs, net) = vae::load(&path, &vae::VaeConfig::sd(), device)
+            .with_context(|| format!("loading the SD-VAE from {}", path.display()))?;
+        Ok(Decoder::Vae(Box::new(net), vs))
+    }
+
+    pub fn images(&self, x: &Tensor) -> Tensor {
+        match self {
+            Decoder::Pixels => pixels_to_u8(x),
+            Decoder::Vae(net, _) => tch::no_grad(|| {
+                vae::to_uint8_nhwc(&net.decode(&(x.to_kind(Kind::Float) / vae::SCALING_FACTOR)))
+            }),
+        }
+    }
+}
+
+/// `sample.vae` as a file: a path as given, or the cached copy of the asset of that name.
+pub fn vae_weights(name: &str) -> Result<PathBuf> {
+    let as_path = Path::new(name);
+    if as_path.is_file() {
+        return Ok(as_path.to_owned());
+    }
+    let asset = crate::assets::find(name)?;
+    let cached = crate::assets::cached_path(&asset, &crate::eval::evaluator::default_cache());
+    if cached.is_file() {
+        return Ok(cached);
+    }
+    bail!(
+        "the SD-VAE weights `{name}` are not in the cache ({}): run `mfr fetch {name}`, or set sample.vae to a diffusers safetensors file",
+        cached.display()
+    )
+}
+
+/// Pixel-space samples in [-1, 1], (N, 1 or 3, H, W), as uint8 RGB NHWC.
+pub fn pixels_to_u8(images: &Tensor) -> Tensor {
+    let rgb = if images.size()[1] == 1 {
+        images.repeat([1, 3, 1, 1])
+    } else {
+        images.shallow_clone()
+    };
+    ((rgb.to_kind(Kind::Float).clamp(-1.0, 1.0) + 1.0) * 127.5)
+        .round()
+        .to_kind(Kind::Uint8)
+        .permute([0, 2, 3, 1])
+        .contiguous()
+}
+
+/// The class label of global sample index `i`: balanced over the classes.
+pub fn labels(start: i64, n: i64, classes: i64, device: Device) -> Tensor {
+    (Tensor::arange(n, (Kind::Int64, device)) + start).remainder(classes)
+}
+
+/// The noise of batch `b` (of `n` samples): a function of the spec's seed and b only.
+pub fn batch_noise(spec: &Spec, b: u64, n: i64, device: Device) -> Tensor {
+    tch::manual_seed(data::mix(spec.sample.seed, 1 + b) as i64);
+    let m = &spec.model;
+    let kind = crate::train::input_kind(spec.train.precision);
+    Tensor::randn(
+        [n, m.in_channels, m.input_size, m.input_size],
+        (kind, device),
+    )
+}
+
+/// Batch `b` of the sample batch (of `n` images), uint8 NHWC, for `schedule`.
+pub fn batch(
+    spec: &Spec,
+    net: &SiT,
+    decoder: &Decoder,
+    schedule: &[f64],
+    b: u64,
+    n: i64,
+) -> Result<Tensor> {
+    let device = net_device(spec)?;
+    let noise = batch_noise(spec, b, n, device);
+    let y = labels(
+        b as i64 * spec.sample.batch,
+        n,
+        spec.model.num_classes,
+        device,
+    );
+    generate(spec, net, decoder, schedule, &noise, &y)
+}
+
+/// `per_class` images of each of the first `classes` classes, class = index mod classes, from
+/// noise of its own seed: the same noise for every schedule, so grids compare image for image.
+pub fn grid(
+    spec: &Spec,
+    net: &SiT,
+    decoder: &Decoder,
+    schedule: &[f64],
+    classes: i64,
+    per_class: i64,
+) -> Result<Tensor> {
+    let device = net_device(spec)?;
+    tch::manual_seed(data::mix(spec.sample.seed, 0) as i64);
+    let m = &spec.model;
+    let n = classes * per_class;
+    let kind = crate::train::input_kind(spec.train.precision);
+    let noise = Tensor::randn(
+        [n, m.in_channels, m.input_size, m.input_size],
+        (kind, device),
+    );
+    generate(
+        spec,
+        net,
+        decoder,
+        schedule,
+        &noise,
+        &labels(0, n, classes, device),
+    )
+}
+
+fn generate(
+    spec: &Spec,
+    net: &SiT,
+    decoder: &Decoder,
+    schedule: &[f64],
+    noise: &Tensor,
+    y: &Tensor,
+) -> Result<Tensor> {
+    let bf16 = spec.train.precision == Precision::Bf16 && noise.device().is_cuda();
+    let x = crate::device::autocast_bf16(bf16, || sampler::sample(net, noise, y, schedule))?;
+    Ok(decoder.images(&x))
+}
+
+fn net_device(spec: &Spec) -> Result<Device> {
+    crate::device::parse(&spec.train.device)
+}
+
+/// The spec's `num_samples` samples for `schedule` as an ADM .npz at `path`; resumes from the
+/// part files of an interrupted call. Returns the number of images.
+pub fn write_npz(
+    spec: &Spec,
+    net: &SiT,
+    decoder: &Decoder,
+    schedule: &[f64],
+    path: &Path,
+) -> Result<usize> {
+    let n = spec.sample.num_samples;
+    let per = spec.sample.batch;
+    let batches = (n + per - 1) / per;
+    let parts = path.with_extension("parts");
+    std::fs::create_dir_all(&parts)
+        .with_context(|| format!("{}: cannot create", parts.display()))?;
+    let part = |b: i64| parts.join(format!("batch-{b:06}.npy"));
+    let todo: Vec<i64> = (0..batches).filter(|&b| !part(b).exists()).collect();
+    let bar = ProgressBar::new(n as u64).with_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} images {per_sec}",
+        )
+        .expect("a valid template"),
+    );
+    bar.set_prefix(format!("{}-NFE", schedule.len() - 1));
+    bar.set_position(((batches - todo.len() as i64) * per).min(n) as u64);
+    for b in todo {
+        let size = per.min(n - b * per);
+        let images = batch(spec, net, decoder, schedule, b as u64, size)?;
+        write_u8_npy(&part(b), &images)?;
+        bar.inc(size as u64);
+    }
+    bar.finish_and_clear();
+    assemble(&parts, batches, n, spec.model.num_classes, path)?;
+    std::fs::remove_dir_all(&parts).ok();
+    Ok(n as usize)
+}
+
+/// Writes uint8 `images` as a .npy, through a temporary name.
+fn write_u8_npy(path: &Path, images: &Tensor) -> Result<()> {
+    let shape: Vec<usize> = images.size().iter().map(|&d| d as usize).collect();
+    let data = images.to_device(Device::Cpu).contiguous();
+    let mut bytes = vec![0u8; data.numel()];
+    data.copy_data_u8(&mut bytes, data.numel());
+    let tmp = path.with_extension("npy.tmp");
+    std::fs::write(&tmp, data::npy::encode("|u1", &shape, &bytes))
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename", path.display()))
+}
+
+/// Streams the part files into one stored (uncompressed, zip64 when large) .npz.
+fn assemble(parts: &Path, batches: i64, n: i64, classes: i64, path: &Path) -> Result<()> {
+    let mut image_shape: Option<Vec<usize>> = None;
+    for b in 0..batches {
+        let file = parts.join(format!("batch-{b:06}.npy"));
+        let header = read_header(&file)?;
+        let shape = image_shape.get_or_insert_with(|| header.shape[1..].to_vec());
+        // uint8 has no byte order: numpy writes |u1, some writers <u1.
+        let bytes = header.descr == "|u1" || header.descr == "<u1";
+        if !bytes || header.shape[1..] != shape[..] {
+            bail!(
+                "{}: not a part of this sample batch (remove {} and sample again)",
+                file.display(),
+                parts.display()
+            );
+        }
+    }
+    let shape = image_shape.context("no samples to write")?;
+    let tmp = path.with_extension("npz.tmp");
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
+    let options = zip::write::FileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(true);
+    zip.start_file("arr_0.npy", options)?;
+    let full: Vec<usize> = std::iter::once(n as usize).chain(shape).collect();
+    zip.write_all(&data::npy::encode("|u1", &full, &[]))?;
+    for b in 0..batches {
+        let file = parts.join(format!("batch-{b:06}.npy"));
+        let skip = read_header(&file)?.data_offset;
+        let mut f = std::fs::File::open(&file)?;
+        std::io::copy(
+            &mut std::io::Read::by_ref(&mut f).take(skip as u64),
+            &mut std::io::sink(),
+        )?;
+        std::io::copy(&mut f, &mut zip)?;
+    }
+    zip.start_file("arr_1.npy", options)?;
+    let labels: Vec<u8> = (0..n).flat_map(|i| (i % classes).to_le_bytes()).collect();
+    zip.write_all(&data::npy::encode("<i8", &[n as usize], &labels))?;
+    zip.finish()?
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("{}: cannot rename into place", path.display()))
+}
+
+/// The parsed header of a .npy file (its data starts at `data_offset`).
+fn read_header(file: &Path) -> Result<data::npy::Header> {
+    let mut f =
+        std::fs::File::open(file).with_context(|| format!("{}: cannot open", file.display()))?;
+    let mut head = vec![0u8; 12];
+    f.read_exact(&mut head)
+        .with_context(|| format!("{}: truncated", file.display()))?;
+    let (start, len) = data::npy::header_len(&head)?;
+    head.resize(start + len, 0);
+    f.read_exact(&mut head[12..])
+        .with_context(|| format!("{}: truncated", file.display()))?;
+    data::npy::parse_header(&head).with_context(|| format!("{}", file.display()))
+}

@@ -1,0 +1,115 @@
+//! The sample stage: any batch can be regenerated from its seed alone, an interrupted call
+//! resumes from its part files to the same bytes, and numpy reads the .npz as ADM's format.
+use meanflow_repro::eval::npz::Npz;
+use meanflow_repro::sample::{self, Decoder};
+use meanflow_repro::spec::Spec;
+use meanflow_repro::train::run::Networks;
+use std::path::PathBuf;
+use tch::Tensor;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mfr-sample-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn spec() -> Spec {
+    Spec::parse(
+        r#"
+[experiment]
+name = "s"
+[model]
+preset = "micro/2"
+input_size = 8
+in_channels = 1
+num_classes = 10
+[train]
+data = "digits"
+precision = "f32"
+device = "cpu"
+[sample]
+num_samples = 25
+batch = 10
+"#,
+        "test",
+    )
+    .unwrap()
+}
+
+fn read_all(path: &std::path::Path) -> Tensor {
+    let mut npz = Npz::open(path).unwrap();
+    let mut images = npz.images("arr_0").unwrap();
+    let mut out = Vec::new();
+    while let Some(b) = images.next_batch(7).unwrap() {
+        out.push(b);
+    }
+    Tensor::cat(&out, 0)
+}
+
+#[test]
+fn a_batch_regenerated_alone_equals_its_slice_and_a_resumed_call_the_whole() {
+    let spec = spec();
+    let nets = Networks::new(&spec).unwrap();
+    let dir = temp_dir("determinism");
+    let whole = dir.join("whole.npz");
+    assert_eq!(
+        sample::write_npz(&spec, &nets.ema, &Decoder::Pixels, &[1.0, 0.0], &whole).unwrap(),
+        25
+    );
+    let all = read_all(&whole);
+    assert_eq!(all.size(), [25, 8, 8, 3]);
+    // Batch 1 (images 10..20) alone, after other draws moved torch's generator.
+    let _ = Tensor::randn([100], tch::kind::FLOAT_CPU);
+    let one = sample::batch(&spec, &nets.ema, &Decoder::Pixels, &[1.0, 0.0], 1, 10).unwrap();
+    assert!(one.equal(&all.narrow(0, 10, 10)));
+    assert!(
+        !one.equal(&all.narrow(0, 0, 10)),
+        "batches draw different noise"
+    );
+
+    // An interrupted call: the part files of batches 0 and 2 exist, no .npz yet.
+    let resumed = dir.join("resumed.npz");
+    let parts = resumed.with_extension("parts");
+    std::fs::create_dir_all(&parts).unwrap();
+    for (b, n) in [(0u64, 10i64), (2, 5)] {
+        let images = sample::batch(&spec, &nets.ema, &Decoder::Pixels, &[1.0, 0.0], b, n).unwrap();
+        images
+            .write_npy(parts.join(format!("batch-{b:06}.npy")))
+            .unwrap();
+    }
+    sample::write_npz(&spec, &nets.ema, &Decoder::Pixels, &[1.0, 0.0], &resumed).unwrap();
+    assert!(read_all(&resumed).equal(&all));
+    assert!(
+        !parts.exists(),
+        "the parts are removed once the .npz is whole"
+    );
+}
+
+#[test]
+fn numpy_reads_the_images_and_the_balanced_labels() {
+    let spec = spec();
+    let nets = Networks::new(&spec).unwrap();
+    let path = temp_dir("numpy").join("s.npz");
+    sample::write_npz(&spec, &nets.ema, &Decoder::Pixels, &[1.0, 0.5, 0.0], &path).unwrap();
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let out = std::process::Command::new(python)
+        .args([
+            "-c",
+            "import numpy as np, sys; f = np.load(sys.argv[1]); a, y = f['arr_0'], f['arr_1']; \
+             print(a.shape, a.dtype, y.dtype, list(y[:12]), a.min() >= 0, int(a.std() > 0))",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .expect("the project's .venv python (make setup)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.trim(),
+        "(25, 8, 8, 3) uint8 int64 [np.int64(0), np.int64(1), np.int64(2), np.int64(3), np.int64(4), np.int64(5), np.int64(6), np.int64(7), np.int64(8), np.int64(9), np.int64(0), np.int64(1)] True 1"
+    );
+}
