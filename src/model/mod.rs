@@ -4,6 +4,7 @@ pub mod embed;
 pub mod flow;
 pub mod inception;
 pub mod sit;
+pub mod vae;
 
 pub use attention::AttentionKernel;
 pub use flow::{Dual, Flow};
