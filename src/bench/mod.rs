@@ -2,10 +2,11 @@
 //! here, never in tests.
 use crate::device;
 use crate::meanflow::{meanflow_loss, Draw, JvpMethod, MeanFlowConfig};
+use crate::model::vae::{to_uint8_nhwc, AutoencoderKl, VaeConfig, SCALING_FACTOR};
 use crate::model::{AttentionKernel, SiT, SiTConfig};
 use crate::spec::{MeanFlowSection, Precision, TrainSection};
 use crate::train;
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
@@ -284,7 +285,12 @@ fn throughput(
     })
 }
 
-/// 1-NFE sampling of latents (no VAE decode) with random weights.
+/// Images decoded at once by the sample bench: bounds the decoder's full-resolution activations
+/// (128 channels at 256 x 256, 32 MiB per image in float32) whatever `--batch` is.
+const DECODE_CHUNK: i64 = 64;
+
+/// 1-NFE sampling of latents with random weights; with `decode`, also the SD-VAE decode (random
+/// weights, float32, in chunks of [`DECODE_CHUNK`]) and the conversion to uint8 NHWC images.
 pub fn sample(
     model: &str,
     batch: i64,
@@ -292,12 +298,23 @@ pub fn sample(
     dev: Device,
     warmup: usize,
     batches: usize,
+    decode: bool,
 ) -> Result<ThroughputResult> {
     let config = preset(model)?;
     let mut vs = nn::VarStore::new(dev);
     let net = SiT::new(&vs.root(), &config);
     train::prepare_precision(&mut vs, precision, dev)?;
     randomise(&vs, 0.02);
+    let vae_config = VaeConfig::sd();
+    if decode && config.in_channels != vae_config.latent_channels {
+        bail!(
+            "{model} has {} latent channels, the SD-VAE decodes {}",
+            config.in_channels,
+            vae_config.latent_channels
+        );
+    }
+    let vae_vs = nn::VarStore::new(dev);
+    let vae = decode.then(|| AutoencoderKl::new(&vae_vs.root(), &vae_config));
     let kind = train::input_kind(precision);
     let e = Tensor::randn(
         [
@@ -310,20 +327,23 @@ pub fn sample(
     );
     let labels = Tensor::randint(config.num_classes, [batch], (Kind::Int64, dev));
     let seconds = time_batches(dev, warmup, batches, || {
-        device::autocast_bf16(precision == Precision::Bf16, || {
+        let z = device::autocast_bf16(precision == Precision::Bf16, || {
             crate::meanflow::sampler::sample(&net, &e, &labels, &[1.0, 0.0])
-        })
-        .map(drop)
+        })?;
+        if let Some(vae) = &vae {
+            for chunk in (z / SCALING_FACTOR).split(DECODE_CHUNK, 0) {
+                drop(to_uint8_nhwc(&vae.decode(&chunk)));
+            }
+        }
+        Ok(())
     })?;
-    throughput(
-        format!("1-NFE sampling, {model} (latents only)"),
-        batch,
-        precision,
-        dev,
-        warmup,
-        batches,
-        seconds,
-    )
+    let what = if decode {
+        let side = config.input_size * vae_config.downscale();
+        format!("1-NFE sampling, {model}, then SD-VAE decode to {side} x {side} uint8 images (decode in float32)")
+    } else {
+        format!("1-NFE sampling, {model} (latents only)")
+    };
+    throughput(what, batch, precision, dev, warmup, batches, seconds)
 }
 
 /// Inception features (pool_3 and sFID's) of random 256 x 256 uint8 images, random weights.
