@@ -46,6 +46,24 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// ImageNet's train folder (class folders of JPEGs) -> SD-VAE latents in the layout the
+    /// trainer reads: ADM centre crop, encode, (mean, std) per image; resumable.
+    PrepareImagenet {
+        train_dir: PathBuf,
+        out_dir: PathBuf,
+        /// The SD-VAE: an asset name (fetched into the cache) or a diffusers safetensors file.
+        #[arg(long, default_value = "sd-vae-ft-mse")]
+        vae: String,
+        #[arg(long, default_value_t = 256)]
+        size: u32,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Only the first N images (a trial run).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Render reports/<experiment>/ (index.html, report.md, plots, grids) from
     /// results/<experiment> or one run directory.
     Report {
@@ -255,6 +273,33 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train { run } => run.go(false, Some("train")),
         Command::Sample { run } => run.go(false, Some("sample")),
         Command::Check { spec, sets } => runs::preflight(&spec, &sets),
+        Command::PrepareImagenet {
+            train_dir,
+            out_dir,
+            vae,
+            size,
+            batch,
+            device,
+            limit,
+        } => {
+            use meanflow_repro::data::prepare;
+            use meanflow_repro::model::vae as sdvae;
+            let dev = device::parse(&device)?;
+            let weights = meanflow_repro::sample::vae_weights(&vae)?;
+            let (_vs, net) = sdvae::load(&weights, &sdvae::VaeConfig::sd(), dev)?;
+            let opts = prepare::Options {
+                size,
+                batch,
+                device: dev,
+                limit,
+            };
+            let n = prepare::prepare(&train_dir, &out_dir, &net, &opts)?;
+            println!(
+                "{n} images encoded under {}",
+                out_dir.join("vae-sd").display()
+            );
+            Ok(())
+        }
         Command::Report { path, out } => {
             let out = report::render::report(
                 &path,

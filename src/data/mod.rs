@@ -3,6 +3,7 @@
 pub mod digits;
 pub mod latents;
 pub mod npy;
+pub mod prepare;
 
 use anyhow::{bail, Result};
 use std::path::Path;

@@ -1,0 +1,283 @@
+//! `mfr prepare-imagenet TRAIN_DIR OUT_DIR`: ImageNet's class folders -> the latent layout the
+//! trainer reads (latents.rs). Each image gets ADM's centre crop to `size` (guided-diffusion's
+//! center_crop_arr: box-filter halving while the short side is at least twice the target, a
+//! bicubic resize of the short side to the target, the centre square), is encoded by the SD-VAE,
+//! and its posterior (mean, std) is stored as one (8, size/8, size/8) float32 .npy. Labels follow
+//! the sorted class-folder order (torchvision's ImageFolder, as ADM and REPA use). Every file is
+//! written through a temporary name and skipped when present, so an interrupted run continues;
+//! dataset.json is written last.
+use super::npy;
+use crate::model::vae::AutoencoderKl;
+use anyhow::{bail, Context, Result};
+use image::RgbImage;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+pub struct Options {
+    /// Side of the square crop (256 for ImageNet 256).
+    pub size: u32,
+    pub batch: usize,
+    pub device: Device,
+    /// Only the first N images (in label order): trials and tests.
+    pub limit: Option<usize>,
+}
+
+/// (relative file name in vae-sd/, label) of global index `idx`, as the REPA layout names it.
+fn latent_name(idx: usize) -> String {
+    let id = format!("{idx:08}");
+    format!("{}/img-mean-std-{id}.npy", &id[..5])
+}
+
+const IMAGE_EXTENSIONS: [&str; 5] = ["jpeg", "jpg", "png", "JPEG", "JPG"];
+
+/// Every image under `train`'s class folders, sorted, with the class index of its folder.
+pub fn list_images(train: &Path) -> Result<Vec<(PathBuf, i64)>> {
+    let mut classes: Vec<PathBuf> = std::fs::read_dir(train)
+        .with_context(|| format!("{}: cannot read the ImageNet train folder", train.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    classes.sort();
+    if classes.is_empty() {
+        bail!(
+            "{}: no class folders (expected train/n01440764/*.JPEG ...)",
+            train.display()
+        );
+    }
+    let mut out = Vec::new();
+    for (label, dir) in classes.iter().enumerate() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e == *x))
+            })
+            .collect();
+        files.sort();
+        out.extend(files.into_iter().map(|f| (f, label as i64)));
+    }
+    Ok(out)
+}
+
+/// The two resampling filters of ADM's crop, as PIL defines them.
+#[derive(Clone, Copy)]
+enum Filter {
+    Box,
+    Bicubic,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Box => 0.5,
+            Filter::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Filter::Box => f64::from(u8::from(x > -0.5 && x <= 0.5)),
+            Filter::Bicubic => {
+                // Keys' cubic with a = -0.5.
+                let (a, x) = (-0.5, x.abs());
+                if x < 1.0 {
+                    ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * a
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+/// PIL's fixed-point precision for 8-bit resampling.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// PIL's taps for resampling `n_in` pixels to `n_out`: (first input pixel, fixed-point weights).
+fn taps(n_in: usize, n_out: usize, filter: Filter) -> Vec<(usize, Vec<i64>)> {
+    let scale = n_in as f64 / n_out as f64;
+    let filter_scale = scale.max(1.0);
+    let support = filter.support() * filter_scale;
+    (0..n_out)
+        .map(|o| {
+            let center = (o as f64 + 0.5) * scale;
+            let lo = ((center - support + 0.5) as i64).max(0) as usize;
+            let hi = ((center + support + 0.5) as i64).min(n_in as i64) as usize;
+            let w: Vec<f64> = (lo..hi)
+                .map(|i| filter.weight((i as f64 - center + 0.5) / filter_scale))
+                .collect();
+            let total: f64 = w.iter().sum();
+            let one = f64::from(1u32 << PRECISION_BITS);
+            let fixed = w
+                .iter()
+                .map(|&k| {
+                    let k = if total != 0.0 { k / total } else { k };
+                    if k < 0.0 {
+                        (-0.5 + k * one) as i64
+                    } else {
+                        (0.5 + k * one) as i64
+                    }
+                })
+                .collect();
+            (lo, fixed)
+        })
+        .collect()
+}
+
+/// One separable pass: `lines` lines of `n_in` RGB pixels into `n_out` pixels each, along rows
+/// (horizontal) or along columns (vertical) of a row-major image.
+fn pass(
+    src: &[u8],
+    n_in: usize,
+    n_out: usize,
+    lines: usize,
+    filter: Filter,
+    along_rows: bool,
+) -> Vec<u8> {
+    let taps = taps(n_in, n_out, filter);
+    let mut out = vec![0u8; n_out * lines * 3];
+    // Pixel index of (position along the axis, line) in the source and the output.
+    let at = |pos: usize, line: usize, n: usize| {
+        if along_rows {
+            line * n + pos
+        } else {
+            pos * lines + line
+        }
+    };
+    for line in 0..lines {
+        for (o, (first, weights)) in taps.iter().enumerate() {
+            for c in 0..3 {
+                let acc: i64 = weights
+                    .iter()
+                    .enumerate()
+                    .map(|(k, w)| w * i64::from(src[at(first + k, line, n_in) * 3 + c]))
+                    .sum::<i64>()
+                    + (1 << (PRECISION_BITS - 1));
+                out[at(o, line, n_out) * 3 + c] = (acc >> PRECISION_BITS).clamp(0, 255) as u8;
+            }
+        }
+    }
+    out
+}
+
+/// PIL's `Image.resize((w, h), filter)` for 8-bit RGB: the horizontal pass, then the vertical
+/// one, each in PIL's fixed point with rounding to 8 bits in between; bit-exact with Pillow.
+fn resize(img: &RgbImage, w: u32, h: u32, filter: Filter) -> RgbImage {
+    let (w0, h0) = (img.width() as usize, img.height() as usize);
+    let mut data = img.as_raw().clone();
+    if w as usize != w0 {
+        data = pass(&data, w0, w as usize, h0, filter, true);
+    }
+    if h as usize != h0 {
+        data = pass(&data, h0, h as usize, w as usize, filter, false);
+    }
+    RgbImage::from_raw(w, h, data).expect("the buffer has w * h * 3 bytes")
+}
+
+/// ADM's centre crop of `img` to `size` x `size`.
+pub fn center_crop(mut img: RgbImage, size: u32) -> RgbImage {
+    while img.width().min(img.height()) >= 2 * size {
+        img = resize(&img, img.width() / 2, img.height() / 2, Filter::Box);
+    }
+    let scale = size as f64 / img.width().min(img.height()) as f64;
+    let (w, h) = (
+        // Python's round(): ties to even.
+        (img.width() as f64 * scale).round_ties_even() as u32,
+        (img.height() as f64 * scale).round_ties_even() as u32,
+    );
+    let img = resize(&img, w, h, Filter::Bicubic);
+    image::imageops::crop_imm(&img, (w - size) / 2, (h - size) / 2, size, size).to_image()
+}
+
+fn load_crop(path: &Path, size: u32) -> Result<RgbImage> {
+    let img = image::open(path)
+        .with_context(|| format!("{}: not a readable image", path.display()))?
+        .to_rgb8();
+    Ok(center_crop(img, size))
+}
+
+/// Encodes every image of `train` not yet in `out`, then writes out/vae-sd/dataset.json.
+pub fn prepare(train: &Path, out: &Path, vae: &AutoencoderKl, opts: &Options) -> Result<usize> {
+    let mut images = list_images(train)?;
+    if let Some(n) = opts.limit {
+        images.truncate(n);
+    }
+    let root = out.join("vae-sd");
+    let todo: Vec<usize> = (0..images.len())
+        .filter(|&i| !root.join(latent_name(i)).exists())
+        .collect();
+    let bar = ProgressBar::new(images.len() as u64).with_style(
+        ProgressStyle::with_template(
+            "encode [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} images {per_sec}",
+        )
+        .expect("a valid template"),
+    );
+    bar.set_position((images.len() - todo.len()) as u64);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for chunk in todo.chunks(opts.batch.max(1)) {
+        // Decode and crop in parallel: on a GPU machine JPEG decoding is the slow part.
+        let per = chunk.len().div_ceil(threads);
+        let crops: Vec<Result<RgbImage>> = std::thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .chunks(per)
+                .map(|part| {
+                    let images = &images;
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|&i| load_crop(&images[i].0, opts.size))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("a decoding thread panicked"))
+                .collect()
+        });
+        let crops = crops.into_iter().collect::<Result<Vec<_>>>()?;
+        let side = opts.size as i64;
+        let bytes: Vec<u8> = crops
+            .iter()
+            .flat_map(|c| c.as_raw().iter().copied())
+            .collect();
+        let x = Tensor::from_slice(&bytes)
+            .view([chunk.len() as i64, side, side, 3])
+            .to_device(opts.device)
+            .permute([0, 3, 1, 2])
+            .to_kind(Kind::Float)
+            / 127.5
+            - 1.0;
+        let (mean, std) = vae.encode(&x);
+        let moments = Tensor::cat(&[mean, std], 1)
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu)
+            .contiguous();
+        let shape: Vec<usize> = moments.size()[1..].iter().map(|&d| d as usize).collect();
+        for (k, &i) in chunk.iter().enumerate() {
+            let values = Vec::<f32>::try_from(moments.get(k as i64).reshape([-1]))?;
+            let file = root.join(latent_name(i));
+            std::fs::create_dir_all(file.parent().expect("a folder"))?;
+            let tmp = file.with_extension("npy.tmp");
+            npy::write_f32(&tmp, &shape, &values)?;
+            std::fs::rename(&tmp, &file)
+                .with_context(|| format!("{}: cannot rename into place", file.display()))?;
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let labels: Vec<serde_json::Value> = images
+        .iter()
+        .enumerate()
+        .map(|(i, (_, label))| serde_json::json!([latent_name(i), label]))
+        .collect();
+    let index = root.join("dataset.json");
+    let tmp = index.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::json!({ "labels": labels }).to_string())?;
+    std::fs::rename(&tmp, &index)?;
+    Ok(images.len())
+}

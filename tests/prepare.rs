@@ -1,0 +1,177 @@
+//! `mfr prepare-imagenet`: ADM's centre crop against PIL (the library ADM crops with), the
+//! latent layout the trainer reads, and a resumed run that only encodes what is missing.
+use meanflow_repro::data::latents::Latents;
+use meanflow_repro::data::prepare::{center_crop, prepare, Options};
+use meanflow_repro::data::Dataset;
+use meanflow_repro::model::vae::{AutoencoderKl, VaeConfig};
+use std::path::{Path, PathBuf};
+use tch::{nn, Device, Kind, Tensor};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mfr-prepare-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn python() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+}
+
+/// A photo that ships with scikit-learn (427 x 640), converted to PNG by PIL so both sides
+/// start from the same pixels (JPEG decoders differ in their last bits).
+fn photo(dir: &Path) -> PathBuf {
+    let jpg = meanflow_repro::site::package_file("sklearn/datasets/images/china.jpg")
+        .expect("scikit-learn's sample photos (make setup)");
+    let png = dir.join("china.png");
+    let status = std::process::Command::new(python())
+        .args([
+            "-c",
+            "import sys; from PIL import Image; Image.open(sys.argv[1]).convert('RGB').save(sys.argv[2])",
+            jpg.to_str().unwrap(),
+            png.to_str().unwrap(),
+        ])
+        .status()
+        .expect("the project's .venv python (make setup)");
+    assert!(status.success());
+    png
+}
+
+#[test]
+fn the_centre_crop_matches_pil_box_halving_then_bicubic() {
+    let dir = temp_dir("crop");
+    let png = photo(&dir);
+    for size in [256u32, 64] {
+        let raw = dir.join(format!("pil-{size}.raw"));
+        // ADM's recipe in PIL: halve with BOX while the short side >= 2 * size, BICUBIC-resize
+        // the short side to size (rounding the other), take the centre square.
+        let script = "import sys; import numpy as np; from PIL import Image
+im = Image.open(sys.argv[1]).convert('RGB'); s = int(sys.argv[2])
+while min(im.size) >= 2 * s:
+    im = im.resize((im.size[0] // 2, im.size[1] // 2), resample=Image.BOX)
+k = s / min(im.size)
+im = im.resize((round(im.size[0] * k), round(im.size[1] * k)), resample=Image.BICUBIC)
+a = np.asarray(im); y = (a.shape[0] - s) // 2; x = (a.shape[1] - s) // 2
+open(sys.argv[3], 'wb').write(np.ascontiguousarray(a[y:y + s, x:x + s]).tobytes())";
+        let status = std::process::Command::new(python())
+            .args([
+                "-c",
+                script,
+                png.to_str().unwrap(),
+                &size.to_string(),
+                raw.to_str().unwrap(),
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let pil = std::fs::read(&raw).unwrap();
+        let ours = center_crop(image::open(&png).unwrap().to_rgb8(), size).into_raw();
+        assert_eq!(ours.len(), pil.len());
+        let diffs: Vec<i32> = ours
+            .iter()
+            .zip(&pil)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .collect();
+        let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
+        let max = *diffs.iter().max().unwrap();
+        // Our resampler follows Pillow's fixed-point arithmetic, so the crop is bit-exact.
+        assert_eq!(max, 0, "size {size}: mean |diff| {mean}, max {max}");
+    }
+}
+
+fn tiny_tree(root: &Path) {
+    for (class, sizes) in [
+        ("n0002", [(70u32, 50u32), (40, 90)]),
+        ("n0001", [(64, 64), (100, 33)]),
+    ] {
+        let dir = root.join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, (w, h)) in sizes.into_iter().enumerate() {
+            let img = image::RgbImage::from_fn(w, h, |x, y| {
+                image::Rgb([(x * 3 + y) as u8, (y * 5) as u8, ((x * y) % 251) as u8])
+            });
+            img.save(dir.join(format!("img{i}.png"))).unwrap();
+        }
+    }
+}
+
+#[test]
+fn latents_land_in_the_trainer_layout_and_a_resumed_run_encodes_only_what_is_missing() {
+    let dir = temp_dir("layout");
+    tiny_tree(&dir.join("train"));
+    tch::manual_seed(3);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vae = AutoencoderKl::new(&vs.root(), &VaeConfig::tiny());
+    let opts = Options {
+        size: 32,
+        batch: 3,
+        device: Device::Cpu,
+        limit: None,
+    };
+    let out = dir.join("latents");
+    assert_eq!(prepare(&dir.join("train"), &out, &vae, &opts).unwrap(), 4);
+
+    let ds = Latents::open(&out).unwrap();
+    assert_eq!(ds.len(), 4);
+    assert_eq!(ds.stored_shape(), [8, 4, 4]);
+    let mut stored = vec![0f32; 8 * 16];
+    // Sorted class folders: n0001 is class 0; its second image is global index 1.
+    assert_eq!(ds.read(1, &mut stored).unwrap(), 0);
+    assert_eq!(ds.read(2, &mut stored.clone()).unwrap(), 1);
+    let crop = center_crop(
+        image::open(dir.join("train/n0001/img1.png"))
+            .unwrap()
+            .to_rgb8(),
+        32,
+    );
+    let x = Tensor::from_slice(crop.as_raw())
+        .view([1, 32, 32, 3])
+        .permute([0, 3, 1, 2])
+        .to_kind(Kind::Float)
+        / 127.5
+        - 1.0;
+    let (mean, std) = vae.encode(&x);
+    let expected = Vec::<f32>::try_from(Tensor::cat(&[mean, std], 1).reshape([-1])).unwrap();
+    // The same network on the same crop; batch composition may change the last bit.
+    let worst = stored
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-5,
+        "stored latents differ from a direct encode by {worst}"
+    );
+
+    // Interrupted after three images: the fourth file and the index are missing.
+    let last = out.join("vae-sd/00000/img-mean-std-00000003.npy");
+    let before = std::fs::read(&last).unwrap();
+    let first = out.join("vae-sd/00000/img-mean-std-00000000.npy");
+    let first_time = std::fs::metadata(&first).unwrap().modified().unwrap();
+    std::fs::remove_file(&last).unwrap();
+    std::fs::remove_file(out.join("vae-sd/dataset.json")).unwrap();
+    assert_eq!(prepare(&dir.join("train"), &out, &vae, &opts).unwrap(), 4);
+    assert_eq!(std::fs::read(&last).unwrap(), before);
+    assert_eq!(
+        std::fs::metadata(&first).unwrap().modified().unwrap(),
+        first_time
+    );
+    assert_eq!(Latents::open(&out).unwrap().len(), 4);
+}
+
+#[test]
+fn a_folder_without_classes_is_named() {
+    let dir = temp_dir("empty");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vae = AutoencoderKl::new(&vs.root(), &VaeConfig::tiny());
+    let opts = Options {
+        size: 32,
+        batch: 3,
+        device: Device::Cpu,
+        limit: None,
+    };
+    let err = prepare(&dir, &dir.join("out"), &vae, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no class folders"), "{err}");
+}
