@@ -261,11 +261,8 @@ where
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(n)
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            bars.get(i).map_or(String::new(), |b| b.label.clone())
-        })
+        // The bar labels are drawn below each pair instead (see the end).
+        .x_label_formatter(&|_| String::new())
         .y_desc("FID")
         .label_style(("sans-serif", 11))
         .draw()
@@ -318,6 +315,17 @@ where
         .label_font(("sans-serif", 11))
         .draw()
         .map_err(plot_err)?;
+    let style = ("sans-serif", 12).into_font().into_text_style(&root).pos(
+        plotters::style::text_anchor::Pos::new(
+            plotters::style::text_anchor::HPos::Center,
+            plotters::style::text_anchor::VPos::Top,
+        ),
+    );
+    for (i, b) in bars.iter().enumerate() {
+        let (x, y) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
+        root.draw(&Text::new(b.label.clone(), (x, y + 10), style.clone()))
+            .map_err(plot_err)?;
+    }
     root.present().map_err(plot_err)?;
     Ok(())
 }

@@ -129,8 +129,17 @@ pub fn verdict(
 pub fn comparison(runs: &[RunResult], paper: &Paper) -> Result<DataFrame> {
     let mut cols: (Vec<String>, Vec<String>, Vec<String>, Vec<i64>) = Default::default();
     let (mut paper_v, mut ours, mut delta, mut verdicts) = (vec![], vec![], vec![], vec![]);
+    let mut order = Vec::new();
     for run in runs {
         for row in paper.rows_for(&run.spec.paper.rows, &run.spec)? {
+            order.push(
+                run.spec
+                    .paper
+                    .rows
+                    .iter()
+                    .position(|id| *id == row.id)
+                    .unwrap_or(0) as i64,
+            );
             let nfe = row.nfe.unwrap_or(1);
             let got = run.fid(nfe);
             let why = row.incomparable(&run.spec);
@@ -149,7 +158,9 @@ pub fn comparison(runs: &[RunResult], paper: &Paper) -> Result<DataFrame> {
             ));
         }
     }
-    Ok(df!(
+    // In the order the spec lists its rows (the paper's order), then by run.
+    let df = df!(
+        "order" => order,
         "run" => cols.0,
         "row" => cols.1,
         "label" => cols.2,
@@ -158,7 +169,10 @@ pub fn comparison(runs: &[RunResult], paper: &Paper) -> Result<DataFrame> {
         "ours" => ours,
         "delta" => delta,
         "verdict" => verdicts,
-    )?)
+    )?;
+    Ok(df
+        .sort(["order", "run"], SortMultipleOptions::default())?
+        .drop("order")?)
 }
 
 fn row_label(row: &Row) -> String {
