@@ -3,7 +3,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use meanflow_repro::eval::evaluator;
 use meanflow_repro::meanflow::JvpMethod;
-use meanflow_repro::{assets, bench, device, runs, spec::Precision, spec::Spec};
+use meanflow_repro::{assets, bench, device, dist, runs, spec::Precision, spec::Spec};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -35,6 +35,38 @@ enum Command {
         /// Where run directories go (default: $MFR_RESULTS or ./results).
         #[arg(long)]
         results: Option<PathBuf>,
+    },
+    /// Only the train stage of a spec's runs (as `run`, for use under torchrun or srun).
+    Train {
+        spec: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Continue unfinished runs from their newest checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Where run directories go (default: $MFR_RESULTS or ./results).
+        #[arg(long)]
+        results: Option<PathBuf>,
+    },
+    /// Start N training processes on this machine (data parallel, as torchrun would), e.g.
+    /// `mfr launch --nproc 8 experiments/b4.toml --resume` (runs `mfr run ...` in each) or
+    /// `mfr launch --nproc 8 train SPEC`.
+    Launch {
+        /// Processes to start (one per GPU: rank i trains on cuda:i).
+        #[arg(long)]
+        nproc: usize,
+        /// MASTER_PORT of the rendezvous (default: a free port).
+        #[arg(long)]
+        master_port: Option<u16>,
+        /// Seconds a rank waits for the others before failing (MFR_DIST_TIMEOUT; default 1800).
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// Seconds the other ranks get to stop on their own after one fails, before SIGTERM.
+        #[arg(long, default_value_t = 30)]
+        grace: u64,
+        /// `run SPEC [OPTIONS]`, `train SPEC [OPTIONS]`, or `SPEC [OPTIONS]` (= run).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
     },
     /// Download an asset of the manifest into the cache, its sha256 checked (no NAME: list them).
     Fetch {
@@ -208,8 +240,41 @@ fn run(cli: Cli) -> Result<()> {
                 results: results.unwrap_or_else(runs::default_results),
                 dry_run,
                 resume,
+                train_only: false,
             };
             runs::run(&spec, &sets, &opts)
+        }
+        Command::Train {
+            spec,
+            sets,
+            resume,
+            results,
+        } => {
+            let opts = runs::Options {
+                results: results.unwrap_or_else(runs::default_results),
+                dry_run: false,
+                resume,
+                train_only: true,
+            };
+            runs::run(&spec, &sets, &opts)
+        }
+        Command::Launch {
+            nproc,
+            master_port,
+            timeout,
+            grace,
+            mut args,
+        } => {
+            if !matches!(args[0].as_str(), "run" | "train") {
+                args.insert(0, "run".to_owned());
+            }
+            let opts = dist::launch::Options {
+                nproc,
+                port: master_port,
+                timeout,
+                grace: std::time::Duration::from_secs(grace),
+            };
+            dist::launch::launch(&opts, &args)
         }
         Command::Bench {
             what:

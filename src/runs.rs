@@ -2,6 +2,7 @@
 //! results/<experiment>/<run>/, each going through its stages (train, sample, curves). A stage
 //! whose outputs are present for unchanged inputs is skipped, so any run can be rerun or resumed.
 use crate::data::{self, Dataset};
+use crate::dist::World;
 use crate::meanflow::sampler;
 use crate::report;
 use crate::spec::Spec;
@@ -17,7 +18,12 @@ pub struct Options {
     pub results: PathBuf,
     pub dry_run: bool,
     pub resume: bool,
+    /// Only the train stage (`mfr train`).
+    pub train_only: bool,
 }
+
+/// The stages of a run, in order.
+const STAGES: [&str; 4] = ["train", "sample", "evaluate", "curves"];
 
 /// Results root: $MFR_RESULTS or ./results.
 pub fn default_results() -> PathBuf {
@@ -36,16 +42,38 @@ struct Stage {
     status: Status,
 }
 
+/// Runs the spec's runs: alone, or as one rank of the training processes a launcher started
+/// (torchrun, srun or `mfr launch`). Then every rank trains; rank 0 alone prints, prepares run
+/// directories and runs the other stages while the rest wait.
 pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
     let spec = Spec::load_with(spec_path, sets)?;
+    let world = if opts.dry_run {
+        World::single()
+    } else {
+        World::from_env(crate::device::parse(&spec.train.device)?)?
+    };
+    let out = run_in(&spec, spec_path, opts, &world);
+    if world.size > 1 {
+        return out.with_context(|| format!("rank {} of {}", world.rank, world.size));
+    }
+    out
+}
+
+fn run_in(spec: &Spec, spec_path: &Path, opts: &Options, world: &World) -> Result<()> {
+    let main = world.is_main();
     let points = spec.points(&spec_path.display().to_string())?;
     let exp_dir = opts.results.join(&spec.experiment.name);
-    println!(
-        "{}: {} run(s) under {}",
-        spec_path.display(),
-        points.len(),
-        exp_dir.display()
-    );
+    if main {
+        println!(
+            "{}: {} run(s) under {}",
+            spec_path.display(),
+            points.len(),
+            exp_dir.display()
+        );
+        if world.size > 1 {
+            println!("{} training processes (this is rank 0)", world.size);
+        }
+    }
     let mut summary = BTreeMap::new();
     // Opening a dataset lists every file: once per data directory, shared by the sweep's points.
     let mut datasets: BTreeMap<String, Result<Arc<dyn Dataset>, String>> = BTreeMap::new();
@@ -55,27 +83,70 @@ pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
             .entry(point.train.data.clone())
             .or_insert_with(|| data::open(&point.train.data).map_err(|e| format!("{e:#}")))
             .clone();
-        let stages = plan(point, &dir, &ds);
-        println!("\n{name} (spec sha256 {})", &point.sha256()[..12]);
-        for s in &stages {
-            let (mark, what) = match &s.status {
-                Status::Done(w) => ("done", w),
-                Status::Todo(w) => ("todo", w),
-                Status::Waiting(w) => ("later", w),
-            };
-            println!("  {:<8} {mark:<5} {what}", s.name);
-        }
+        // Rank 0 plans and prepares; the others learn which stages are to run (bit i: STAGES[i]).
+        let plan_of = || -> Result<i64> {
+            let stages = plan(point, &dir, &ds);
+            println!("\n{name} (spec sha256 {})", &point.sha256()[..12]);
+            for s in &stages {
+                let (mark, what) = match &s.status {
+                    Status::Done(w) => ("done", w),
+                    Status::Todo(w) => ("todo", w),
+                    Status::Waiting(w) => ("later", w),
+                };
+                println!("  {:<8} {mark:<5} {what}", s.name);
+            }
+            if opts.dry_run {
+                return Ok(0);
+            }
+            let ds = ds.clone().map_err(anyhow::Error::msg)?;
+            prepare(&dir, point, opts.resume, total_steps(point, ds.as_ref()))?;
+            Ok(STAGES
+                .iter()
+                .enumerate()
+                .filter(|(_, name)| {
+                    stages.iter().any(|s| {
+                        s.name == **name
+                            && matches!(s.status, Status::Todo(_))
+                            && (!opts.train_only || s.name == "train")
+                    })
+                })
+                .map(|(i, _)| 1i64 << i)
+                .sum())
+        };
+        let planned = if main { plan_of() } else { Ok(0) };
         if opts.dry_run {
+            planned?;
             continue;
         }
+        let todo = world.share(&[*planned.as_ref().unwrap_or(&-1)], "the run's plan")?[0];
+        planned?;
+        if todo < 0 {
+            bail!(
+                "rank 0 could not prepare {}: its error is the cause",
+                dir.display()
+            );
+        }
         let ds = ds.map_err(anyhow::Error::msg)?;
-        prepare(&dir, point, opts.resume, total_steps(point, ds.as_ref()))?;
-        for s in &stages {
-            if let Status::Todo(_) = s.status {
-                execute(s.name, point, &dir, &ds)?;
+        for (i, stage) in STAGES.iter().enumerate() {
+            if todo & (1 << i) == 0 {
+                continue;
+            }
+            if *stage == "train" {
+                let trained = train::run::train_in(point, ds.clone(), &dir, world)?;
+                if main {
+                    println!("  trained: {}", trained.checkpoint.display());
+                }
+            } else {
+                if main {
+                    execute(stage, point, &dir, &ds)?;
+                }
+                world.barrier(&format!("rank 0's {stage} stage"))?;
             }
         }
         summary.insert(name.clone(), dir.clone());
+    }
+    if !main {
+        return world.barrier("the end of the run");
     }
     if opts.dry_run {
         println!("\n(dry run: nothing was run)");
@@ -126,7 +197,7 @@ pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
         serde_json::to_string_pretty(&index)? + "\n",
     )?;
     println!("\nresults: {}", exp_dir.display());
-    Ok(())
+    world.barrier("the end of the run")
 }
 
 fn total_steps(spec: &Spec, ds: &dyn Dataset) -> u64 {
@@ -286,10 +357,6 @@ pub fn differing_keys(a: &Spec, b: &Spec) -> Vec<String> {
 
 fn execute(stage: &str, spec: &Spec, dir: &Path, ds: &Arc<dyn Dataset>) -> Result<()> {
     match stage {
-        "train" => {
-            let trained = train::run::train(spec, ds.clone(), dir)?;
-            println!("  trained: {}", trained.checkpoint.display());
-        }
         "sample" => sample_grids(spec, dir, total_steps(spec, ds.as_ref()))?,
         "evaluate" => evaluate_pixels(spec, dir, ds.as_ref(), total_steps(spec, ds.as_ref()))?,
         "curves" => {

@@ -288,6 +288,7 @@ fn an_existing_run_of_another_spec_is_refused_by_key() {
         results: root.join("results"),
         dry_run: false,
         resume: false,
+        train_only: false,
     };
     write_spec("1e-3");
     runs::run(&spec_path, &[], &opts).unwrap();
