@@ -5,7 +5,7 @@ use super::checkpoint::{self, TrainState};
 use super::{ema, input_kind, optim::AdamW, prepare_precision, trainable, Part, Trainer};
 use crate::data::{self, Loader};
 use crate::device;
-use crate::dist::World;
+use crate::dist::{Group, World};
 use crate::model::SiT;
 use crate::spec::Spec;
 use anyhow::{bail, Context, Result};
@@ -323,6 +323,9 @@ pub fn train_in(
         }
         bar.set_position(done);
         if save {
+            if let Some(group) = world.group() {
+                check_replicas(group, &vs, done)?;
+            }
             let path = ckpt_dir.join(checkpoint::file_name(done));
             if let Some(ema_vs) = ema_vs {
                 let state = TrainState {
@@ -350,10 +353,42 @@ pub fn train_in(
         }
     }
     bar.finish();
+    if main && world.size > 1 {
+        println!(
+            "  all {} ranks held the same weights at every checkpoint",
+            world.size
+        );
+    }
     Ok(Trained {
         steps: total,
         checkpoint: last_saved.expect("the last step saves"),
     })
+}
+
+/// Every rank must hold the same weights (all applied the same averaged gradients): compared at
+/// each checkpoint through a fingerprint, the sums of the weights and of their squares in f64,
+/// which only identical weights give bit for bit.
+fn check_replicas(group: &Group, vs: &nn::VarStore, step: u64) -> Result<()> {
+    let fingerprint = tch::no_grad(|| {
+        let parts: Vec<Tensor> = sorted(vs)
+            .iter()
+            .map(|(_, v)| {
+                let v = v.to_kind(Kind::Double);
+                Tensor::stack(&[v.sum(Kind::Double), v.square().sum(Kind::Double)], 0)
+            })
+            .collect();
+        Tensor::stack(&parts, 0).sum_dim_intlist([0].as_slice(), true, Kind::Double)
+    });
+    let all = group.all_gather(&fingerprint, "weight fingerprints")?;
+    let all: Vec<Vec<f64>> = Vec::try_from(&all.to_device(tch::Device::Cpu))?;
+    if let Some(rank) = all.iter().position(|f| f != &all[0]) {
+        bail!(
+            "after step {step}, rank {rank} holds other weights than rank 0 (fingerprints {:?} and {:?}): the replicas diverged",
+            all[rank],
+            all[0]
+        );
+    }
+    Ok(())
 }
 
 /// A store's variables sorted by name (the checkpoint's and the broadcast's order).
