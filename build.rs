@@ -77,10 +77,18 @@ fn main() {
         )
         .expect("OUT_DIR is writable");
     }
+    // NCCL for a libtorch with CUDA whose headers we find; none for a CPU-only libtorch.
     let nccl = if lib.join("libtorch_cuda.so").exists() {
-        nccl_includes(&root)
+        match nccl_includes(&root) {
+            Ok(dirs) => Some(dirs),
+            Err(_) if env::var_os("MFR_NO_NCCL").is_some() => None,
+            Err(why) => {
+                println!("cargo:warning=NCCL not built in ({why}): several processes cannot train on CUDA with this build; `make build` installs the headers, or set CUDA_HOME (MFR_NO_NCCL=1 silences this)");
+                None
+            }
+        }
     } else {
-        Err("this libtorch has no CUDA".to_owned())
+        None
     };
     let mut dist = cc::Build::new();
     dist.cpp(true)
@@ -92,24 +100,19 @@ fn main() {
         .include(root.join("include/torch/csrc/api/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .define("USE_C10D_GLOO", None)
+        .flag_if_supported("-Wno-interference-size")
         .file("csrc/dist.cpp");
-    match &nccl {
-        Ok(dirs) => {
-            dist.define("MFR_WITH_NCCL", None)
-                .define("USE_C10D_NCCL", None)
-                .define("USE_CUDA", None)
-                .includes(dirs)
-                .file("csrc/dist_nccl.cpp");
-        }
-        Err(why) if env::var_os("MFR_NO_NCCL").is_none() && why != "this libtorch has no CUDA" => {
-            println!("cargo:warning=NCCL not built in ({why}): multi-process training on CUDA will fail with a message saying so; `make build` installs the headers, or set CUDA_HOME");
-        }
-        Err(_) => {}
+    if let Some(dirs) = &nccl {
+        dist.define("MFR_WITH_NCCL", None)
+            .define("USE_C10D_NCCL", None)
+            .define("USE_CUDA", None)
+            .includes(dirs)
+            .file("csrc/dist_nccl.cpp");
     }
     dist.compile("mfr_dist");
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
-    if nccl.is_ok() {
+    if nccl.is_some() {
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
     }

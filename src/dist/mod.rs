@@ -408,7 +408,8 @@ impl World {
     }
 
     /// Joins the group a launcher set up for this process (on cuda:LOCAL_RANK with NCCL when
-    /// `device` is CUDA, with Gloo on the CPU); alone when no launcher did.
+    /// `device` is CUDA, or cuda:0 when the process sees one GPU only; with Gloo on the CPU);
+    /// alone when no launcher did.
     pub fn from_env(device: Device) -> Result<Self> {
         let Some(launch) = Launch::from_env()? else {
             return Ok(Self::single());
@@ -427,10 +428,12 @@ impl World {
         Ok(match device {
             Device::Cuda(_) => {
                 let n = tch::Cuda::device_count() as usize;
-                if local_rank >= n {
-                    bail!("LOCAL_RANK {local_rank} needs cuda:{local_rank}, but libtorch sees {n} CUDA device(s): start at most {n} processes per node");
+                match n {
+                    // The launcher gave each process its own GPU (srun --gpus-per-task=1).
+                    1 => Device::Cuda(0),
+                    n if local_rank < n => Device::Cuda(local_rank),
+                    n => bail!("LOCAL_RANK {local_rank} needs cuda:{local_rank}, but libtorch sees {n} CUDA device(s): start at most {n} processes per node"),
                 }
-                Device::Cuda(local_rank)
             }
             other => other,
         })
