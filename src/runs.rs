@@ -12,7 +12,7 @@ use sha2::Digest;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 pub struct Options {
     pub results: PathBuf,
@@ -136,6 +136,15 @@ fn run_in(spec: &Spec, spec_path: &Path, opts: &Options, world: &World) -> Resul
                 if main {
                     println!("  trained: {}", trained.checkpoint.display());
                 }
+            } else if *stage == "evaluate" {
+                // Every rank samples and featurises its share; rank 0 computes the metrics.
+                evaluate_pixels(
+                    point,
+                    &dir,
+                    ds.as_ref(),
+                    total_steps(point, ds.as_ref()),
+                    world,
+                )?;
             } else {
                 if main {
                     execute(stage, point, &dir, &ds)?;
@@ -358,7 +367,6 @@ pub fn differing_keys(a: &Spec, b: &Spec) -> Vec<String> {
 fn execute(stage: &str, spec: &Spec, dir: &Path, ds: &Arc<dyn Dataset>) -> Result<()> {
     match stage {
         "sample" => sample_grids(spec, dir, total_steps(spec, ds.as_ref()))?,
-        "evaluate" => evaluate_pixels(spec, dir, ds.as_ref(), total_steps(spec, ds.as_ref()))?,
         "curves" => {
             let stats = report::read_stats(&dir.join("stats.jsonl"))?;
             report::loss_curves(&stats, &spec.experiment.name, &dir.join("loss"))?;
@@ -421,51 +429,79 @@ fn to_rgb_u8(images: &Tensor) -> Tensor {
 
 /// FID of `sample.num_samples` EMA samples per schedule against every training image, for data
 /// in pixel space (the demo). A small-sample FID: comparable between the runs of one spec, not
-/// with FID-50K numbers. The training images' features are cached by content.
-fn evaluate_pixels(spec: &Spec, dir: &Path, ds: &dyn Dataset, total: u64) -> Result<()> {
+/// with FID-50K numbers. The training images' features are cached by content. Under a launcher
+/// the sample batches are dealt round-robin to the ranks (batch i to rank i mod N, each drawn
+/// from its own seed as one process would), their Inception features gathered to rank 0.
+fn evaluate_pixels(
+    spec: &Spec,
+    dir: &Path,
+    ds: &dyn Dataset,
+    total: u64,
+    world: &World,
+) -> Result<()> {
     use crate::eval::evaluator::{cached_features, default_cache, featurise, weights_tag, Source};
     use crate::eval::{frechet_distance, Stats};
     use crate::model::inception;
-    let ckpt = final_checkpoint(spec, dir, total).context("no finished training to evaluate")?;
-    let nets = Networks::new(spec)?;
-    nets.load_ema(&ckpt)?;
-    let device = nets.vs.device();
+    let main = world.is_main();
+    let device = world.device(crate::device::parse(&spec.train.device)?);
+    let nets = Networks::on(spec, device)?;
+    if main {
+        let ckpt =
+            final_checkpoint(spec, dir, total).context("no finished training to evaluate")?;
+        nets.load_ema(&ckpt)?;
+    }
+    if let Some(group) = world.group() {
+        let mut ema: Vec<(String, Tensor)> = nets.ema_vs.variables().into_iter().collect();
+        ema.sort_by(|a, b| a.0.cmp(&b.0));
+        let ema: Vec<Tensor> = ema.into_iter().map(|(_, v)| v).collect();
+        group.broadcast(&ema, 0, "rank 0's EMA weights")?;
+    }
     let weights = inception::bundled_torchscript()?;
     let (_ivs, net) = inception::load(&weights, device)?;
     let batch = spec.sample.batch as usize;
 
-    // Every training image, and a content hash of them for the cache key.
-    let [c, h, w] = ds.stored_shape();
-    let size = (c * h * w) as usize;
-    let mut pixels = vec![0f32; ds.len() * size];
-    for (i, out) in pixels.chunks_exact_mut(size).enumerate() {
-        ds.read(i, out)?;
-    }
-    let bytes: Vec<u8> = pixels.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let hash: String = sha2::Sha256::digest(&bytes)
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let key = format!("{}-{hash}-{}", spec.train.data, weights_tag(&weights));
-    let reference = Tensor::from_slice(&pixels).view([ds.len() as i64, c, h, w]);
-    let (ref_pool, _) = cached_features(&default_cache(), &key, || {
-        let mut source = Source::Memory {
-            images: to_rgb_u8(&reference),
-            next: 0,
-        };
-        let (pool, spatial, _) = featurise(&net, &mut source, batch, device, "training images")?;
-        Ok((pool, spatial))
-    })?;
-    let ref_stats = Stats::of(&ref_pool)?;
+    // Every training image, and a content hash of them for the cache key (rank 0 only).
+    let ref_stats = if main {
+        let [c, h, w] = ds.stored_shape();
+        let size = (c * h * w) as usize;
+        let mut pixels = vec![0f32; ds.len() * size];
+        for (i, out) in pixels.chunks_exact_mut(size).enumerate() {
+            ds.read(i, out)?;
+        }
+        let bytes: Vec<u8> = pixels.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let hash: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let key = format!("{}-{hash}-{}", spec.train.data, weights_tag(&weights));
+        let reference = Tensor::from_slice(&pixels).view([ds.len() as i64, c, h, w]);
+        let (ref_pool, _) = cached_features(&default_cache(), &key, || {
+            let mut source = Source::Memory {
+                images: to_rgb_u8(&reference),
+                next: 0,
+            };
+            let (pool, spatial, _) =
+                featurise(&net, &mut source, batch, device, "training images")?;
+            Ok((pool, spatial))
+        })?;
+        Some(Stats::of(&ref_pool)?)
+    } else {
+        None
+    };
 
     let n = spec.sample.num_samples;
     let classes = spec.model.num_classes;
     let kind = train::input_kind(spec.train.precision);
+    let starts: Vec<i64> = (0..n).step_by(batch).collect();
     let mut fids = serde_json::Map::new();
     for schedule in &spec.sample.schedules {
-        let mut images = Vec::new();
-        for (i, start) in (0..n).step_by(batch).enumerate() {
+        let nfe = format!("{}-NFE", schedule.len() - 1);
+        let mut mine = Vec::new();
+        for (i, &start) in starts.iter().enumerate() {
+            if i % world.size != world.rank {
+                continue;
+            }
             let b = (batch as i64).min(n - start);
             tch::manual_seed(data::mix(spec.sample.seed, 1 + i as u64) as i64);
             let noise = Tensor::randn(
@@ -478,22 +514,45 @@ fn evaluate_pixels(spec: &Spec, dir: &Path, ds: &dyn Dataset, total: u64) -> Res
                 (kind, device),
             );
             let labels = (Tensor::arange(b, (Kind::Int64, device)) + start).remainder(classes);
-            images.push(to_rgb_u8(&sampler::sample(
+            mine.push(to_rgb_u8(&sampler::sample(
                 &nets.ema, &noise, &labels, schedule,
             )?));
         }
-        let nfe = format!("{}-NFE", schedule.len() - 1);
-        let mut source = Source::Memory {
-            images: Tensor::cat(&images, 0),
-            next: 0,
+        let pool = if mine.is_empty() {
+            // More ranks than batches: this one has nothing to add.
+            Tensor::zeros([0, inception::POOL_FEATURES], (Kind::Double, Device::Cpu))
+        } else {
+            let mut source = Source::Memory {
+                images: Tensor::cat(&mine, 0),
+                next: 0,
+            };
+            featurise(&net, &mut source, batch, device, &nfe)?.0
         };
-        let (pool, _, _) = featurise(&net, &mut source, batch, device, &nfe)?;
-        let fid = frechet_distance(&ref_stats, &Stats::of(&pool)?)?;
+        // Back in the batches' order: rank r's k-th batch is batch k * N + r.
+        let parts = world.gather_rows(&pool, &format!("the {nfe} sample features"))?;
+        let Some(ref_stats) = &ref_stats else {
+            continue;
+        };
+        let mut offsets = vec![0i64; world.size];
+        let ordered: Vec<Tensor> = starts
+            .iter()
+            .enumerate()
+            .map(|(i, &start)| {
+                let (r, b) = (i % world.size, (batch as i64).min(n - start));
+                let rows = parts[r].narrow(0, offsets[r], b);
+                offsets[r] += b;
+                rows
+            })
+            .collect();
+        let fid = frechet_distance(ref_stats, &Stats::of(&Tensor::cat(&ordered, 0))?)?;
         println!(
             "  FID ({nfe}, {n} samples vs {} training images): {fid:.2}",
             ds.len()
         );
         fids.insert(nfe, fid.into());
+    }
+    if !main {
+        return Ok(());
     }
     let metrics = serde_json::json!({
         "fid": fids,

@@ -464,6 +464,32 @@ impl World {
         }
     }
 
+    /// Every rank's `t` in rank order, as float64 on the CPU: row counts may differ between
+    /// ranks, the other dimensions may not.
+    pub fn gather_rows(&self, t: &Tensor, what: &str) -> Result<Vec<Tensor>> {
+        let t = t.to_kind(Kind::Double);
+        let Some(g) = &self.group else {
+            return Ok(vec![t.to_device(Device::Cpu)]);
+        };
+        let rows = Tensor::from_slice(&[t.size()[0]]).to_device(g.device());
+        let rows: Vec<i64> = Vec::try_from(&g.all_gather(&rows, what)?.to_device(Device::Cpu))?;
+        let most = rows.iter().copied().max().unwrap_or(0);
+        let mut pad = t.size();
+        pad[0] = most - pad[0];
+        let padded = Tensor::cat(
+            &[&t, &t.new_zeros(pad.as_slice(), (Kind::Double, t.device()))],
+            0,
+        );
+        let all = g
+            .all_gather(&padded.to_device(g.device()), what)?
+            .to_device(Device::Cpu);
+        Ok(rows
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| all.narrow(0, r as i64 * most, n))
+            .collect())
+    }
+
     /// Rank 0's `values` on every rank.
     pub fn share(&self, values: &[i64], what: &str) -> Result<Vec<i64>> {
         let Some(g) = &self.group else {

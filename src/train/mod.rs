@@ -90,7 +90,7 @@ impl Part {
     /// The checked split: the batch must divide into accumulation x world equal parts.
     pub fn new(batch: usize, accumulation: usize, rank: usize, world: usize) -> Result<Self> {
         let accumulation = accumulation.max(1);
-        if world > 1 && batch % (accumulation * world) != 0 {
+        if world > 1 && !batch.is_multiple_of(accumulation * world) {
             bail!(
                 "train.batch = {batch} does not split into {accumulation} micro-batch(es) x {world} processes: make it a multiple of {}",
                 accumulation * world

@@ -65,8 +65,13 @@ fn ema_of(spec: &Spec, vs: &nn::VarStore) -> Result<(nn::VarStore, SiT)> {
 
 impl Networks {
     pub fn new(spec: &Spec) -> Result<Self> {
+        Self::on(spec, device::parse(&spec.train.device)?)
+    }
+
+    /// On `device` rather than the spec's (a data-parallel rank's own GPU).
+    pub fn on(spec: &Spec, device: tch::Device) -> Result<Self> {
         tch::manual_seed(data::mix(spec.train.seed, u64::MAX) as i64);
-        let (vs, net) = network(spec, device::parse(&spec.train.device)?)?;
+        let (vs, net) = network(spec, device)?;
         let (ema_vs, ema) = ema_of(spec, &vs)?;
         Ok(Self {
             vs,
