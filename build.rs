@@ -144,6 +144,10 @@ fn nccl_includes(torch_root: &Path) -> Result<Vec<PathBuf>, String> {
         })
         .unwrap_or_default();
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    // `make` unpacks them there (then writes .ready); a later unpack rebuilds with NCCL.
+    if manifest.join(".cuda-headers/.ready").exists() {
+        println!("cargo:rerun-if-changed=.cuda-headers/.ready");
+    }
     dirs.push(manifest.join(".cuda-headers/nvidia/cu13/include"));
     if let Some(site) = torch_root.parent() {
         dirs.push(site.join("nvidia/cu13/include"));
