@@ -22,6 +22,11 @@ HF_REFS := huggingface-hub==2.4.0 safetensors==0.8.0 packaging==26.3 pyyaml==6.0
 PY_REFS := numpy==2.3.5 scipy==1.16.3 pillow==12.0.0
 EVAL_FIXTURES := target/eval-fixtures
 VAE_FIXTURES := target/vae-fixtures
+# Headers the NCCL process group (csrc/dist_nccl.cpp) compiles against that the CUDA 13.0 torch
+# wheel lacks: the CUDA C runtime's crt/ and CCCL's nv/target. Header-only wheels of torch's CUDA
+# version, unpacked into .cuda-headers/ (the venv is left alone). Without them (another torch, or
+# LIBTORCH=...) build.rs looks in $$CUDA_HOME, or builds without NCCL and says so.
+CUDA_HEADERS := nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
 RELEASE := target/release/mfr
 
 ifdef LIBTORCH
@@ -33,7 +38,7 @@ CARGO := $(CARGO_ENV) cargo
 
 .PHONY: setup build test lint demo reproduce-b4 bench devbin clean
 
-setup: $(VENV)/.ready
+setup: $(VENV)/.ready .cuda-headers/.ready
 
 $(VENV)/.ready: Makefile
 	@set -e; \
@@ -47,6 +52,12 @@ $(VENV)/.ready: Makefile
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps $(SKLEARN) $(TORCH_REFS) $(HF_REFS); \
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check $(PY_REFS); \
 	touch $@
+
+.cuda-headers/.ready: $(VENV)/.ready
+	@if [ -z "$(LIBTORCH)" ] && $(VENV)/bin/python -c 'import sys, torch; sys.exit(torch.version.cuda != "13.0")' 2>/dev/null; then \
+		$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --upgrade --target .cuda-headers $(CUDA_HEADERS); \
+	fi
+	mkdir -p .cuda-headers && touch $@
 
 build: setup
 	$(CARGO) build --release

@@ -4,6 +4,7 @@ pub mod assets;
 pub mod bench;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod eval;
 pub mod meanflow;
 pub mod model;

@@ -3,7 +3,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use meanflow_repro::eval::evaluator;
 use meanflow_repro::meanflow::JvpMethod;
-use meanflow_repro::{assets, bench, device, report, runs, spec::Precision, spec::Spec};
+use meanflow_repro::{assets, bench, device, dist, report, runs, spec::Precision, spec::Spec};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -77,6 +77,26 @@ enum Command {
         run: PathBuf,
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Start N training processes on this machine (data parallel, as torchrun would), e.g.
+    /// `mfr launch --nproc 8 experiments/b4.toml --resume` (runs `mfr run ...` in each) or
+    /// `mfr launch --nproc 8 train SPEC`.
+    Launch {
+        /// Processes to start (one per GPU: rank i trains on cuda:i).
+        #[arg(long)]
+        nproc: usize,
+        /// MASTER_PORT of the rendezvous (default: a free port).
+        #[arg(long)]
+        master_port: Option<u16>,
+        /// Seconds a rank waits for the others before failing (MFR_DIST_TIMEOUT; default 1800).
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// Seconds the other ranks get to stop on their own after one fails, before SIGTERM.
+        #[arg(long, default_value_t = 30)]
+        grace: u64,
+        /// `run SPEC [OPTIONS]`, `train SPEC ...`, `sample SPEC ...`, or `SPEC [OPTIONS]` (= run).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
     },
     /// Download an asset of the manifest into the cache, its sha256 checked (no NAME: list them).
     Fetch {
@@ -315,6 +335,24 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             println!("{}", path.display());
             Ok(())
+        }
+        Command::Launch {
+            nproc,
+            master_port,
+            timeout,
+            grace,
+            mut args,
+        } => {
+            if !matches!(args[0].as_str(), "run" | "train" | "sample") {
+                args.insert(0, "run".to_owned());
+            }
+            let opts = dist::launch::Options {
+                nproc,
+                port: master_port,
+                timeout,
+                grace: std::time::Duration::from_secs(grace),
+            };
+            dist::launch::launch(&opts, &args)
         }
         Command::Bench {
             what:

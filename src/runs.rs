@@ -2,6 +2,7 @@
 //! results/<experiment>/<run>/, each going through its stages (train, sample, curves). A stage
 //! whose outputs are present for unchanged inputs is skipped, so any run can be rerun or resumed.
 use crate::data::{self, Dataset};
+use crate::dist::World;
 use crate::report;
 use crate::sample;
 use crate::spec::Spec;
@@ -40,16 +41,41 @@ struct Stage {
     status: Status,
 }
 
+/// The stages of a run, in order.
+const STAGES: [&str; 4] = ["train", "sample", "evaluate", "curves"];
+
+/// Runs the spec's runs: alone, or as one rank of the processes a launcher started (torchrun,
+/// srun or `mfr launch`). Every rank trains and samples its share; rank 0 alone prints, prepares
+/// run directories, evaluates, draws and reports, while the others wait.
 pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
     let spec = Spec::load_with(spec_path, sets)?;
+    let world = if opts.dry_run {
+        World::single()
+    } else {
+        World::from_env(crate::device::parse(&spec.train.device)?)?
+    };
+    let out = run_in(&spec, spec_path, opts, &world);
+    if world.size > 1 {
+        return out.with_context(|| format!("rank {} of {}", world.rank, world.size));
+    }
+    out
+}
+
+fn run_in(spec: &Spec, spec_path: &Path, opts: &Options, world: &World) -> Result<()> {
+    let main = world.is_main();
     let points = spec.points(&spec_path.display().to_string())?;
     let exp_dir = opts.results.join(&spec.experiment.name);
-    println!(
-        "{}: {} run(s) under {}",
-        spec_path.display(),
-        points.len(),
-        exp_dir.display()
-    );
+    if main {
+        println!(
+            "{}: {} run(s) under {}",
+            spec_path.display(),
+            points.len(),
+            exp_dir.display()
+        );
+        if world.size > 1 {
+            println!("{} processes (this is rank 0)", world.size);
+        }
+    }
     let mut summary = BTreeMap::new();
     // Opening a dataset lists every file: once per data directory, shared by the sweep's points.
     let mut datasets: BTreeMap<String, Result<Arc<dyn Dataset>, String>> = BTreeMap::new();
@@ -69,44 +95,121 @@ pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
             Some(Err(e)) => Err(e.clone()),
             None => Ok(0),
         };
-        let stages = plan(point, &dir, &total);
-        println!("\n{name} (spec sha256 {})", &point.sha256()[..12]);
-        for s in &stages {
-            let (mark, what) = match &s.status {
-                Status::Done(w) => ("done", w),
-                Status::Todo(w) => ("todo", w),
-                Status::Waiting(w) => ("later", w),
-            };
-            println!("  {:<8} {mark:<5} {what}", s.name);
-        }
+        // Rank 0 plans and prepares; the others learn which stages run (bit i: STAGES[i]).
+        let planned = if main {
+            plan_and_prepare(name, point, &dir, &total, opts, &mut blocked)
+        } else {
+            Ok(0)
+        };
         if opts.dry_run {
+            planned?;
             continue;
+        }
+        let todo = world.share(&[*planned.as_ref().unwrap_or(&-1)], "the run's plan")?[0];
+        planned?;
+        if todo < 0 {
+            bail!(
+                "rank 0 could not prepare {}: its error is the cause",
+                dir.display()
+            );
         }
         let ds = ds.transpose().map_err(anyhow::Error::msg)?;
         let total = total.map_err(anyhow::Error::msg)?;
-        prepare(&dir, point, opts.resume, total)?;
-        let wanted = stages.iter().position(|s| Some(s.name) == opts.only);
-        for (i, s) in stages.iter().enumerate() {
-            if let Some(w) = wanted {
-                if i > w {
-                    break;
-                }
-                if i < w && !matches!(s.status, Status::Done(_)) {
-                    blocked.push(format!("{name}: the {} stage must run first", s.name));
-                    break;
-                }
+        for (i, stage) in STAGES.iter().enumerate() {
+            if todo & (1 << i) == 0 {
+                continue;
             }
-            match &s.status {
-                Status::Todo(_) => execute(s.name, point, &dir, Some(total), ds.as_ref())?,
-                Status::Waiting(why) => {
-                    blocked.push(format!("{name}: the {} stage cannot run: {why}", s.name));
-                    break;
+            match *stage {
+                "train" => {
+                    let ds = ds.clone().context("training needs the data")?;
+                    let trained = train::run::train_in(point, ds, &dir, world)?;
+                    if main {
+                        println!("  trained: {}", trained.checkpoint.display());
+                    }
                 }
-                Status::Done(_) => {}
+                "sample" => sample_stage(point, &dir, weights(point, &dir, Some(total)), world)?,
+                _ => {
+                    if main {
+                        execute(stage, point, &dir, Some(total), ds.as_ref())?;
+                    }
+                    world.barrier(&format!("rank 0's {stage} stage"))?;
+                }
             }
         }
         summary.insert(name.clone(), dir.clone());
     }
+    if !main {
+        return world.barrier("the end of the run");
+    }
+    let out = summarise(spec, spec_path, opts, &exp_dir, &summary, &blocked);
+    world.barrier("the end of the run")?;
+    out
+}
+
+/// Prints a run's plan, prepares its directory and returns the stages to run as a bit mask;
+/// stages that cannot run are recorded in `blocked`.
+fn plan_and_prepare(
+    name: &str,
+    point: &Spec,
+    dir: &Path,
+    total: &Result<u64, String>,
+    opts: &Options,
+    blocked: &mut Vec<String>,
+) -> Result<i64> {
+    let stages = plan(point, dir, total);
+    println!("\n{name} (spec sha256 {})", &point.sha256()[..12]);
+    for s in &stages {
+        let (mark, what) = match &s.status {
+            Status::Done(w) => ("done", w),
+            Status::Todo(w) => ("todo", w),
+            Status::Waiting(w) => ("later", w),
+        };
+        println!("  {:<8} {mark:<5} {what}", s.name);
+    }
+    if opts.dry_run {
+        return Ok(0);
+    }
+    let total = total.clone().map_err(anyhow::Error::msg)?;
+    prepare(dir, point, opts.resume, total)?;
+    let wanted = stages.iter().position(|s| Some(s.name) == opts.only);
+    let mut todo = 0i64;
+    for (i, s) in stages.iter().enumerate() {
+        if let Some(w) = wanted {
+            if i > w {
+                break;
+            }
+            if i < w && !matches!(s.status, Status::Done(_)) {
+                blocked.push(format!("{name}: the {} stage must run first", s.name));
+                break;
+            }
+        }
+        match &s.status {
+            Status::Todo(_) => {
+                let bit = STAGES
+                    .iter()
+                    .position(|n| *n == s.name)
+                    .expect("a known stage");
+                todo |= 1 << bit;
+            }
+            Status::Waiting(why) => {
+                blocked.push(format!("{name}: the {} stage cannot run: {why}", s.name));
+                break;
+            }
+            Status::Done(_) => {}
+        }
+    }
+    Ok(todo)
+}
+
+/// Rank 0's end of `mfr run`: the runs side by side, runs.json, the report, blocked stages.
+fn summarise(
+    spec: &Spec,
+    spec_path: &Path,
+    opts: &Options,
+    exp_dir: &Path,
+    summary: &BTreeMap<String, PathBuf>,
+    blocked: &[String],
+) -> Result<()> {
     if opts.dry_run {
         println!("\n(dry run: nothing was run)");
         return Ok(());
@@ -157,7 +260,7 @@ pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
     )?;
     println!("\nresults: {}", exp_dir.display());
     if let Some(root) = &opts.reports {
-        let out = report::render::report(&exp_dir, root)?;
+        let out = report::render::report(exp_dir, root)?;
         println!("report: {}", out.join("index.html").display());
     }
     if !blocked.is_empty() {
@@ -389,6 +492,7 @@ pub fn differing_keys(a: &Spec, b: &Spec) -> Vec<String> {
         .collect()
 }
 
+/// The rank-0 stages after sampling.
 fn execute(
     stage: &str,
     spec: &Spec,
@@ -396,20 +500,12 @@ fn execute(
     total: Option<u64>,
     ds: Option<&Arc<dyn Dataset>>,
 ) -> Result<()> {
-    let need_data = || ds.context("this stage needs the training data");
     match stage {
-        "train" => {
-            let trained = train::run::train(spec, need_data()?.clone(), dir)?;
-            println!("  trained: {}", trained.checkpoint.display());
-        }
-        "sample" => {
-            let w = weights(spec, dir, total).context("no finished training to sample from")?;
-            sample_stage(spec, dir, &w)?
-        }
         "evaluate" => {
             let w = weights(spec, dir, total).context("no finished training to evaluate")?;
             if data::is_pixels(&spec.train.data) {
-                evaluate_pixels(spec, dir, need_data()?.as_ref(), &w)?
+                let ds = ds.context("the small-sample FID needs the training images")?;
+                evaluate_pixels(spec, dir, ds.as_ref(), &w)?
             } else {
                 evaluate_adm(spec, dir, &w)?
             }
@@ -424,46 +520,75 @@ fn execute(
     Ok(())
 }
 
-/// The EMA network of `weights` (a checkpoint holding `ema.*`).
-fn ema_network(spec: &Spec, weights: &Path) -> Result<Networks> {
-    let nets = Networks::new(spec)?;
-    nets.load_ema(weights)?;
-    Ok(nets)
-}
-
-fn decoder(spec: &Spec) -> Result<sample::Decoder> {
-    if data::is_pixels(&spec.train.data) {
-        Ok(sample::Decoder::Pixels)
+/// A grid per schedule (a column per class), then every schedule's sample batch as an .npz.
+/// Rank 0 loads the EMA weights and hands them to the other ranks; batch b is sampled by rank
+/// b mod N (from its own seed, as one process would), and rank 0 assembles the .npz.
+fn sample_stage(spec: &Spec, dir: &Path, weights: Option<PathBuf>, world: &World) -> Result<()> {
+    let main = world.is_main();
+    let device = world.device(crate::device::parse(&spec.train.device)?);
+    let nets = Networks::on(spec, device)?;
+    if main {
+        nets.load_ema(
+            &weights
+                .clone()
+                .context("no finished training to sample from")?,
+        )?;
+    }
+    if let Some(group) = world.group() {
+        let mut ema: Vec<(String, Tensor)> = nets.ema_vs.variables().into_iter().collect();
+        ema.sort_by(|a, b| a.0.cmp(&b.0));
+        let ema: Vec<Tensor> = ema.into_iter().map(|(_, v)| v).collect();
+        group.broadcast(&ema, 0, "rank 0's EMA weights")?;
+    }
+    let decoder = if data::is_pixels(&spec.train.data) {
+        sample::Decoder::Pixels
     } else {
-        sample::Decoder::vae(spec, crate::device::parse(&spec.train.device)?)
-    }
-}
-
-/// A grid per schedule (a column per class, the first batch's noise for every schedule so
-/// the grids compare sample for sample), then every schedule's sample batch as an .npz.
-fn sample_stage(spec: &Spec, dir: &Path, weights: &Path) -> Result<()> {
-    let nets = ema_network(spec, weights)?;
-    let decoder = decoder(spec)?;
+        sample::Decoder::vae(spec, device)?
+    };
+    let sampler = sample::Sampler {
+        spec,
+        net: &nets.ema,
+        decoder: &decoder,
+        device,
+    };
     let out = dir.join("samples");
-    std::fs::create_dir_all(&out)?;
-    let classes = spec.model.num_classes.min(10);
-    let pixels = data::is_pixels(&spec.train.data);
-    let (per_class, zoom) = if pixels { (10, 6) } else { (4, 1) };
-    for schedule in &spec.sample.schedules {
-        let images = sample::grid(spec, &nets.ema, &decoder, schedule, classes, per_class)?;
-        let path = out.join(format!("grid-{}nfe.png", schedule.len() - 1));
-        report::sample_grid(&images, classes, zoom, &path)?;
-        println!("  grid: {}", path.display());
+    if main {
+        std::fs::create_dir_all(&out)?;
+        let classes = spec.model.num_classes.min(10);
+        let (per_class, zoom) = if data::is_pixels(&spec.train.data) {
+            (10, 6)
+        } else {
+            (4, 1)
+        };
+        for schedule in &spec.sample.schedules {
+            let images = sampler.grid(schedule, classes, per_class)?;
+            let path = out.join(format!("grid-{}nfe.png", schedule.len() - 1));
+            report::sample_grid(&images, classes, zoom, &path)?;
+            println!("  grid: {}", path.display());
+        }
     }
+    world.barrier("rank 0's sample grids")?;
     for schedule in &spec.sample.schedules {
-        let path = samples_npz(dir, schedule);
-        let n = sample::write_npz(spec, &nets.ema, &decoder, schedule, &path)?;
-        println!("  samples: {} ({n} images)", path.display());
+        sampler.write_parts(
+            schedule,
+            &samples_npz(dir, schedule),
+            world.rank,
+            world.size,
+        )?;
     }
-    std::fs::write(
-        samples_marker(dir),
-        serde_json::to_string_pretty(&sample_inputs(spec, weights))? + "\n",
-    )?;
+    world.barrier("every rank's sample batches")?;
+    if main {
+        for schedule in &spec.sample.schedules {
+            let path = samples_npz(dir, schedule);
+            let n = sample::assemble(spec, &path)?;
+            println!("  samples: {} ({n} images)", path.display());
+        }
+        let weights = weights.expect("checked above");
+        std::fs::write(
+            samples_marker(dir),
+            serde_json::to_string_pretty(&sample_inputs(spec, &weights))? + "\n",
+        )?;
+    }
     Ok(())
 }
 

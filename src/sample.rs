@@ -77,118 +77,111 @@ pub fn labels(start: i64, n: i64, classes: i64, device: Device) -> Tensor {
     (Tensor::arange(n, (Kind::Int64, device)) + start).remainder(classes)
 }
 
-/// The noise of batch `b` (of `n` samples): a function of the spec's seed and b only.
-pub fn batch_noise(spec: &Spec, b: u64, n: i64, device: Device) -> Tensor {
-    tch::manual_seed(data::mix(spec.sample.seed, 1 + b) as i64);
-    let m = &spec.model;
-    let kind = crate::train::input_kind(spec.train.precision);
-    Tensor::randn(
-        [n, m.in_channels, m.input_size, m.input_size],
-        (kind, device),
-    )
+/// A network, the decoder of its outputs and the device they run on: what makes images.
+pub struct Sampler<'a> {
+    pub spec: &'a Spec,
+    pub net: &'a SiT,
+    pub decoder: &'a Decoder,
+    pub device: Device,
 }
 
-/// Batch `b` of the sample batch (of `n` images), uint8 NHWC, for `schedule`.
-pub fn batch(
-    spec: &Spec,
-    net: &SiT,
-    decoder: &Decoder,
-    schedule: &[f64],
-    b: u64,
-    n: i64,
-) -> Result<Tensor> {
-    let device = net_device(spec)?;
-    let noise = batch_noise(spec, b, n, device);
-    let y = labels(
-        b as i64 * spec.sample.batch,
-        n,
-        spec.model.num_classes,
-        device,
-    );
-    generate(spec, net, decoder, schedule, &noise, &y)
-}
-
-/// `per_class` images of each of the first `classes` classes, class = index mod classes, from
-/// noise of its own seed: the same noise for every schedule, so grids compare image for image.
-pub fn grid(
-    spec: &Spec,
-    net: &SiT,
-    decoder: &Decoder,
-    schedule: &[f64],
-    classes: i64,
-    per_class: i64,
-) -> Result<Tensor> {
-    let device = net_device(spec)?;
-    tch::manual_seed(data::mix(spec.sample.seed, 0) as i64);
-    let m = &spec.model;
-    let n = classes * per_class;
-    let kind = crate::train::input_kind(spec.train.precision);
-    let noise = Tensor::randn(
-        [n, m.in_channels, m.input_size, m.input_size],
-        (kind, device),
-    );
-    generate(
-        spec,
-        net,
-        decoder,
-        schedule,
-        &noise,
-        &labels(0, n, classes, device),
-    )
-}
-
-fn generate(
-    spec: &Spec,
-    net: &SiT,
-    decoder: &Decoder,
-    schedule: &[f64],
-    noise: &Tensor,
-    y: &Tensor,
-) -> Result<Tensor> {
-    let bf16 = spec.train.precision == Precision::Bf16 && noise.device().is_cuda();
-    let x = crate::device::autocast_bf16(bf16, || sampler::sample(net, noise, y, schedule))?;
-    Ok(decoder.images(&x))
-}
-
-fn net_device(spec: &Spec) -> Result<Device> {
-    crate::device::parse(&spec.train.device)
-}
-
-/// The spec's `num_samples` samples for `schedule` as an ADM .npz at `path`; resumes from the
-/// part files of an interrupted call. Returns the number of images.
-pub fn write_npz(
-    spec: &Spec,
-    net: &SiT,
-    decoder: &Decoder,
-    schedule: &[f64],
-    path: &Path,
-) -> Result<usize> {
-    let n = spec.sample.num_samples;
-    let per = spec.sample.batch;
-    let batches = (n + per - 1) / per;
-    let parts = path.with_extension("parts");
-    std::fs::create_dir_all(&parts)
-        .with_context(|| format!("{}: cannot create", parts.display()))?;
-    let part = |b: i64| parts.join(format!("batch-{b:06}.npy"));
-    let todo: Vec<i64> = (0..batches).filter(|&b| !part(b).exists()).collect();
-    let bar = ProgressBar::new(n as u64).with_style(
-        ProgressStyle::with_template(
-            "{prefix} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} images {per_sec}",
+impl Sampler<'_> {
+    fn noise(&self, seed: u64, n: i64) -> Tensor {
+        tch::manual_seed(seed as i64);
+        let m = &self.spec.model;
+        let kind = crate::train::input_kind(self.spec.train.precision);
+        Tensor::randn(
+            [n, m.in_channels, m.input_size, m.input_size],
+            (kind, self.device),
         )
-        .expect("a valid template"),
-    );
-    bar.set_prefix(format!("{}-NFE", schedule.len() - 1));
-    bar.set_position(((batches - todo.len() as i64) * per).min(n) as u64);
-    for b in todo {
-        let size = per.min(n - b * per);
-        let images = batch(spec, net, decoder, schedule, b as u64, size)?;
-        write_u8_npy(&part(b), &images)?;
-        bar.inc(size as u64);
     }
-    bar.finish_and_clear();
-    assemble(&parts, batches, n, spec.model.num_classes, path)?;
-    std::fs::remove_dir_all(&parts).ok();
-    Ok(n as usize)
+
+    /// Batch `b` of the sample batch (`n` images), uint8 NHWC: its noise is a function of the
+    /// spec's seed and b only, its labels of its indices.
+    pub fn batch(&self, schedule: &[f64], b: u64, n: i64) -> Result<Tensor> {
+        let noise = self.noise(data::mix(self.spec.sample.seed, 1 + b), n);
+        let start = b as i64 * self.spec.sample.batch;
+        let y = labels(start, n, self.spec.model.num_classes, self.device);
+        self.generate(schedule, &noise, &y)
+    }
+
+    /// `per_class` images of each of the first `classes` classes, class = index mod classes,
+    /// from noise of its own seed: the same for every schedule, so grids compare image for image.
+    pub fn grid(&self, schedule: &[f64], classes: i64, per_class: i64) -> Result<Tensor> {
+        let n = classes * per_class;
+        let noise = self.noise(data::mix(self.spec.sample.seed, 0), n);
+        self.generate(schedule, &noise, &labels(0, n, classes, self.device))
+    }
+
+    fn generate(&self, schedule: &[f64], noise: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let bf16 = self.spec.train.precision == Precision::Bf16 && self.device.is_cuda();
+        let x =
+            crate::device::autocast_bf16(bf16, || sampler::sample(self.net, noise, y, schedule))?;
+        Ok(self.decoder.images(&x))
+    }
+
+    /// The spec's `num_samples` samples for `schedule` as an ADM .npz at `path`, resuming from
+    /// the part files of an interrupted call. Returns the number of images.
+    pub fn write_npz(&self, schedule: &[f64], path: &Path) -> Result<usize> {
+        self.write_parts(schedule, path, 0, 1)?;
+        assemble(self.spec, path)
+    }
+
+    /// The part files of the batches b with b mod `ranks` = `rank` (all of them alone): the
+    /// ranks of a data-parallel job share the sample batch this way, then one assembles it.
+    pub fn write_parts(
+        &self,
+        schedule: &[f64],
+        path: &Path,
+        rank: usize,
+        ranks: usize,
+    ) -> Result<()> {
+        let (n, per) = (self.spec.sample.num_samples, self.spec.sample.batch);
+        let batches = (n + per - 1) / per;
+        let parts = parts_dir(path);
+        std::fs::create_dir_all(&parts)
+            .with_context(|| format!("{}: cannot create", parts.display()))?;
+        let mine: Vec<i64> = (0..batches)
+            .filter(|b| *b as usize % ranks == rank)
+            .collect();
+        let todo: Vec<i64> = mine
+            .iter()
+            .copied()
+            .filter(|&b| !part(&parts, b).exists())
+            .collect();
+        let size = |b: i64| per.min(n - b * per);
+        let bar = ProgressBar::new(mine.iter().map(|&b| size(b) as u64).sum()).with_style(
+            ProgressStyle::with_template(
+                "{prefix} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} images {per_sec}",
+            )
+            .expect("a valid template"),
+        );
+        if rank != 0 {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        bar.set_prefix(format!("{}-NFE", schedule.len() - 1));
+        bar.set_position(
+            mine.iter()
+                .filter(|b| !todo.contains(b))
+                .map(|&b| size(b) as u64)
+                .sum(),
+        );
+        for b in todo {
+            let images = self.batch(schedule, b as u64, size(b))?;
+            write_u8_npy(&part(&parts, b), &images)?;
+            bar.inc(size(b) as u64);
+        }
+        bar.finish_and_clear();
+        Ok(())
+    }
+}
+
+fn parts_dir(path: &Path) -> PathBuf {
+    path.with_extension("parts")
+}
+
+fn part(parts: &Path, b: i64) -> PathBuf {
+    parts.join(format!("batch-{b:06}.npy"))
 }
 
 /// Writes uint8 `images` as a .npy, through a temporary name.
@@ -203,16 +196,27 @@ fn write_u8_npy(path: &Path, images: &Tensor) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename", path.display()))
 }
 
-/// Streams the part files into one stored (uncompressed, zip64 when large) .npz.
-fn assemble(parts: &Path, batches: i64, n: i64, classes: i64, path: &Path) -> Result<()> {
+/// Streams the part files of `path` into one stored (uncompressed, zip64 when large) .npz,
+/// then removes them. Returns the number of images.
+pub fn assemble(spec: &Spec, path: &Path) -> Result<usize> {
+    let (n, per, classes) = (
+        spec.sample.num_samples,
+        spec.sample.batch,
+        spec.model.num_classes,
+    );
+    let batches = (n + per - 1) / per;
+    let parts = parts_dir(path);
     let mut image_shape: Option<Vec<usize>> = None;
     for b in 0..batches {
-        let file = parts.join(format!("batch-{b:06}.npy"));
+        let file = part(&parts, b);
         let header = read_header(&file)?;
         let shape = image_shape.get_or_insert_with(|| header.shape[1..].to_vec());
         // uint8 has no byte order: numpy writes |u1, some writers <u1.
         let bytes = header.descr == "|u1" || header.descr == "<u1";
-        if !bytes || header.shape[1..] != shape[..] {
+        if !bytes
+            || header.shape[1..] != shape[..]
+            || header.shape[0] as i64 != per.min(n - b * per)
+        {
             bail!(
                 "{}: not a part of this sample batch (remove {} and sample again)",
                 file.display(),
@@ -225,14 +229,16 @@ fn assemble(parts: &Path, batches: i64, n: i64, classes: i64, path: &Path) -> Re
     let file =
         std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
     let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
+    // A fixed timestamp: the same samples make the same bytes (and the same sha256).
     let options = zip::write::FileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
+        .last_modified_time(zip::DateTime::default())
         .large_file(true);
     zip.start_file("arr_0.npy", options)?;
     let full: Vec<usize> = std::iter::once(n as usize).chain(shape).collect();
     zip.write_all(&data::npy::encode("|u1", &full, &[]))?;
     for b in 0..batches {
-        let file = parts.join(format!("batch-{b:06}.npy"));
+        let file = part(&parts, b);
         let skip = read_header(&file)?.data_offset;
         let mut f = std::fs::File::open(&file)?;
         std::io::copy(
@@ -249,7 +255,9 @@ fn assemble(parts: &Path, batches: i64, n: i64, classes: i64, path: &Path) -> Re
         .map_err(|e| e.into_error())?
         .sync_all()?;
     std::fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))
+        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    std::fs::remove_dir_all(&parts).ok();
+    Ok(n as usize)
 }
 
 /// The parsed header of a .npy file (its data starts at `data_offset`).

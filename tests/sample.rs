@@ -1,7 +1,7 @@
 //! The sample stage: any batch can be regenerated from its seed alone, an interrupted call
 //! resumes from its part files to the same bytes, and numpy reads the .npz as ADM's format.
 use meanflow_repro::eval::npz::Npz;
-use meanflow_repro::sample::{self, Decoder};
+use meanflow_repro::sample::{Decoder, Sampler};
 use meanflow_repro::spec::Spec;
 use meanflow_repro::train::run::Networks;
 use std::path::PathBuf;
@@ -51,17 +51,20 @@ fn read_all(path: &std::path::Path) -> Tensor {
 fn a_batch_regenerated_alone_equals_its_slice_and_a_resumed_call_the_whole() {
     let spec = spec();
     let nets = Networks::new(&spec).unwrap();
+    let sampler = Sampler {
+        spec: &spec,
+        net: &nets.ema,
+        decoder: &Decoder::Pixels,
+        device: tch::Device::Cpu,
+    };
     let dir = temp_dir("determinism");
     let whole = dir.join("whole.npz");
-    assert_eq!(
-        sample::write_npz(&spec, &nets.ema, &Decoder::Pixels, &[1.0, 0.0], &whole).unwrap(),
-        25
-    );
+    assert_eq!(sampler.write_npz(&[1.0, 0.0], &whole).unwrap(), 25);
     let all = read_all(&whole);
     assert_eq!(all.size(), [25, 8, 8, 3]);
     // Batch 1 (images 10..20) alone, after other draws moved torch's generator.
     let _ = Tensor::randn([100], tch::kind::FLOAT_CPU);
-    let one = sample::batch(&spec, &nets.ema, &Decoder::Pixels, &[1.0, 0.0], 1, 10).unwrap();
+    let one = sampler.batch(&[1.0, 0.0], 1, 10).unwrap();
     assert!(one.equal(&all.narrow(0, 10, 10)));
     assert!(
         !one.equal(&all.narrow(0, 0, 10)),
@@ -73,12 +76,12 @@ fn a_batch_regenerated_alone_equals_its_slice_and_a_resumed_call_the_whole() {
     let parts = resumed.with_extension("parts");
     std::fs::create_dir_all(&parts).unwrap();
     for (b, n) in [(0u64, 10i64), (2, 5)] {
-        let images = sample::batch(&spec, &nets.ema, &Decoder::Pixels, &[1.0, 0.0], b, n).unwrap();
+        let images = sampler.batch(&[1.0, 0.0], b, n).unwrap();
         images
             .write_npy(parts.join(format!("batch-{b:06}.npy")))
             .unwrap();
     }
-    sample::write_npz(&spec, &nets.ema, &Decoder::Pixels, &[1.0, 0.0], &resumed).unwrap();
+    sampler.write_npz(&[1.0, 0.0], &resumed).unwrap();
     assert!(read_all(&resumed).equal(&all));
     assert!(
         !parts.exists(),
@@ -90,8 +93,14 @@ fn a_batch_regenerated_alone_equals_its_slice_and_a_resumed_call_the_whole() {
 fn numpy_reads_the_images_and_the_balanced_labels() {
     let spec = spec();
     let nets = Networks::new(&spec).unwrap();
+    let sampler = Sampler {
+        spec: &spec,
+        net: &nets.ema,
+        decoder: &Decoder::Pixels,
+        device: tch::Device::Cpu,
+    };
     let path = temp_dir("numpy").join("s.npz");
-    sample::write_npz(&spec, &nets.ema, &Decoder::Pixels, &[1.0, 0.5, 0.0], &path).unwrap();
+    sampler.write_npz(&[1.0, 0.5, 0.0], &path).unwrap();
     let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     let out = std::process::Command::new(python)
         .args([

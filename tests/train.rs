@@ -2,6 +2,7 @@
 //! EMA arithmetic, the NaN stop, and a short run that learns.
 mod common;
 
+use common::latent_tree;
 use meanflow_repro::data::{self, latents::Latents, npy, Dataset};
 use meanflow_repro::runs::{self, Options};
 use meanflow_repro::spec::Spec;
@@ -21,27 +22,6 @@ fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// A REPA-layout tree of `n` posterior moments (2 x 4 x 4) with labels in 0..3.
-fn latent_tree(root: &Path, n: usize, poison: Option<usize>) {
-    let dir = root.join("vae-sd").join("00000");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut labels = Vec::new();
-    for i in 0..n {
-        let name = format!("img-mean-std-{i:08}.npy");
-        let mut values: Vec<f32> = (0..32)
-            .map(|j| ((i * 31 + j * 7) % 17) as f32 / 8.0 - 1.0)
-            .collect();
-        values[16..].iter_mut().for_each(|s| *s = 0.1);
-        if poison == Some(i) {
-            values[0] = f32::NAN;
-        }
-        npy::write_f32(&dir.join(&name), &[2, 4, 4], &values).unwrap();
-        labels.push(serde_json::json!([format!("00000/{name}"), i % 3]));
-    }
-    let index = serde_json::json!({ "labels": labels });
-    std::fs::write(root.join("vae-sd/dataset.json"), index.to_string()).unwrap();
 }
 
 fn latent_spec(data: &Path, extra: &str) -> Spec {

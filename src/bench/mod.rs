@@ -107,6 +107,7 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
         precision: b.precision,
         grad_clip: b.grad_clip,
         accumulation: 1,
+        sync: None,
     };
     let mut last = Tensor::zeros([], (Kind::Float, b.device));
     let mut run = |n: usize| -> Result<()> {

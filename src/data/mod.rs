@@ -50,11 +50,33 @@ pub fn open(data: &str) -> Result<Arc<dyn Dataset>> {
 /// The model input from a batch of stored samples: the samples themselves, or a posterior draw
 /// (mean + std * eps) * 0.18215 from torch's generator (so a step's seed fixes it).
 pub fn model_input(ds: &dyn Dataset, stored: &Tensor) -> Tensor {
+    let n = stored.size()[0];
+    model_input_rows(
+        ds,
+        stored,
+        &Tensor::arange(n, (Kind::Int64, stored.device())),
+        n,
+    )
+}
+
+/// [`model_input`] for a process that holds rows `rows` of a step's batch of `global` samples
+/// (data parallelism): eps is drawn for the whole global batch and this process keeps its rows,
+/// so N processes draw what one process would.
+pub fn model_input_rows(ds: &dyn Dataset, stored: &Tensor, rows: &Tensor, global: i64) -> Tensor {
     if !ds.is_posterior() {
         return stored.shallow_clone();
     }
     let halves = stored.chunk(2, 1);
-    (&halves[0] + &halves[1] * halves[0].randn_like()) * LATENT_SCALE
+    let mut shape = halves[0].size();
+    let local = shape[0];
+    shape[0] = global;
+    let eps = Tensor::randn(shape, (halves[0].kind(), halves[0].device()));
+    let eps = if global == local {
+        eps
+    } else {
+        eps.index_select(0, &rows.to_device(eps.device()))
+    };
+    (&halves[0] + &halves[1] * eps) * LATENT_SCALE
 }
 
 fn splitmix64(state: &mut u64) -> u64 {
@@ -109,6 +131,23 @@ impl Loader {
         start: u64,
         workers: usize,
     ) -> Result<Self> {
+        Self::with_rows(ds, batch, (0..batch).collect(), seed, start, workers)
+    }
+
+    /// Batches of only the rows `rows` (indices into each step's batch of `batch` samples, in
+    /// the order given): one data-parallel process's share of the global batch.
+    pub fn with_rows(
+        ds: Arc<dyn Dataset>,
+        batch: usize,
+        rows: Vec<usize>,
+        seed: u64,
+        start: u64,
+        workers: usize,
+    ) -> Result<Self> {
+        if let Some(r) = rows.iter().find(|&&r| r >= batch) {
+            bail!("row {r} of a batch of {batch}");
+        }
+        let rows = Arc::new(rows);
         let per_epoch = Self::steps_per_epoch(ds.as_ref(), batch);
         if per_epoch == 0 {
             bail!(
@@ -122,6 +161,7 @@ impl Loader {
         for w in 0..workers {
             let (tx, rx) = sync_channel(2);
             let ds = ds.clone();
+            let rows = rows.clone();
             // The first step this worker owns at or after `start`.
             let first = start + (w + workers - start % workers) % workers;
             handles.push(std::thread::spawn(move || {
@@ -135,15 +175,17 @@ impl Loader {
                         order = (epoch, epoch_order(ds.len(), seed, epoch));
                     }
                     let at = ((step % per_epoch) as usize) * batch;
-                    let mut values = vec![0f32; batch * size];
-                    let mut labels = Vec::with_capacity(batch);
-                    let built = order.1[at..at + batch]
+                    let n = rows.len();
+                    let mut values = vec![0f32; n * size];
+                    let mut labels = Vec::with_capacity(n);
+                    let built = rows
                         .iter()
+                        .map(|&r| order.1[at + r])
                         .zip(values.chunks_exact_mut(size))
-                        .try_for_each(|(&i, out)| ds.read(i, out).map(|l| labels.push(l)))
+                        .try_for_each(|(i, out)| ds.read(i, out).map(|l| labels.push(l)))
                         .map(|()| Batch {
                             step,
-                            x: Tensor::from_slice(&values).view([batch as i64, c, h, wd]),
+                            x: Tensor::from_slice(&values).view([n as i64, c, h, wd]),
                             labels: Tensor::from_slice(&labels).to_kind(Kind::Int64),
                         });
                     let failed = built.is_err();

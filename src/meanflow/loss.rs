@@ -82,21 +82,41 @@ pub struct Draw {
 impl Draw {
     /// Draws (t, r), e and num_drop from torch's generator, as the reference does.
     pub fn sample(cfg: &MeanFlowConfig, x: &Tensor) -> Self {
+        Self::sample_part(cfg, x, x.size()[0], 0)
+    }
+
+    /// The rows [offset, offset + B) of the draw of a batch of `global` samples, for the B
+    /// samples of `x` (a data-parallel process's part of the batch): every process draws the
+    /// whole batch's (t, r), e and label-drop count from the same generator state and keeps its
+    /// rows, so N processes train on the draws of one. The r = t rows and the dropped labels
+    /// stay the first rows of the whole batch.
+    pub fn sample_part(cfg: &MeanFlowConfig, x: &Tensor, global: i64, offset: i64) -> Self {
         let b = x.size()[0];
         let opts = (x.kind(), x.device());
         let one = || match cfg.time_sampler {
             TimeSampler::LogitNormal { p_mean, p_std } => {
-                (Tensor::randn([b], opts) * p_std + p_mean).sigmoid()
+                (Tensor::randn([global], opts) * p_std + p_mean).sigmoid()
             }
-            TimeSampler::Uniform => Tensor::rand([b], opts),
+            TimeSampler::Uniform => Tensor::rand([global], opts),
         };
         let (a, c) = (one(), one());
         let (t, r) = (a.maximum(&c), a.minimum(&c));
-        let e = x.randn_like();
-        let num_drop = Tensor::rand([b], (Kind::Float, x.device()))
+        let mut shape = x.size();
+        shape[0] = global;
+        let e = Tensor::randn(shape, opts);
+        let num_drop = Tensor::rand([global], (Kind::Float, x.device()))
             .lt(cfg.class_dropout)
             .sum(Kind::Int64);
-        Self::with_times(cfg, t, r, e, num_drop)
+        let whole = Self::with_times(cfg, t, r, e, num_drop);
+        if global == b {
+            return whole;
+        }
+        Self {
+            t: whole.t.narrow(0, offset, b),
+            r: whole.r.narrow(0, offset, b),
+            e: whole.e.narrow(0, offset, b),
+            num_drop: (whole.num_drop - offset).clamp(0, b),
+        }
     }
 
     /// From ordered times (t >= r): applies data_proportion, r = t on the first floor(B * proportion).

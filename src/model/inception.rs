@@ -263,6 +263,9 @@ impl Block {
     }
 }
 
+/// Width of the pool_3 features.
+pub const POOL_FEATURES: i64 = 2048;
+
 /// What the evaluator takes from one batch.
 pub struct Features {
     /// pool_3, (N, 2048): FID, precision, recall.

@@ -5,6 +5,7 @@ pub mod ema;
 pub mod optim;
 pub mod run;
 
+use crate::dist::Group;
 use crate::meanflow::{meanflow_loss, Draw, MeanFlowConfig};
 use crate::model::SiT;
 use crate::spec::Precision;
@@ -68,14 +69,70 @@ pub struct Trainer<'a> {
     pub grad_clip: f64,
     /// Micro-batches per step: the batch is split and the gradients summed.
     pub accumulation: i64,
+    /// The group whose processes each hold a part of the step's batch and average their
+    /// gradients; None: this process holds the whole batch.
+    pub sync: Option<&'a Group>,
+}
+
+/// Which rows of a step's global batch a data-parallel process trains on. Each of the
+/// `accumulation` micro-batches (batch / accumulation samples, in batch order) is split into
+/// `world` equal parts and process `rank` takes part `rank` of each, so N processes compute the
+/// loss terms of one process with the same global batch and accumulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub batch: usize,
+    pub accumulation: usize,
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Part {
+    /// The checked split: the batch must divide into accumulation x world equal parts.
+    pub fn new(batch: usize, accumulation: usize, rank: usize, world: usize) -> Result<Self> {
+        let accumulation = accumulation.max(1);
+        if world > 1 && !batch.is_multiple_of(accumulation * world) {
+            bail!(
+                "train.batch = {batch} does not split into {accumulation} micro-batch(es) x {world} processes: make it a multiple of {}",
+                accumulation * world
+            );
+        }
+        Ok(Self {
+            batch,
+            accumulation,
+            rank,
+            world,
+        })
+    }
+
+    /// Samples of one process in one micro-batch.
+    pub fn local_micro(&self) -> usize {
+        self.batch / self.accumulation / self.world
+    }
+
+    /// This process's rows of the global batch, micro-batch after micro-batch.
+    pub fn rows(&self) -> Vec<usize> {
+        if self.world == 1 {
+            return (0..self.batch).collect();
+        }
+        let (micro, local) = (self.batch / self.accumulation, self.local_micro());
+        (0..self.accumulation)
+            .flat_map(|m| (0..local).map(move |j| m * micro + self.rank * local + j))
+            .collect()
+    }
 }
 
 impl Trainer<'_> {
     /// One step on a batch (x, labels) at learning rate `lr`; randomness comes from torch's
-    /// generator (seed it first for a reproducible step).
+    /// generator (seed it first for a reproducible step). With `sync`, (x, labels) are this
+    /// process's rows of the global batch ([`Part::rows`]), the random draws are the rows' share
+    /// of the global batch's, and gradients and the loss are averaged over the group before
+    /// the update.
     pub fn step(&mut self, x: &Tensor, labels: &Tensor, lr: f64) -> Result<StepStats> {
         self.opt.zero_grad();
         let chunks = self.accumulation.max(1);
+        let (rank, world) = self
+            .sync
+            .map_or((0, 1), |g| (g.rank() as i64, g.size() as i64));
         let (mut loss, mut v_loss) = (
             Tensor::zeros([], (Kind::Float, x.device())),
             Tensor::zeros([], (Kind::Float, x.device())),
@@ -85,7 +142,8 @@ impl Trainer<'_> {
             .iter()
             .zip(labels.chunk(chunks, 0).iter())
         {
-            let draw = Draw::sample(&self.cfg, x);
+            let n = x.size()[0];
+            let draw = Draw::sample_part(&self.cfg, x, n * world, n * rank);
             let autocast = self.precision == Precision::Bf16;
             let terms = crate::device::autocast_bf16(autocast, || {
                 meanflow_loss(self.net, &self.cfg, x, labels, &draw)
@@ -93,6 +151,21 @@ impl Trainer<'_> {
             (terms.loss.shallow_clone() / chunks as f64).backward();
             loss += terms.loss.detach().to_kind(Kind::Float) / chunks as f64;
             v_loss += terms.v_loss.to_kind(Kind::Float) / chunks as f64;
+        }
+        if let Some(group) = self.sync {
+            // One all-reduce for the gradients and the step's two numbers (the loss terms of
+            // the whole global batch, as one process would log them).
+            let numbers = Tensor::stack(&[&loss, &v_loss], 0);
+            let mut list: Vec<Tensor> = self
+                .opt
+                .params
+                .iter()
+                .map(|(_, p, _, _)| p.grad())
+                .filter(|g| g.defined())
+                .collect();
+            list.push(numbers.shallow_clone());
+            group.all_reduce(&list, true, "the gradients")?;
+            (loss, v_loss) = (numbers.get(0), numbers.get(1));
         }
         let grad_norm = optim::clip_grad_norm(&self.opt.params, self.grad_clip)?;
         self.opt.update(lr)?;

@@ -2,9 +2,10 @@
 //! append-only stats.jsonl and a progress bar, checkpoints atomically, stops cleanly on Ctrl-C
 //! and at the first non-finite loss or gradient.
 use super::checkpoint::{self, TrainState};
-use super::{ema, input_kind, optim::AdamW, prepare_precision, trainable, Trainer};
+use super::{ema, input_kind, optim::AdamW, prepare_precision, trainable, Part, Trainer};
 use crate::data::{self, Loader};
 use crate::device;
+use crate::dist::{Group, World};
 use crate::model::SiT;
 use crate::spec::Spec;
 use anyhow::{bail, Context, Result};
@@ -46,19 +47,32 @@ pub struct Networks {
     pub ema: SiT,
 }
 
+/// The spec's network on `device`, initialised from the spec's seed.
+fn network(spec: &Spec, device: tch::Device) -> Result<(nn::VarStore, SiT)> {
+    let mut vs = nn::VarStore::new(device);
+    let net = SiT::new(&vs.root(), &spec.model_config());
+    prepare_precision(&mut vs, spec.train.precision, device)?;
+    Ok((vs, net))
+}
+
+/// An EMA network holding `vs`'s weights, frozen.
+fn ema_of(spec: &Spec, vs: &nn::VarStore) -> Result<(nn::VarStore, SiT)> {
+    let (mut ema_vs, ema) = network(spec, vs.device())?;
+    ema_vs.freeze();
+    ema::copy(&ema_vs, vs);
+    Ok((ema_vs, ema))
+}
+
 impl Networks {
     pub fn new(spec: &Spec) -> Result<Self> {
-        let device = device::parse(&spec.train.device)?;
-        let config = spec.model_config();
+        Self::on(spec, device::parse(&spec.train.device)?)
+    }
+
+    /// On `device` rather than the spec's (a data-parallel rank's own GPU).
+    pub fn on(spec: &Spec, device: tch::Device) -> Result<Self> {
         tch::manual_seed(data::mix(spec.train.seed, u64::MAX) as i64);
-        let mut vs = nn::VarStore::new(device);
-        let net = SiT::new(&vs.root(), &config);
-        prepare_precision(&mut vs, spec.train.precision, device)?;
-        let mut ema_vs = nn::VarStore::new(device);
-        let ema = SiT::new(&ema_vs.root(), &config);
-        prepare_precision(&mut ema_vs, spec.train.precision, device)?;
-        ema_vs.freeze();
-        ema::copy(&ema_vs, &vs);
+        let (vs, net) = network(spec, device)?;
+        let (ema_vs, ema) = ema_of(spec, &vs)?;
         Ok(Self {
             vs,
             net,
@@ -107,11 +121,27 @@ fn lr_at(spec: &Spec, step: u64) -> f64 {
 /// Trains the run in `dir` on `ds` (the spec's `train.data`) to the spec's last step,
 /// continuing from its newest checkpoint.
 pub fn train(spec: &Spec, ds: Arc<dyn data::Dataset>, dir: &Path) -> Result<Trained> {
+    train_in(spec, ds, dir, &World::single())
+}
+
+/// [`train`] as one rank of `world`: the spec's batch is the global batch and this process
+/// trains on its rows of it ([`Part`]), gradients averaged over the group every step. Rank 0
+/// alone reads and writes the run directory (checkpoints, stats.jsonl) and keeps the EMA; it
+/// hands its starting weights and optimizer state to the others, which wait at a barrier while
+/// it checkpoints. The data order and every random draw depend on (seed, step) only, so a run
+/// resumes with any number of processes that splits the same global batch.
+pub fn train_in(
+    spec: &Spec,
+    ds: Arc<dyn data::Dataset>,
+    dir: &Path,
+    world: &World,
+) -> Result<Trained> {
     let t = &spec.train;
     check_data(spec, ds.as_ref())?;
-    let nets = Networks::new(spec)?;
-    let device = nets.vs.device();
+    let device = world.device(device::parse(&t.device)?);
+    let main = world.is_main();
     let batch = t.batch as usize;
+    let part = Part::new(batch, t.grad_accumulation as usize, world.rank, world.size)?;
     let per_epoch = Loader::steps_per_epoch(ds.as_ref(), batch);
     if per_epoch == 0 {
         bail!(
@@ -122,14 +152,22 @@ pub fn train(spec: &Spec, ds: Arc<dyn data::Dataset>, dir: &Path) -> Result<Trai
     }
     let total = per_epoch * t.epochs as u64;
     let ckpt_dir = dir.join("checkpoints");
-    std::fs::create_dir_all(&ckpt_dir)
-        .with_context(|| format!("{}: cannot create", ckpt_dir.display()))?;
+    if main {
+        std::fs::create_dir_all(&ckpt_dir)
+            .with_context(|| format!("{}: cannot create", ckpt_dir.display()))?;
+    }
 
+    tch::manual_seed(data::mix(t.seed, u64::MAX) as i64);
+    let (vs, net) = network(spec, device)?;
+    // The EMA lives on rank 0 only (it alone samples and checkpoints).
+    let ema = if main { Some(ema_of(spec, &vs)?) } else { None };
+    let ema_vs = ema.as_ref().map(|e| &e.0);
     let spec_sha256 = spec.sha256();
-    let named = trainable(&nets.vs);
+    let named = trainable(&vs);
     let mut opt = AdamW::new(named, t.lr, t.betas, t.weight_decay);
-    let (start, wall_before) = match checkpoint::latest(&ckpt_dir) {
-        Some((path, state)) => {
+    let (mut start, mut wall_before) = (0, 0.0);
+    if main {
+        if let Some((path, state)) = checkpoint::latest(&ckpt_dir) {
             if state.spec_sha256 != spec_sha256 {
                 bail!(
                     "{}: written for spec {}, not this one ({spec_sha256})",
@@ -137,16 +175,27 @@ pub fn train(spec: &Spec, ds: Arc<dyn data::Dataset>, dir: &Path) -> Result<Trai
                     state.spec_sha256,
                 );
             }
-            restore(&path, &state, &nets, &mut opt)?;
+            restore(&path, &state, &vs, ema_vs, &mut opt)?;
             eprintln!(
                 "resuming from {} (step {} of {total})",
                 path.display(),
                 state.step
             );
-            (state.step, state.wall_s)
+            (start, wall_before) = (state.step, state.wall_s);
         }
-        None => (0, 0.0),
-    };
+    }
+    if let Some(group) = world.group() {
+        // Every rank starts from rank 0's step, weights and optimizer state.
+        let shared = world.share(&[start as i64, opt.step()], "the starting step")?;
+        start = shared[0] as u64;
+        opt.set_step(shared[1]);
+        let mut state: Vec<Tensor> = sorted(&vs).into_iter().map(|(_, v)| v).collect();
+        for (_, _, m, v) in &opt.params {
+            state.push(m.shallow_clone());
+            state.push(v.shallow_clone());
+        }
+        group.broadcast(&state, 0, "rank 0's weights and optimizer state")?;
+    }
     if start >= total {
         return Ok(Trained {
             steps: total,
@@ -155,20 +204,33 @@ pub fn train(spec: &Spec, ds: Arc<dyn data::Dataset>, dir: &Path) -> Result<Trai
     }
 
     let mut trainer = Trainer {
-        net: &nets.net,
+        net: &net,
         opt,
         cfg: spec.meanflow_config(),
         precision: t.precision,
         grad_clip: t.grad_clip,
         accumulation: t.grad_accumulation,
+        sync: world.group(),
     };
-    let mut loader = Loader::new(ds.clone(), batch, t.seed, start, 4)?;
-    let mut stats = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("stats.jsonl"))
-        .with_context(|| format!("{}: cannot open stats.jsonl", dir.display()))?;
-    let bar = ProgressBar::new(total).with_position(start);
+    let rows = part.rows();
+    let row_index = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>());
+    let mut loader = Loader::with_rows(ds.clone(), batch, rows, t.seed, start, 4)?;
+    let mut stats = if main {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("stats.jsonl"))
+                .with_context(|| format!("{}: cannot open stats.jsonl", dir.display()))?,
+        )
+    } else {
+        None
+    };
+    let bar = if main {
+        ProgressBar::new(total).with_position(start)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{prefix} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} {msg}",
@@ -185,13 +247,22 @@ pub fn train(spec: &Spec, ds: Arc<dyn data::Dataset>, dir: &Path) -> Result<Trai
     let mut window = (Instant::now(), 0u64);
     let kind = input_kind(t.precision);
     let mut last_saved = None;
+    let mut asked_to_stop = false;
     for step in start..total {
         tch::manual_seed(data::mix(t.seed, step) as i64);
         let b = loader.next_batch()?;
-        let x = data::model_input(ds.as_ref(), &b.x.to_device(device)).to_kind(kind);
+        let x = data::model_input_rows(
+            ds.as_ref(),
+            &b.x.to_device(device),
+            &row_index,
+            batch as i64,
+        )
+        .to_kind(kind);
         let lr = lr_at(spec, step);
         let s = trainer.step(&x, &b.labels.to_device(device), lr)?;
-        ema::update(&nets.ema_vs, &nets.vs, t.ema_decay)?;
+        if let Some(ema_vs) = ema_vs {
+            ema::update(ema_vs, &vs, t.ema_decay)?;
+        }
         let bad = s
             .loss
             .isfinite()
@@ -206,10 +277,22 @@ pub fn train(spec: &Spec, ds: Arc<dyn data::Dataset>, dir: &Path) -> Result<Trai
         norm_sum += s.grad_norm.to_kind(Kind::Float);
         window.1 += 1;
         let done = step + 1;
-        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        let interrupted = match world.group() {
+            None => INTERRUPTED.load(Ordering::SeqCst),
+            // Ranks may see Ctrl-C at different steps: the first to see it asks the group to
+            // stop after the next step, which no rank can have finished yet.
+            Some(group) => {
+                let ask = INTERRUPTED.load(Ordering::SeqCst) && !asked_to_stop;
+                asked_to_stop |= ask;
+                group
+                    .stop_step(ask.then_some(done + 1))?
+                    .is_some_and(|at| done >= at)
+            }
+        };
         let log = done % t.log_every as u64 == 0 || done == total || interrupted;
         let save = done % t.checkpoint_every as u64 == 0 || done == total || interrupted;
         if log || save {
+            // The loss and gradients were averaged over the group: every rank stops here alike.
             let bad_step = first_bad.int64_value(&[]);
             if bad_step >= 0 {
                 bar.abandon();
@@ -233,7 +316,9 @@ pub fn train(spec: &Spec, ds: Arc<dyn data::Dataset>, dir: &Path) -> Result<Trai
                 "img_per_s": n * batch as f64 / elapsed.max(1e-9),
                 "wall_s": wall_before + started.elapsed().as_secs_f64(),
             });
-            writeln!(stats, "{line}").context("writing stats.jsonl")?;
+            if let Some(stats) = &mut stats {
+                writeln!(stats, "{line}").context("writing stats.jsonl")?;
+            }
             bar.set_message(format!(
                 "loss {:.4} v_loss {:.4}",
                 line["loss"], line["v_loss"]
@@ -243,17 +328,28 @@ pub fn train(spec: &Spec, ds: Arc<dyn data::Dataset>, dir: &Path) -> Result<Trai
         }
         bar.set_position(done);
         if save {
-            let state = TrainState {
-                step: done,
-                epoch: done / per_epoch,
-                adam_step: trainer.opt.step(),
-                seed: t.seed,
-                spec_sha256: spec_sha256.clone(),
-                wall_s: wall_before + started.elapsed().as_secs_f64(),
-            };
+            if let Some(group) = world.group() {
+                check_replicas(group, &vs, done)?;
+            }
             let path = ckpt_dir.join(checkpoint::file_name(done));
-            checkpoint::write(&path, &checkpoint_tensors(&nets, &trainer.opt), &state)?;
-            checkpoint::prune(&ckpt_dir, t.keep_checkpoints as usize, &t.pin_checkpoints)?;
+            if let Some(ema_vs) = ema_vs {
+                let state = TrainState {
+                    step: done,
+                    epoch: done / per_epoch,
+                    adam_step: trainer.opt.step(),
+                    seed: t.seed,
+                    spec_sha256: spec_sha256.clone(),
+                    wall_s: wall_before + started.elapsed().as_secs_f64(),
+                };
+                checkpoint::write(
+                    &path,
+                    &checkpoint_tensors(&vs, ema_vs, &trainer.opt),
+                    &state,
+                )?;
+                checkpoint::prune(&ckpt_dir, t.keep_checkpoints as usize, &t.pin_checkpoints)?;
+            }
+            // The others wait for the checkpoint (the next stage reads the last one).
+            world.barrier(&format!("rank 0 writing {}", path.display()))?;
             last_saved = Some(path);
         }
         if interrupted {
@@ -262,18 +358,63 @@ pub fn train(spec: &Spec, ds: Arc<dyn data::Dataset>, dir: &Path) -> Result<Trai
         }
     }
     bar.finish();
+    if main && world.size > 1 {
+        println!(
+            "  all {} ranks held the same weights at every checkpoint",
+            world.size
+        );
+    }
     Ok(Trained {
         steps: total,
         checkpoint: last_saved.expect("the last step saves"),
     })
 }
 
-fn checkpoint_tensors(nets: &Networks, opt: &AdamW) -> Vec<(String, Tensor)> {
+/// Every rank must hold the same weights (all applied the same averaged gradients): compared at
+/// each checkpoint through a fingerprint, the sums of the weights and of their squares in f64,
+/// which only identical weights give bit for bit.
+fn check_replicas(group: &Group, vs: &nn::VarStore, step: u64) -> Result<()> {
+    let fingerprint = tch::no_grad(|| {
+        let parts: Vec<Tensor> = sorted(vs)
+            .iter()
+            .map(|(_, v)| {
+                let v = v.to_kind(Kind::Double);
+                Tensor::stack(&[v.sum(Kind::Double), v.square().sum(Kind::Double)], 0)
+            })
+            .collect();
+        Tensor::stack(&parts, 0).sum_dim_intlist([0].as_slice(), true, Kind::Double)
+    });
+    let all = group.all_gather(&fingerprint, "weight fingerprints")?;
+    let all: Vec<Vec<f64>> = Vec::try_from(&all.to_device(tch::Device::Cpu))?;
+    if let Some(rank) = all.iter().position(|f| f != &all[0]) {
+        bail!(
+            "after step {step}, rank {rank} holds other weights than rank 0 (fingerprints {:?} and {:?}): the replicas diverged",
+            all[rank],
+            all[0]
+        );
+    }
+    Ok(())
+}
+
+/// A store's variables sorted by name (the checkpoint's and the broadcast's order).
+fn sorted(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+fn checkpoint_tensors(
+    vs: &nn::VarStore,
+    ema_vs: &nn::VarStore,
+    opt: &AdamW,
+) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
-    for (prefix, vs) in [("model.", &nets.vs), ("ema.", &nets.ema_vs)] {
-        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        out.extend(vars.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
+    for (prefix, vs) in [("model.", vs), ("ema.", ema_vs)] {
+        out.extend(
+            sorted(vs)
+                .into_iter()
+                .map(|(k, v)| (format!("{prefix}{k}"), v)),
+        );
     }
     for (name, _, m, v) in &opt.params {
         out.push((format!("opt.exp_avg.{name}"), m.shallow_clone()));
@@ -282,12 +423,20 @@ fn checkpoint_tensors(nets: &Networks, opt: &AdamW) -> Vec<(String, Tensor)> {
     out
 }
 
-fn restore(path: &Path, state: &TrainState, nets: &Networks, opt: &mut AdamW) -> Result<()> {
+fn restore(
+    path: &Path,
+    state: &TrainState,
+    vs: &nn::VarStore,
+    ema_vs: Option<&nn::VarStore>,
+    opt: &mut AdamW,
+) -> Result<()> {
     let tensors: Vec<(String, Tensor)> = checkpoint::read_tensors(path)?.into_iter().collect();
     let source = path.display().to_string();
     // load_state_dict considers only the names under its prefix.
-    crate::model::load_state_dict(&nets.vs, &tensors, "model.", &source)?;
-    crate::model::load_state_dict(&nets.ema_vs, &tensors, "ema.", &source)?;
+    crate::model::load_state_dict(vs, &tensors, "model.", &source)?;
+    if let Some(ema_vs) = ema_vs {
+        crate::model::load_state_dict(ema_vs, &tensors, "ema.", &source)?;
+    }
     let by_name: std::collections::HashMap<&str, &Tensor> =
         tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     tch::no_grad(|| -> Result<()> {

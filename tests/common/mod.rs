@@ -1,8 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
+use meanflow_repro::data::npy;
 use meanflow_repro::model::{Conditioning, SiT, SiTConfig};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 
 /// ||a - b|| / ||b|| in f64 (||b|| floored at 1e-300 so an all-zero reference still compares).
@@ -57,4 +58,25 @@ pub fn eval_fixture(name: &str) -> BTreeMap<String, Tensor> {
         )
     });
     tensors.into_iter().collect()
+}
+
+/// A REPA-layout tree of `n` posterior moments (2 x 4 x 4) with labels in 0..3.
+pub fn latent_tree(root: &Path, n: usize, poison: Option<usize>) {
+    let dir = root.join("vae-sd").join("00000");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut labels = Vec::new();
+    for i in 0..n {
+        let name = format!("img-mean-std-{i:08}.npy");
+        let mut values: Vec<f32> = (0..32)
+            .map(|j| ((i * 31 + j * 7) % 17) as f32 / 8.0 - 1.0)
+            .collect();
+        values[16..].iter_mut().for_each(|s| *s = 0.1);
+        if poison == Some(i) {
+            values[0] = f32::NAN;
+        }
+        npy::write_f32(&dir.join(&name), &[2, 4, 4], &values).unwrap();
+        labels.push(serde_json::json!([format!("00000/{name}"), i % 3]));
+    }
+    let index = serde_json::json!({ "labels": labels });
+    std::fs::write(root.join("vae-sd/dataset.json"), index.to_string()).unwrap();
 }
