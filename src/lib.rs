@@ -5,6 +5,7 @@ pub mod bench;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod import;
 pub mod meanflow;
 pub mod model;
 pub mod report;

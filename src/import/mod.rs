@@ -1,0 +1,2 @@
+//! Reading weight files made by PyTorch code.
+pub mod torch_file;
