@@ -282,7 +282,9 @@ fn checkpoint_tensors(nets: &Networks, opt: &AdamW) -> Vec<(String, Tensor)> {
     out
 }
 
-fn restore(path: &Path, state: &TrainState, nets: &Networks, opt: &mut AdamW) -> Result<()> {
+/// Loads a checkpoint's model, EMA and AdamW moments (every name and shape checked) and its
+/// Adam step: what resuming does (also how an imported checkpoint is checked to load).
+pub fn restore(path: &Path, state: &TrainState, nets: &Networks, opt: &mut AdamW) -> Result<()> {
     let tensors: Vec<(String, Tensor)> = checkpoint::read_tensors(path)?.into_iter().collect();
     let source = path.display().to_string();
     // load_state_dict considers only the names under its prefix.
