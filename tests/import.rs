@@ -13,8 +13,10 @@
 //!   - 1e-4 against pytorch-fid as built (unfolded): the rounding of gamma * W and gamma * mean
 //!     (one ulp each), which this random, calibrated-on-4-images network amplifies to 2.0e-5 -
 //!     the same 2.0e-5 that pytorch-fid itself shows between its folded and unfolded weights, so
-//!     it is the folding's, not the port's. The real file's scales are 1 (TF's graph has none):
-//!     there the folding multiplies by 1.0 and is exact.
+//!     it is the folding's, not the port's. TF's graph has no scale, so the converted file's
+//!     scales should all be 1, where folding multiplies by 1.0 and is exact (`mfr import` says
+//!     whether any scale differs from 1).
+//!
 //! The Inception Score from `mfr evaluate` with those weights matches numpy's ADM formula on
 //! pytorch-fid's logits to 1e-5 relative (measured 4e-8).
 mod common;
