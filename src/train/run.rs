@@ -423,7 +423,10 @@ fn checkpoint_tensors(
     out
 }
 
-fn restore(
+/// Loads a checkpoint's model, (on the rank that keeps it) EMA, and AdamW moments, every name
+/// and shape checked, and its Adam step: what resuming does (also how an imported checkpoint is
+/// checked to load).
+pub fn restore(
     path: &Path,
     state: &TrainState,
     vs: &nn::VarStore,

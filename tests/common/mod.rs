@@ -80,3 +80,19 @@ pub fn latent_tree(root: &Path, n: usize, poison: Option<usize>) {
     let index = serde_json::json!({ "labels": labels });
     std::fs::write(root.join("vae-sd/dataset.json"), index.to_string()).unwrap();
 }
+
+/// A file written by tests/make_import_fixtures.py (`make test` runs it first) into
+/// $MFR_IMPORT_FIXTURES, default target/import-fixtures.
+pub fn import_fixture(name: &str) -> PathBuf {
+    let dir = std::env::var_os("MFR_IMPORT_FIXTURES").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/import-fixtures"),
+        PathBuf::from,
+    );
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{}: missing (run `make test`, which writes the fixtures first)",
+        path.display()
+    );
+    path
+}
