@@ -127,7 +127,7 @@ fn run_in(spec: &Spec, spec_path: &Path, opts: &Options, world: &World) -> Resul
                         println!("  trained: {}", trained.checkpoint.display());
                     }
                 }
-                "sample" => sample_stage(point, &dir, weights(point, &dir, Some(total)), world)?,
+                "sample" => sample_stage(point, &dir, Some(total), world)?,
                 _ => {
                     if main {
                         execute(stage, point, &dir, Some(total), ds.as_ref())?;
@@ -292,21 +292,52 @@ fn metrics_file(dir: &Path) -> PathBuf {
     dir.join("samples").join("metrics.json")
 }
 
-/// The sample batch of one schedule.
+/// The sample batch of one schedule from the final weights.
 pub fn samples_npz(dir: &Path, schedule: &[f64]) -> PathBuf {
-    dir.join("samples")
-        .join(format!("samples-{}nfe.npz", schedule.len() - 1))
+    samples_npz_at(dir, None, schedule)
 }
 
 /// What the sample stage was made from; the evaluate stage is current when it names the same.
 fn sample_inputs(spec: &Spec, weights: &Path) -> serde_json::Value {
-    serde_json::json!({
+    let mut inputs = serde_json::json!({
         "weights": weights.display().to_string(),
         "schedules": spec.sample.schedules,
         "num_samples": spec.sample.num_samples,
         "seed": spec.sample.seed,
         "vae": if data::is_pixels(&spec.train.data) { None } else { Some(&spec.sample.vae) },
-    })
+    });
+    if !spec.eval.steps.is_empty() {
+        inputs["steps"] = serde_json::json!(spec.eval.steps);
+    }
+    inputs
+}
+
+/// The checkpoints of `eval.steps` this run has (trained from this very spec), by step.
+fn intermediate(spec: &Spec, dir: &Path, total: Option<u64>) -> Vec<(u64, PathBuf)> {
+    if spec.model.weights.is_some() {
+        return Vec::new();
+    }
+    let mut steps = spec.eval.steps.clone();
+    steps.sort_unstable();
+    steps.dedup();
+    steps
+        .into_iter()
+        .filter(|s| total.is_some_and(|t| *s < t))
+        .filter_map(|s| {
+            let path = dir.join("checkpoints").join(checkpoint::file_name(s));
+            let state = checkpoint::read_state(&path).ok()?;
+            (state.spec_sha256 == spec.sha256()).then_some((s, path))
+        })
+        .collect()
+}
+
+/// The sample batch of one schedule from the final weights (`step` None) or a step's checkpoint.
+pub fn samples_npz_at(dir: &Path, step: Option<u64>, schedule: &[f64]) -> PathBuf {
+    let name = format!("samples-{}nfe.npz", schedule.len() - 1);
+    match step {
+        None => dir.join("samples").join(name),
+        Some(s) => dir.join("samples").join(format!("step-{s:08}")).join(name),
+    }
 }
 
 fn plan(spec: &Spec, dir: &Path, total: &Result<u64, String>) -> Vec<Stage> {
@@ -505,9 +536,9 @@ fn execute(
             let w = weights(spec, dir, total).context("no finished training to evaluate")?;
             if data::is_pixels(&spec.train.data) {
                 let ds = ds.context("the small-sample FID needs the training images")?;
-                evaluate_pixels(spec, dir, ds.as_ref(), &w)?
+                evaluate_pixels(spec, dir, ds.as_ref(), &w, total)?
             } else {
-                evaluate_adm(spec, dir, &w)?
+                evaluate_adm(spec, dir, &w, total)?
             }
         }
         "curves" => {
@@ -520,26 +551,27 @@ fn execute(
     Ok(())
 }
 
-/// A grid per schedule (a column per class), then every schedule's sample batch as an .npz.
-/// Rank 0 loads the EMA weights and hands them to the other ranks; batch b is sampled by rank
-/// b mod N (from its own seed, as one process would), and rank 0 assembles the .npz.
-fn sample_stage(spec: &Spec, dir: &Path, weights: Option<PathBuf>, world: &World) -> Result<()> {
+/// A grid per schedule (a column per class), then every schedule's sample batch as an .npz,
+/// from the final weights and from each checkpoint of `eval.steps`. Rank 0 loads the weights
+/// and hands them to the other ranks; batch b is sampled by rank b mod N (from its own seed, as
+/// one process would), and rank 0 assembles the .npz.
+fn sample_stage(spec: &Spec, dir: &Path, total: Option<u64>, world: &World) -> Result<()> {
     let main = world.is_main();
     let device = world.device(crate::device::parse(&spec.train.device)?);
     let nets = Networks::on(spec, device)?;
-    if main {
-        nets.load_ema(
-            &weights
-                .clone()
-                .context("no finished training to sample from")?,
-        )?;
-    }
-    if let Some(group) = world.group() {
-        let mut ema: Vec<(String, Tensor)> = nets.ema_vs.variables().into_iter().collect();
-        ema.sort_by(|a, b| a.0.cmp(&b.0));
-        let ema: Vec<Tensor> = ema.into_iter().map(|(_, v)| v).collect();
-        group.broadcast(&ema, 0, "rank 0's EMA weights")?;
-    }
+    let final_weights = weights(spec, dir, total);
+    let load = |path: Option<&Path>| -> Result<()> {
+        if main {
+            nets.load_ema(path.context("no finished training to sample from")?)?;
+        }
+        if let Some(group) = world.group() {
+            let mut ema: Vec<(String, Tensor)> = nets.ema_vs.variables().into_iter().collect();
+            ema.sort_by(|a, b| a.0.cmp(&b.0));
+            let ema: Vec<Tensor> = ema.into_iter().map(|(_, v)| v).collect();
+            group.broadcast(&ema, 0, "rank 0's EMA weights")?;
+        }
+        Ok(())
+    };
     let decoder = if data::is_pixels(&spec.train.data) {
         sample::Decoder::Pixels
     } else {
@@ -551,39 +583,57 @@ fn sample_stage(spec: &Spec, dir: &Path, weights: Option<PathBuf>, world: &World
         decoder: &decoder,
         device,
     };
-    let out = dir.join("samples");
-    if main {
-        std::fs::create_dir_all(&out)?;
-        let classes = spec.model.num_classes.min(10);
-        let (per_class, zoom) = if data::is_pixels(&spec.train.data) {
-            (10, 6)
-        } else {
-            (4, 1)
-        };
+    let mut targets: Vec<(Option<u64>, Option<PathBuf>)> = vec![(None, final_weights.clone())];
+    // Rank 0 alone reads the checkpoints: the others learn how many there are.
+    let steps = if main {
+        intermediate(spec, dir, total)
+    } else {
+        Vec::new()
+    };
+    let shared = world.share(
+        &std::iter::once(steps.len() as i64)
+            .chain(steps.iter().map(|(s, _)| *s as i64))
+            .chain(std::iter::repeat(0).take(spec.eval.steps.len() - steps.len()))
+            .collect::<Vec<_>>(),
+        "the steps to sample",
+    )?;
+    let count = shared[0] as usize;
+    for (i, step) in shared[1..=count].iter().enumerate() {
+        targets.push((Some(*step as u64), steps.get(i).map(|(_, p)| p.clone())));
+    }
+    for (step, path) in &targets {
+        load(path.as_deref())?;
+        if main && step.is_none() {
+            let out = dir.join("samples");
+            std::fs::create_dir_all(&out)?;
+            let classes = spec.model.num_classes.min(10);
+            let (per_class, zoom) = if data::is_pixels(&spec.train.data) {
+                (10, 6)
+            } else {
+                (4, 1)
+            };
+            for schedule in &spec.sample.schedules {
+                let images = sampler.grid(schedule, classes, per_class)?;
+                let path = out.join(format!("grid-{}nfe.png", schedule.len() - 1));
+                report::sample_grid(&images, classes, zoom, &path)?;
+                println!("  grid: {}", path.display());
+            }
+        }
         for schedule in &spec.sample.schedules {
-            let images = sampler.grid(schedule, classes, per_class)?;
-            let path = out.join(format!("grid-{}nfe.png", schedule.len() - 1));
-            report::sample_grid(&images, classes, zoom, &path)?;
-            println!("  grid: {}", path.display());
+            let npz = samples_npz_at(dir, *step, schedule);
+            sampler.write_parts(schedule, &npz, world.rank, world.size)?;
+        }
+        world.barrier("every rank's sample batches")?;
+        if main {
+            for schedule in &spec.sample.schedules {
+                let npz = samples_npz_at(dir, *step, schedule);
+                let n = sample::assemble(spec, &npz)?;
+                println!("  samples: {} ({n} images)", npz.display());
+            }
         }
     }
-    world.barrier("rank 0's sample grids")?;
-    for schedule in &spec.sample.schedules {
-        sampler.write_parts(
-            schedule,
-            &samples_npz(dir, schedule),
-            world.rank,
-            world.size,
-        )?;
-    }
-    world.barrier("every rank's sample batches")?;
     if main {
-        for schedule in &spec.sample.schedules {
-            let path = samples_npz(dir, schedule);
-            let n = sample::assemble(spec, &path)?;
-            println!("  samples: {} ({n} images)", path.display());
-        }
-        let weights = weights.expect("checked above");
+        let weights = final_weights.expect("checked when loading");
         std::fs::write(
             samples_marker(dir),
             serde_json::to_string_pretty(&sample_inputs(spec, &weights))? + "\n",
@@ -592,10 +642,39 @@ fn sample_stage(spec: &Spec, dir: &Path, weights: Option<PathBuf>, world: &World
     Ok(())
 }
 
+/// The sample batches the evaluate stage scores, by step: the final weights first (None), then
+/// each checkpoint of `eval.steps`.
+fn evaluated(spec: &Spec, dir: &Path, total: Option<u64>) -> Vec<Option<u64>> {
+    std::iter::once(None)
+        .chain(
+            intermediate(spec, dir, total)
+                .into_iter()
+                .map(|(s, _)| Some(s)),
+        )
+        .collect()
+}
+
+/// One line of metrics.json's history: FID of a step's samples.
+fn history_line(
+    step: Option<u64>,
+    final_step: Option<u64>,
+    nfe: &str,
+    fid: f64,
+) -> Option<serde_json::Value> {
+    let step = step.or(final_step)?;
+    Some(serde_json::json!({"step": step, "nfe": nfe, "fid": fid}))
+}
+
 /// FID of each schedule's samples against every training image, for data in pixel space (the
 /// demo). A small-sample FID: comparable between the runs of one spec, not with FID-50K
 /// numbers. The training images' features are cached by content.
-fn evaluate_pixels(spec: &Spec, dir: &Path, ds: &dyn Dataset, weights: &Path) -> Result<()> {
+fn evaluate_pixels(
+    spec: &Spec,
+    dir: &Path,
+    ds: &dyn Dataset,
+    weights: &Path,
+    total: Option<u64>,
+) -> Result<()> {
     use crate::eval::evaluator::{cached_features, default_cache, featurise, weights_tag, Source};
     use crate::eval::npz::Npz;
     use crate::eval::{frechet_distance, Stats};
@@ -635,21 +714,30 @@ fn evaluate_pixels(spec: &Spec, dir: &Path, ds: &dyn Dataset, weights: &Path) ->
     let ref_stats = Stats::of(&ref_pool)?;
 
     let n = spec.sample.num_samples;
-    let mut fids = serde_json::Map::new();
-    for schedule in &spec.sample.schedules {
-        let nfe = format!("{}-NFE", schedule.len() - 1);
-        let mut npz = Npz::open(&samples_npz(dir, schedule))?;
-        let mut source = Source::Npz(Box::new(npz.images("arr_0")?));
-        let (pool, _, _) = featurise(&net, &mut source, batch, device, &nfe)?;
-        let fid = frechet_distance(&ref_stats, &Stats::of(&pool)?)?;
-        println!(
-            "  FID ({nfe}, {n} samples vs {} training images): {fid:.2}",
-            ds.len()
-        );
-        fids.insert(nfe, fid.into());
+    // Given weights have no step of this run's training.
+    let final_step = total.filter(|_| spec.model.weights.is_none());
+    let (mut fids, mut history) = (serde_json::Map::new(), Vec::new());
+    for step in evaluated(spec, dir, total) {
+        for schedule in &spec.sample.schedules {
+            let nfe = format!("{}-NFE", schedule.len() - 1);
+            let mut npz = Npz::open(&samples_npz_at(dir, step, schedule))?;
+            let mut source = Source::Npz(Box::new(npz.images("arr_0")?));
+            let (pool, _, _) = featurise(&net, &mut source, batch, device, &nfe)?;
+            let fid = frechet_distance(&ref_stats, &Stats::of(&pool)?)?;
+            let at = step.map_or_else(String::new, |s| format!(", step {s}"));
+            println!(
+                "  FID ({nfe}{at}, {n} samples vs {} training images): {fid:.2}",
+                ds.len()
+            );
+            history.extend(history_line(step, final_step, &nfe, fid));
+            if step.is_none() {
+                fids.insert(nfe, fid.into());
+            }
+        }
     }
     let metrics = serde_json::json!({
         "fid": fids,
+        "history": history,
         "num_samples": n,
         "num_reference": ds.len(),
         "note": "small-sample FID of pixel-space samples (Inception features of upscaled images): compare runs of one spec, not FID-50K numbers",
@@ -664,7 +752,7 @@ fn evaluate_pixels(spec: &Spec, dir: &Path, ds: &dyn Dataset, weights: &Path) ->
 }
 
 /// ADM's five metrics of each schedule's samples against the reference batch.
-fn evaluate_adm(spec: &Spec, dir: &Path, weights: &Path) -> Result<()> {
+fn evaluate_adm(spec: &Spec, dir: &Path, weights: &Path, total: Option<u64>) -> Result<()> {
     use crate::eval::evaluator::{self, default_cache, Options};
     let reference = reference_batch(spec)?;
     let opts = Options {
@@ -673,24 +761,35 @@ fn evaluate_adm(spec: &Spec, dir: &Path, weights: &Path) -> Result<()> {
         inception: None,
         cache: default_cache(),
     };
-    let (mut fids, mut all) = (serde_json::Map::new(), serde_json::Map::new());
-    let mut inception_weights = String::new();
-    for schedule in &spec.sample.schedules {
-        let nfe = format!("{}-NFE", schedule.len() - 1);
-        let report = evaluator::evaluate(&reference, &samples_npz(dir, schedule), &opts)?;
-        println!(
-            "  {nfe}:\n    {}",
-            report.adm_lines().replace('\n', "\n    ")
-        );
-        fids.insert(nfe.clone(), report.fid.into());
-        inception_weights = report.inception_weights.clone();
-        all.insert(nfe, serde_json::to_value(&report)?);
+    let (mut fids, mut all, mut history) = (serde_json::Map::new(), serde_json::Map::new(), vec![]);
+    let (mut inception_weights, mut num_reference) = (String::new(), 0);
+    // Given weights have no step of this run's training.
+    let final_step = total.filter(|_| spec.model.weights.is_none());
+    for step in evaluated(spec, dir, total) {
+        for schedule in &spec.sample.schedules {
+            let nfe = format!("{}-NFE", schedule.len() - 1);
+            let npz = samples_npz_at(dir, step, schedule);
+            let report = evaluator::evaluate(&reference, &npz, &opts)?;
+            let at = step.map_or_else(String::new, |s| format!(" (step {s})"));
+            println!(
+                "  {nfe}{at}:\n    {}",
+                report.adm_lines().replace('\n', "\n    ")
+            );
+            history.extend(history_line(step, final_step, &nfe, report.fid));
+            if step.is_none() {
+                fids.insert(nfe.clone(), report.fid.into());
+                inception_weights = report.inception_weights.clone();
+                num_reference = report.num_reference;
+                all.insert(nfe, serde_json::to_value(&report)?);
+            }
+        }
     }
     let metrics = serde_json::json!({
         "fid": fids,
+        "history": history,
         "adm": all,
         "num_samples": spec.sample.num_samples,
-        "num_reference": 10000,
+        "num_reference": num_reference,
         "note": "ADM evaluator semantics against the reference batch",
         "reference": reference.display().to_string(),
         "inputs": sample_inputs(spec, weights),

@@ -223,6 +223,65 @@ where
     Ok(())
 }
 
+/// FID against training step, one line per (run, NFE).
+pub fn fid_by_step(series: &[(String, Vec<(f64, f64)>)], title: &str, stem: &Path) -> Result<()> {
+    if series.iter().all(|(_, p)| p.is_empty()) {
+        bail!("no FIDs to plot for {title}");
+    }
+    png_and_svg!(stem, (760, 460), draw_fid_by_step(series, title))
+}
+
+fn draw_fid_by_step<DB: DrawingBackend>(
+    root: Area<DB>,
+    series: &[(String, Vec<(f64, f64)>)],
+    title: &str,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(plot_err)?;
+    let points = || series.iter().flat_map(|(_, p)| p.iter());
+    let max_step = points().map(|p| p.0).fold(1.0, f64::max);
+    let (lo, hi) = padded_range(points().map(|p| p.1));
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{title}: FID against training step"),
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..max_step * 1.05, lo.min(0.0)..hi)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("FID")
+        .label_style(("sans-serif", 12))
+        .draw()
+        .map_err(plot_err)?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(pts.clone(), &color))
+            .map_err(plot_err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
+        chart
+            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+            .map_err(plot_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 11))
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
 /// One bar pair per row: the paper's number beside ours.
 pub struct Bar {
     pub label: String,

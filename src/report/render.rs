@@ -138,8 +138,16 @@ pub fn report(path: &Path, root: &Path) -> Result<PathBuf> {
         tables.push(Table::from_frame(&fid_caption(&runs), &fids, 2));
     }
     if adm.height() > 0 {
+        let reference = runs
+            .iter()
+            .find_map(|r| r.metrics.as_ref()?["reference"].as_str().map(str::to_owned))
+            .map_or_else(String::new, |p| {
+                Path::new(&p)
+                    .file_name()
+                    .map_or(p.clone(), |f| f.to_string_lossy().into_owned())
+            });
         tables.push(Table::from_frame(
-            "ADM evaluator metrics (vs VIRTUAL_imagenet256_labeled)",
+            &format!("ADM evaluator metrics (against {reference})"),
             &adm,
             4,
         ));
@@ -190,7 +198,10 @@ fn fid_caption(runs: &[RunResult]) -> String {
                 m["num_samples"], m["num_reference"]
             )
         }
-        Some(r) => format!("FID-{}K per run", r.spec.sample.num_samples / 1000),
+        Some(r) if r.spec.sample.num_samples % 1000 == 0 => {
+            format!("FID-{}K per run", r.spec.sample.num_samples / 1000)
+        }
+        Some(r) => format!("FID per run ({} samples)", r.spec.sample.num_samples),
         None => "FID per run".to_owned(),
     }
 }
@@ -225,6 +236,24 @@ fn figures(
         figs.push(Figure {
             file: "plots/fid-by-nfe.png".into(),
             caption: "FID at the final step against the number of network evaluations".into(),
+        });
+    }
+    // FID against training step, where the runs evaluated several checkpoints (eval.steps).
+    let by_step: Vec<(String, Vec<(f64, f64)>)> = runs
+        .iter()
+        .flat_map(|r| {
+            r.history()
+                .into_iter()
+                .map(move |(nfe, points)| (format!("{} {nfe}", r.name), points))
+        })
+        .filter(|(_, points)| points.len() > 1)
+        .collect();
+    if !by_step.is_empty() {
+        plots::fid_by_step(&by_step, experiment, &out.join("plots").join("fid-by-step"))?;
+        figs.push(Figure {
+            file: "plots/fid-by-step.png".into(),
+            caption: "FID against training step (the checkpoints of eval.steps and the final one)"
+                .into(),
         });
     }
     if comparison.height() > 0 {

@@ -66,6 +66,28 @@ impl RunResult {
         out
     }
 
+    /// FID against training step from metrics.json's history: (NFE label, [(step, FID)]).
+    pub fn history(&self) -> Vec<(String, Vec<(f64, f64)>)> {
+        let mut by_nfe: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
+        let lines = self.metrics.as_ref().and_then(|m| m["history"].as_array());
+        for line in lines.into_iter().flatten() {
+            if let (Some(nfe), Some(step), Some(fid)) = (
+                line["nfe"].as_str(),
+                line["step"].as_f64(),
+                line["fid"].as_f64(),
+            ) {
+                by_nfe.entry(nfe.to_owned()).or_default().push((step, fid));
+            }
+        }
+        by_nfe
+            .into_iter()
+            .map(|(nfe, mut points)| {
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                (nfe, points)
+            })
+            .collect()
+    }
+
     pub fn fid(&self, nfe: i64) -> Option<f64> {
         self.fids().into_iter().find(|p| p.0 == nfe).map(|p| p.1)
     }

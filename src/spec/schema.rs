@@ -232,6 +232,10 @@ pub struct EvalSection {
     /// The reference batch asset (ADM's VIRTUAL_imagenet256_labeled.npz).
     pub reference: String,
     pub batch: i64,
+    /// Training steps whose checkpoints are saved, kept, sampled and evaluated besides the
+    /// final one: the report's FID against training step.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<u64>,
 }
 
 impl Default for EvalSection {
@@ -239,6 +243,7 @@ impl Default for EvalSection {
         Self {
             reference: "VIRTUAL_imagenet256_labeled".to_owned(),
             batch: 250,
+            steps: Vec::new(),
         }
     }
 }

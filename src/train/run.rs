@@ -290,7 +290,10 @@ pub fn train_in(
             }
         };
         let log = done % t.log_every as u64 == 0 || done == total || interrupted;
-        let save = done % t.checkpoint_every as u64 == 0 || done == total || interrupted;
+        let save = done % t.checkpoint_every as u64 == 0
+            || done == total
+            || interrupted
+            || spec.eval.steps.contains(&done);
         if log || save {
             // The loss and gradients were averaged over the group: every rank stops here alike.
             let bad_step = first_bad.int64_value(&[]);
@@ -346,7 +349,14 @@ pub fn train_in(
                     &checkpoint_tensors(&vs, ema_vs, &trainer.opt),
                     &state,
                 )?;
-                checkpoint::prune(&ckpt_dir, t.keep_checkpoints as usize, &t.pin_checkpoints)?;
+                // The steps to evaluate stay, like the pinned ones.
+                let kept: Vec<u64> = t
+                    .pin_checkpoints
+                    .iter()
+                    .chain(&spec.eval.steps)
+                    .copied()
+                    .collect();
+                checkpoint::prune(&ckpt_dir, t.keep_checkpoints as usize, &kept)?;
             }
             // The others wait for the checkpoint (the next stage reads the last one).
             world.barrier(&format!("rank 0 writing {}", path.display()))?;
