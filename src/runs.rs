@@ -593,7 +593,7 @@ fn sample_stage(spec: &Spec, dir: &Path, total: Option<u64>, world: &World) -> R
     let shared = world.share(
         &std::iter::once(steps.len() as i64)
             .chain(steps.iter().map(|(s, _)| *s as i64))
-            .chain(std::iter::repeat(0).take(spec.eval.steps.len() - steps.len()))
+            .chain(std::iter::repeat_n(0, spec.eval.steps.len() - steps.len()))
             .collect::<Vec<_>>(),
         "the steps to sample",
     )?;
