@@ -807,13 +807,10 @@ fn evaluate_adm(spec: &Spec, dir: &Path, weights: &Path, total: Option<u64>) -> 
 pub fn preflight(spec_path: &Path, sets: &[String]) -> Result<()> {
     let spec = Spec::load_with(spec_path, sets)?;
     let mut missing = Vec::new();
-    match crate::device::parse(&spec.train.device) {
-        Ok(d) if d.is_cuda() && !tch::Cuda::is_available() => missing.push(format!(
-            "a CUDA GPU (train.device = {}): none is visible to libtorch here; run on a GPU machine",
-            spec.train.device
-        )),
-        Ok(_) => {}
-        Err(e) => missing.push(format!("{e:#}")),
+    if let Err(e) = crate::device::parse(&spec.train.device) {
+        missing.push(format!(
+            "{e:#} (train.device): run on a GPU machine, or --set train.device=cpu for a trial"
+        ));
     }
     match &spec.model.weights {
         Some(w) if !Path::new(w).is_file() => missing.push(format!(
