@@ -437,19 +437,7 @@ fn evaluate_status(spec: &Spec, dir: &Path, weights: Option<&Path>) -> Status {
 
 /// The cached reference batch of `eval.reference` (a path, or an asset name).
 fn reference_batch(spec: &Spec) -> Result<PathBuf> {
-    let name = &spec.eval.reference;
-    if Path::new(name).is_file() {
-        return Ok(PathBuf::from(name));
-    }
-    let asset = crate::assets::find(name)?;
-    let cached = crate::assets::cached_path(&asset, &crate::eval::evaluator::default_cache());
-    if cached.is_file() {
-        return Ok(cached);
-    }
-    bail!(
-        "the reference batch `{name}` is not in the cache ({}): run `mfr fetch {name}`",
-        cached.display()
-    )
+    crate::assets::local(&spec.eval.reference, "the reference batch")
 }
 
 /// Creates the run directory, or checks that an existing one belongs to this very spec.

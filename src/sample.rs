@@ -41,21 +41,9 @@ impl Decoder {
     }
 }
 
-/// `sample.vae` as a file: a path as given, or the cached copy of the asset of that name.
+/// `sample.vae` as a file: a diffusers safetensors path, or the cached asset of that name.
 pub fn vae_weights(name: &str) -> Result<PathBuf> {
-    let as_path = Path::new(name);
-    if as_path.is_file() {
-        return Ok(as_path.to_owned());
-    }
-    let asset = crate::assets::find(name)?;
-    let cached = crate::assets::cached_path(&asset, &crate::eval::evaluator::default_cache());
-    if cached.is_file() {
-        return Ok(cached);
-    }
-    bail!(
-        "the SD-VAE weights `{name}` are not in the cache ({}): run `mfr fetch {name}`, or set sample.vae to a diffusers safetensors file",
-        cached.display()
-    )
+    crate::assets::local(name, "the SD-VAE weights")
 }
 
 /// Pixel-space samples in [-1, 1], (N, 1 or 3, H, W), as uint8 RGB NHWC.

@@ -146,6 +146,24 @@ impl Options {
     }
 }
 
+/// `name` as a local file: a path as given, or the cached copy of the asset of that name;
+/// `what` names it in the error, which says how to fetch it.
+pub fn local(name: &str, what: &str) -> Result<PathBuf> {
+    if Path::new(name).is_file() {
+        return Ok(PathBuf::from(name));
+    }
+    let asset =
+        find(name).with_context(|| format!("{what} `{name}` is neither a file nor an asset"))?;
+    let cached = cached_path(&asset, &crate::eval::evaluator::default_cache());
+    if cached.is_file() {
+        return Ok(cached);
+    }
+    Err(anyhow!(
+        "{what} `{name}` is not in the cache ({}): run `mfr fetch {name}`, or give a file's path",
+        cached.display()
+    ))
+}
+
 /// Where an asset lives once fetched.
 pub fn cached_path(asset: &Asset, cache: &Path) -> PathBuf {
     cache.join("assets").join(&asset.file)

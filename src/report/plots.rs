@@ -166,100 +166,78 @@ where
 
 /// FID against the number of network evaluations, one line per run.
 pub fn fid_by_nfe(runs: &[(String, Vec<(i64, f64)>)], title: &str, stem: &Path) -> Result<()> {
-    if runs.iter().all(|(_, p)| p.is_empty()) {
-        bail!("no FIDs to plot for {title}");
-    }
-    png_and_svg!(stem, (760, 460), draw_fid_by_nfe(runs, title))
-}
-
-fn draw_fid_by_nfe<DB: DrawingBackend>(
-    root: Area<DB>,
-    runs: &[(String, Vec<(i64, f64)>)],
-    title: &str,
-) -> Result<()>
-where
-    DB::ErrorType: 'static,
-{
-    root.fill(&WHITE).map_err(plot_err)?;
-    let points = || runs.iter().flat_map(|(_, p)| p.iter());
-    let max_nfe = points().map(|p| p.0).max().unwrap_or(1).max(2);
-    let (lo, hi) = padded_range(points().map(|p| p.1));
-    let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{title}: FID by NFE"), ("sans-serif", 16))
-        .margin(12)
-        .x_label_area_size(32)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0.5..(max_nfe as f64 + 0.5), lo.min(0.0)..hi)
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("network evaluations (NFE)")
-        .y_desc("FID")
-        .x_labels(max_nfe as usize)
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .label_style(("sans-serif", 12))
-        .draw()
-        .map_err(plot_err)?;
-    for (i, (name, pts)) in runs.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
-        let xy: Vec<(f64, f64)> = pts.iter().map(|&(n, f)| (n as f64, f)).collect();
-        chart
-            .draw_series(LineSeries::new(xy.clone(), &color))
-            .map_err(plot_err)?
-            .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
-        chart
-            .draw_series(xy.into_iter().map(|p| Circle::new(p, 4, color.filled())))
-            .map_err(plot_err)?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 11))
-        .draw()
-        .map_err(plot_err)?;
-    root.present().map_err(plot_err)?;
-    Ok(())
+    let series: Vec<(String, Vec<(f64, f64)>)> = runs
+        .iter()
+        .map(|(name, p)| {
+            (
+                name.clone(),
+                p.iter().map(|&(n, f)| (n as f64, f)).collect(),
+            )
+        })
+        .collect();
+    let axis = Axis {
+        caption: "FID by NFE",
+        desc: "network evaluations (NFE)",
+        whole_numbers: true,
+    };
+    png_and_svg!(stem, (760, 460), draw_fid_lines(&series, title, &axis))
 }
 
 /// FID against training step, one line per (run, NFE).
 pub fn fid_by_step(series: &[(String, Vec<(f64, f64)>)], title: &str, stem: &Path) -> Result<()> {
-    if series.iter().all(|(_, p)| p.is_empty()) {
-        bail!("no FIDs to plot for {title}");
-    }
-    png_and_svg!(stem, (760, 460), draw_fid_by_step(series, title))
+    let axis = Axis {
+        caption: "FID against training step",
+        desc: "step",
+        whole_numbers: false,
+    };
+    png_and_svg!(stem, (760, 460), draw_fid_lines(series, title, &axis))
 }
 
-fn draw_fid_by_step<DB: DrawingBackend>(
+/// The x axis of a FID chart.
+struct Axis {
+    caption: &'static str,
+    desc: &'static str,
+    /// NFE: a tick per whole number, half a step of margin either side.
+    whole_numbers: bool,
+}
+
+fn draw_fid_lines<DB: DrawingBackend>(
     root: Area<DB>,
     series: &[(String, Vec<(f64, f64)>)],
     title: &str,
+    axis: &Axis,
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
+    if series.iter().all(|(_, p)| p.is_empty()) {
+        bail!("no FIDs to plot for {title}");
+    }
     root.fill(&WHITE).map_err(plot_err)?;
     let points = || series.iter().flat_map(|(_, p)| p.iter());
-    let max_step = points().map(|p| p.0).fold(1.0, f64::max);
+    let max_x = points().map(|p| p.0).fold(1.0, f64::max);
+    let x_range = if axis.whole_numbers {
+        0.5..max_x.max(2.0) + 0.5
+    } else {
+        0.0..max_x * 1.05
+    };
     let (lo, hi) = padded_range(points().map(|p| p.1));
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("{title}: FID against training step"),
-            ("sans-serif", 16),
-        )
+        .caption(format!("{title}: {}", axis.caption), ("sans-serif", 16))
         .margin(12)
         .x_label_area_size(32)
         .y_label_area_size(56)
-        .build_cartesian_2d(0.0..max_step * 1.05, lo.min(0.0)..hi)
+        .build_cartesian_2d(x_range, lo.min(0.0)..hi)
         .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(axis.desc)
         .y_desc("FID")
-        .label_style(("sans-serif", 12))
-        .draw()
-        .map_err(plot_err)?;
+        .label_style(("sans-serif", 12));
+    if axis.whole_numbers {
+        mesh.x_labels(max_x.max(2.0) as usize)
+            .x_label_formatter(&|x| format!("{x:.0}"));
+    }
+    mesh.draw().map_err(plot_err)?;
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         chart
