@@ -7,6 +7,13 @@ use meanflow_repro::train::run::Networks;
 use std::path::PathBuf;
 use tch::Tensor;
 
+/// Sampling seeds torch's one global generator per batch: tests that sample take turns, or one
+/// test's draws would interleave with another's.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mfr-sample-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -49,6 +56,7 @@ fn read_all(path: &std::path::Path) -> Tensor {
 
 #[test]
 fn a_batch_regenerated_alone_equals_its_slice_and_a_resumed_call_the_whole() {
+    let _turn = serial();
     let spec = spec();
     let nets = Networks::new(&spec).unwrap();
     let sampler = Sampler {
@@ -91,6 +99,7 @@ fn a_batch_regenerated_alone_equals_its_slice_and_a_resumed_call_the_whole() {
 
 #[test]
 fn numpy_reads_the_images_and_the_balanced_labels() {
+    let _turn = serial();
     let spec = spec();
     let nets = Networks::new(&spec).unwrap();
     let sampler = Sampler {
