@@ -63,6 +63,26 @@ fn identical_inputs_give_fid_zero_and_full_precision_recall() {
     );
     let again = evaluate(&reference, &samples, &options(&dir)).unwrap();
     assert_eq!(again.fid, report.fid);
+    // The file's hash is memoised by (path, size, mtime); a new file at the same path is hashed
+    // anew, so its features are not taken from the old file's cache entry.
+    assert_eq!(
+        std::fs::read_dir(dir.join("cache/hashes")).unwrap().count(),
+        1
+    );
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    write_images(&reference, &images(24, 9)).unwrap();
+    let changed = evaluate(&reference, &samples, &options(&dir)).unwrap();
+    assert!(
+        changed.fid > 1.0,
+        "FID against the new reference: {}",
+        changed.fid
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.join("cache/reference-features"))
+            .unwrap()
+            .count(),
+        2
+    );
 }
 
 #[test]

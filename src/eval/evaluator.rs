@@ -222,6 +222,49 @@ pub fn weights_tag(weights: &Path) -> String {
         .map_or("weights".into(), |s| s.to_string_lossy().into_owned())
 }
 
+/// The sha256 of `path`, memoised under `cache`/hashes by (absolute path, size, modification
+/// time): a 2 GB reference batch is hashed once, not on every evaluation. A file changed in
+/// place gets a new modification time, so a new hash.
+pub fn content_sha256(path: &Path, cache: &Path) -> Result<String> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let stamp = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let absolute = std::fs::canonicalize(path)?;
+    let id: String = Sha256::digest(absolute.to_string_lossy().as_bytes())
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let memo = cache.join("hashes").join(format!("{id}.json"));
+    let want = (meta.len(), stamp.to_string());
+    if let Some(v) = std::fs::read_to_string(&memo)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    {
+        if v["size"].as_u64() == Some(want.0) && v["mtime_ns"].as_str() == Some(&want.1) {
+            if let Some(h) = v["sha256"].as_str() {
+                return Ok(h.to_owned());
+            }
+        }
+    }
+    let sha = sha256_file(path)?;
+    let record = serde_json::json!({
+        "path": absolute.display().to_string(), "size": want.0, "mtime_ns": want.1, "sha256": sha,
+    });
+    // A memo that cannot be written only costs a re-hash next time.
+    if std::fs::create_dir_all(memo.parent().expect("a folder")).is_ok() {
+        let tmp = memo.with_extension("tmp");
+        if std::fs::write(&tmp, record.to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, &memo);
+        }
+    }
+    Ok(sha)
+}
+
 /// The reference's image features, keyed by the file's sha256 and the weights.
 fn reference_features(
     net: &Inception,
@@ -231,7 +274,7 @@ fn reference_features(
 ) -> Result<(Tensor, Tensor)> {
     let key = format!(
         "{}-{}",
-        &sha256_file(reference)?[..16],
+        &content_sha256(reference, &opts.cache)?[..16],
         weights_tag(weights)
     );
     cached_features(&opts.cache, &key, || {
