@@ -43,7 +43,7 @@ impl Decoder {
 
 /// `sample.vae` as a file: a diffusers safetensors path, or the cached asset of that name.
 pub fn vae_weights(name: &str) -> Result<PathBuf> {
-    crate::assets::local(name, "the SD-VAE weights")
+    crate::assets::local(name, "the SD-VAE")
 }
 
 /// Pixel-space samples in [-1, 1], (N, 1 or 3, H, W), as uint8 RGB NHWC.
