@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 fn main() {
     for file in [
         "csrc/shim.cpp",
+        "csrc/c_abi.hpp",
         "csrc/dist.cpp",
         "csrc/dist_nccl.cpp",
         "csrc/gloo_decls.hpp",

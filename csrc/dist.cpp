@@ -2,6 +2,7 @@
 // (Gloo for CPU tensors here; NCCL for CUDA tensors in dist_nccl.cpp), and the collectives the
 // trainer needs: bucketed all-reduce, broadcast, all-gather and a barrier. The same C ABI as
 // shim.cpp: each call returns 0 on success or 1 with the C++ exception's message in `err`.
+#include "c_abi.hpp"
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -41,34 +42,6 @@ c10::intrusive_ptr<c10d::Backend> mfr_dist::make_nccl(const c10::intrusive_ptr<c
 #endif
 
 namespace {
-void write_message(char* err, size_t len, const char* msg) {
-  if (err == nullptr || len == 0) return;
-  std::strncpy(err, msg, len - 1);
-  err[len - 1] = '\0';
-}
-
-template <typename F>
-int guarded(char* err, size_t len, F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error& e) {
-    write_message(err, len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    write_message(err, len, e.what());
-  } catch (...) {
-    write_message(err, len, "unknown C++ exception");
-  }
-  return 1;
-}
-
-std::vector<at::Tensor> tensors(void* const* handles, size_t n) {
-  std::vector<at::Tensor> out;
-  out.reserve(n);
-  for (size_t i = 0; i < n; ++i) out.push_back(*static_cast<const at::Tensor*>(handles[i]));
-  return out;
-}
-
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;

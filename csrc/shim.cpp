@@ -1,5 +1,6 @@
 // The few libtorch entry points tch 0.24 does not bind, behind a C ABI that never lets a C++
 // exception cross into Rust: each call returns 0 on success or 1 with the message in `err`.
+#include "c_abi.hpp"
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/forward_grad.h>
@@ -17,37 +18,6 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
-
-namespace {
-void write_message(char* err, size_t len, const char* msg) {
-  if (err == nullptr || len == 0) return;
-  std::strncpy(err, msg, len - 1);
-  err[len - 1] = '\0';
-}
-
-// tch hands tensors over as pointers to at::Tensor handles.
-std::vector<at::Tensor> tensors(void* const* handles, size_t n) {
-  std::vector<at::Tensor> out;
-  out.reserve(n);
-  for (size_t i = 0; i < n; ++i) out.push_back(*static_cast<const at::Tensor*>(handles[i]));
-  return out;
-}
-
-template <typename F>
-int guarded(char* err, size_t len, F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error& e) {
-    write_message(err, len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    write_message(err, len, e.what());
-  } catch (...) {
-    write_message(err, len, "unknown C++ exception");
-  }
-  return 1;
-}
-}  // namespace
 
 extern "C" {
 
