@@ -3,6 +3,7 @@
 //! of two processes resumes with one. Also the pieces that need no processes: the sharded draws,
 //! the rows each process takes, and the launcher variables.
 mod common;
+use common::temp_dir;
 
 use common::{latent_tree, rel_err};
 use meanflow_repro::dist::{first_host, Launch};
@@ -14,13 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mfr-dist-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// 36 latents; batch 12 in 2 micro-batches (splits into 2 x 2 and 2 x 3 parts): 3 steps an
 /// epoch. Guidance and the default label drop and r = t share are on, so every draw matters.

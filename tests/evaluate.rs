@@ -1,15 +1,9 @@
 //! `mfr evaluate` end to end on small generated .npz files, and bad inputs.
+mod common;
+use common::temp_dir;
 use meanflow_repro::eval::evaluator::{evaluate, Options};
 use meanflow_repro::eval::npz::{write_images, Npz};
-use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mfr-eval-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// Smooth random 64x64 "images" (Inception features of pure noise barely vary).
 fn images(n: i64, seed: i64) -> Tensor {

@@ -20,6 +20,7 @@
 //! The Inception Score from `mfr evaluate` with those weights matches numpy's ADM formula on
 //! pytorch-fid's logits to 1e-5 relative (measured 4e-8).
 mod common;
+use common::temp_dir;
 
 use common::{import_fixture as fixture, rel_err};
 use meanflow_repro::eval::evaluator::{evaluate, Options};
@@ -30,15 +31,8 @@ use meanflow_repro::model::inception;
 use meanflow_repro::spec::Spec;
 use meanflow_repro::train::{checkpoint, optim::AdamW, run, trainable};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Device, Tensor};
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mfr-import-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn expected(name: &str) -> BTreeMap<String, Tensor> {
     Tensor::read_safetensors(fixture(name))

@@ -1,19 +1,14 @@
 //! The ImageNet path end to end on tiny data: `mfr run` on SD-VAE latents trains, samples
 //! through an SD-VAE decoder (the real architecture, random weights) into ADM .npz files, scores
 //! them with ADM's five metrics against a reference batch, and renders the report with them.
+mod common;
+use common::temp_dir;
 use meanflow_repro::data::npy;
 use meanflow_repro::model::vae::{AutoencoderKl, VaeConfig};
 use meanflow_repro::train::checkpoint;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use tch::{nn, Device, Kind, Tensor};
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mfr-pipeline-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// 40 posterior moments (4 mean + 4 std channels, 4 x 4: images of 32 x 32) in the REPA layout.
 fn latents(root: &Path) {

@@ -1,18 +1,13 @@
 //! `mfr prepare-imagenet`: ADM's centre crop against PIL (the library ADM crops with), the
 //! latent layout the trainer reads, and a resumed run that only encodes what is missing.
+mod common;
+use common::temp_dir;
 use meanflow_repro::data::latents::Latents;
 use meanflow_repro::data::prepare::{center_crop, prepare, Options};
 use meanflow_repro::data::Dataset;
 use meanflow_repro::model::vae::{AutoencoderKl, VaeConfig};
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mfr-prepare-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn python() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")

@@ -1,17 +1,12 @@
 //! Reports rendered from a small synthetic results tree: the HTML and Markdown hold the rows,
 //! the plots exist as PNG and SVG, and the discrepancy report names the gap, the recipe
 //! departures and the causes that apply.
+mod common;
+use common::temp_dir;
 use meanflow_repro::report::{discrepancy, render, sample_grid};
 use meanflow_repro::spec::Spec;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mfr-report-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// results/demo-digits/<run> for two points of the demo spec, with made-up numbers.
 fn results_tree(root: &Path) -> PathBuf {

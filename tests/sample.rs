@@ -1,25 +1,13 @@
 //! The sample stage: any batch can be regenerated from its seed alone, an interrupted call
 //! resumes from its part files to the same bytes, and numpy reads the .npz as ADM's format.
+mod common;
+use common::{serial, temp_dir};
 use meanflow_repro::eval::npz::Npz;
 use meanflow_repro::sample::{Decoder, Sampler};
 use meanflow_repro::spec::Spec;
 use meanflow_repro::train::run::Networks;
 use std::path::PathBuf;
 use tch::Tensor;
-
-/// Sampling seeds torch's one global generator per batch: tests that sample take turns, or one
-/// test's draws would interleave with another's.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mfr-sample-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn spec() -> Spec {
     Spec::parse(

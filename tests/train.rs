@@ -1,28 +1,15 @@
 //! Training runs: exact resume, checkpoints that survive a crash mid-write, the latent reader,
 //! EMA arithmetic, the NaN stop, and a short run that learns.
 mod common;
+use common::{serial, temp_dir};
 
 use common::latent_tree;
 use meanflow_repro::data::{self, latents::Latents, npy, Dataset};
 use meanflow_repro::runs::{self, Options};
 use meanflow_repro::spec::Spec;
 use meanflow_repro::train::{checkpoint, ema, run};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{nn, Device, Tensor};
-
-/// Training draws from torch's one global generator, which it seeds per step: tests that train
-/// take turns, or one test's draws would interleave with another's.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mfr-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn latent_spec(data: &Path, extra: &str) -> Spec {
     let text = format!(

@@ -96,3 +96,18 @@ pub fn import_fixture(name: &str) -> PathBuf {
     );
     path
 }
+
+/// A fresh, empty directory for one test, named by the test and the test process.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mfr-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Training and sampling seed torch's one global generator per step or batch: tests that do
+/// either take turns, or one test's draws would interleave with another's.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
