@@ -630,27 +630,23 @@ fn sample_stage(spec: &Spec, dir: &Path, total: Option<u64>, world: &World) -> R
     Ok(())
 }
 
-/// The sample batches the evaluate stage scores, by step: the final weights first (None), then
-/// each checkpoint of `eval.steps`.
-fn evaluated(spec: &Spec, dir: &Path, total: Option<u64>) -> Vec<Option<u64>> {
-    std::iter::once(None)
+/// The sample batches the evaluate stage scores: the final weights' (None) first, then each
+/// checkpoint's of `eval.steps`; beside each, the training step its FIDs are logged under in the
+/// history (none for given weights, which no step of this run produced).
+fn evaluated(spec: &Spec, dir: &Path, total: Option<u64>) -> Vec<(Option<u64>, Option<u64>)> {
+    let final_step = total.filter(|_| spec.model.weights.is_none());
+    std::iter::once((None, final_step))
         .chain(
             intermediate(spec, dir, total)
                 .into_iter()
-                .map(|(s, _)| Some(s)),
+                .map(|(s, _)| (Some(s), Some(s))),
         )
         .collect()
 }
 
-/// One line of metrics.json's history: FID of a step's samples.
-fn history_line(
-    step: Option<u64>,
-    final_step: Option<u64>,
-    nfe: &str,
-    fid: f64,
-) -> Option<serde_json::Value> {
-    let step = step.or(final_step)?;
-    Some(serde_json::json!({"step": step, "nfe": nfe, "fid": fid}))
+/// One line of metrics.json's history: the FID of a step's samples.
+fn history_line(step: Option<u64>, nfe: &str, fid: f64) -> Option<serde_json::Value> {
+    Some(serde_json::json!({"step": step?, "nfe": nfe, "fid": fid}))
 }
 
 /// FID of each schedule's samples against every training image, for data in pixel space (the
@@ -702,10 +698,8 @@ fn evaluate_pixels(
     let ref_stats = Stats::of(&ref_pool)?;
 
     let n = spec.sample.num_samples;
-    // Given weights have no step of this run's training.
-    let final_step = total.filter(|_| spec.model.weights.is_none());
     let (mut fids, mut history) = (serde_json::Map::new(), Vec::new());
-    for step in evaluated(spec, dir, total) {
+    for (step, logged) in evaluated(spec, dir, total) {
         for schedule in &spec.sample.schedules {
             let nfe = format!("{}-NFE", schedule.len() - 1);
             let mut npz = Npz::open(&samples_npz_at(dir, step, schedule))?;
@@ -717,7 +711,7 @@ fn evaluate_pixels(
                 "  FID ({nfe}{at}, {n} samples vs {} training images): {fid:.2}",
                 ds.len()
             );
-            history.extend(history_line(step, final_step, &nfe, fid));
+            history.extend(history_line(logged, &nfe, fid));
             if step.is_none() {
                 fids.insert(nfe, fid.into());
             }
@@ -751,9 +745,7 @@ fn evaluate_adm(spec: &Spec, dir: &Path, weights: &Path, total: Option<u64>) -> 
     };
     let (mut fids, mut all, mut history) = (serde_json::Map::new(), serde_json::Map::new(), vec![]);
     let (mut inception_weights, mut num_reference) = (String::new(), 0);
-    // Given weights have no step of this run's training.
-    let final_step = total.filter(|_| spec.model.weights.is_none());
-    for step in evaluated(spec, dir, total) {
+    for (step, logged) in evaluated(spec, dir, total) {
         for schedule in &spec.sample.schedules {
             let nfe = format!("{}-NFE", schedule.len() - 1);
             let npz = samples_npz_at(dir, step, schedule);
@@ -763,7 +755,7 @@ fn evaluate_adm(spec: &Spec, dir: &Path, weights: &Path, total: Option<u64>) -> 
                 "  {nfe}{at}:\n    {}",
                 report.adm_lines().replace('\n', "\n    ")
             );
-            history.extend(history_line(step, final_step, &nfe, report.fid));
+            history.extend(history_line(logged, &nfe, report.fid));
             if step.is_none() {
                 fids.insert(nfe.clone(), report.fid.into());
                 inception_weights = report.inception_weights.clone();

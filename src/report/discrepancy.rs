@@ -182,7 +182,7 @@ pub fn render(run: &RunResult, paper: &Paper) -> Result<String> {
     let _ = writeln!(s, "- spec sha256: {}", spec.sha256());
 
     s += "\n#### Known causes (ticked where this run's files show it applies)\n\n";
-    for (applies, text) in causes(run, paper) {
+    for (applies, text) in causes(run, paper, &departures) {
         let _ = writeln!(s, "- [{}] {text}", if applies { "x" } else { " " });
     }
     s += "\n<details><summary>resolved spec</summary>\n\n```toml\n";
@@ -207,8 +207,13 @@ fn departures(
         .collect()
 }
 
-/// The causes users of the public code found behind FID gaps, and whether each applies here.
-fn causes(run: &RunResult, paper: &Paper) -> Vec<(bool, String)> {
+/// The causes users of the public code found behind FID gaps, and whether each applies here
+/// (`departed`: the run's departures from the paper's recipe).
+fn causes(
+    run: &RunResult,
+    paper: &Paper,
+    departed: &[super::paper::Departure],
+) -> Vec<(bool, String)> {
     let spec = &run.spec;
     let recipe = |key: &str| {
         paper
@@ -218,8 +223,7 @@ fn causes(run: &RunResult, paper: &Paper) -> Vec<(bool, String)> {
             .map(value_text)
             .unwrap_or_default()
     };
-    let rows = paper.rows_for(&spec.paper.rows, spec).unwrap_or_default();
-    let differs = |key: &str| departures(run, paper, &rows).iter().any(|d| d.0 == key);
+    let differs = |key: &str| departed.iter().any(|d| d.0 == key);
     let planned = spec.train.epochs;
     let done = run.state.as_ref().map(|s| s.epoch as i64);
     vec![
