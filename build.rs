@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 fn main() {
     for file in [
         "csrc/shim.cpp",
+        "csrc/op_profile.cpp",
         "csrc/c_abi.hpp",
         "csrc/dist.cpp",
         "csrc/dist_nccl.cpp",
@@ -54,7 +55,11 @@ fn main() {
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        // libtorch is built with NDEBUG, and some of its classes (RecordFunction) have
+        // debug-only members: without it our view of their layout would differ.
+        .define("NDEBUG", None)
         .file("csrc/shim.cpp")
+        .file("csrc/op_profile.cpp")
         .compile("mfr_shim");
 
     // torch's ProcessGroupGloo.hpp includes Gloo headers the wheel does not ship: point those
@@ -100,6 +105,7 @@ fn main() {
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .define("NDEBUG", None)
         .define("USE_C10D_GLOO", None)
         .flag_if_supported("-Wno-interference-size")
         .file("csrc/dist.cpp");

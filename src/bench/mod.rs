@@ -1,5 +1,7 @@
 //! `mfr bench`: timed training steps on random latents, reported as JSON. Speed targets live
 //! here, never in tests.
+pub mod profile;
+
 use crate::device;
 use crate::meanflow::{meanflow_loss, Draw, JvpMethod, MeanFlowConfig};
 use crate::model::vae::{to_uint8_nhwc, AutoencoderKl, VaeConfig, SCALING_FACTOR};
@@ -58,6 +60,8 @@ pub struct TrainBenchResult {
     pub final_loss: f64,
     /// dtype of the network's output inside the step's autocast region (proves what ran).
     pub compute_dtype: String,
+    /// One more step, op by op: what it launches, moves and computes.
+    pub ops: profile::OpProfile,
     pub libtorch: String,
     pub mfr_version: &'static str,
 }
@@ -122,6 +126,8 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
     let start = Instant::now();
     run(b.steps)?;
     let seconds = start.elapsed().as_secs_f64() / b.steps.max(1) as f64;
+    let peak_memory_gib = device::peak_memory_bytes(b.device)? as f64 / (1u64 << 30) as f64;
+    let ((), ops) = profile::profile(|| run(1))?;
     let parameters = vs
         .trainable_variables()
         .iter()
@@ -143,7 +149,7 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
         timed_steps: b.steps,
         ms_per_step: seconds * 1e3,
         img_per_s: b.batch as f64 / seconds,
-        peak_memory_gib: device::peak_memory_bytes(b.device)? as f64 / (1u64 << 30) as f64,
+        peak_memory_gib,
         peak_memory_of: if b.device.is_cuda() {
             "cuda allocator"
         } else {
@@ -151,6 +157,7 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
         },
         final_loss: last.double_value(&[]),
         compute_dtype: format!("{compute_dtype:?}"),
+        ops,
         libtorch: "2.11.0".to_owned(),
         mfr_version: env!("CARGO_PKG_VERSION"),
     })
