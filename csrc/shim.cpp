@@ -12,6 +12,7 @@
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/clamp_max.h>
 #include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/native_layer_norm_backward.h>
 #include <ATen/ops/stack.h>
 
 #include <dlfcn.h>
@@ -115,6 +116,26 @@ int mfr_clip_grad_norm(void* const* grads, size_t n, double max_norm, void** tot
     auto norm = at::linalg_vector_norm(at::stack(at::_foreach_norm(g, 2)), 2);
     if (max_norm > 0) at::_foreach_mul_(g, at::clamp_max(max_norm / (norm + 1e-6), 1.0));
     *total = new at::Tensor(norm);
+  });
+}
+
+// LayerNorm's backward kernel (no affine) for the gradient `grad` over the last `d` values:
+// one pass. Its Jacobian is symmetric, so this is also its JVP (src/model/flow.rs).
+int mfr_layer_norm_backward(void* grad, void* input, void* mean, void* rstd, int64_t d,
+                            void** out, char* err, size_t len) {
+  return guarded(err, len, [&] {
+    auto as = [](void* h) -> const at::Tensor& { return *static_cast<const at::Tensor*>(h); };
+    auto r = at::native_layer_norm_backward(as(grad), as(input), {d}, as(mean), as(rstd),
+                                            std::nullopt, std::nullopt, {true, false, false});
+    *out = new at::Tensor(std::get<0>(r));
+  });
+}
+
+// Drops the gradients (torch's zero_grad(set_to_none=True)): the next backward writes fresh
+// ones instead of adding into zeroed tensors, a pass over every gradient saved twice.
+int mfr_clear_grads(void* const* params, size_t n, char* err, size_t len) {
+  return guarded(err, len, [&] {
+    for (auto& p : tensors(params, n)) p.mutable_grad().reset();
   });
 }
 

@@ -39,11 +39,10 @@ impl Attention {
             y.reshape([n, t, 3, heads, head_dim])
                 .permute([2, 0, 3, 1, 4])
         });
-        let (q, k, v) = (
-            qkv.map(|y| y.get(0)),
-            qkv.map(|y| y.get(1)),
-            qkv.map(|y| y.get(2)),
-        );
+        // One unbind rather than three selects: its backward stacks the three gradients in
+        // one kernel instead of scattering each into a zeroed copy of the whole and adding.
+        let parts = qkv.unbind();
+        let [q, k, v] = <[V; 3]>::try_from(parts).ok().expect("qkv has 3 parts");
         let scale = (head_dim as f64).powf(-0.5);
         let out = V::attention(&q, &k, &v, scale, kernel == AttentionKernel::Fused);
         out.map(|o| o.transpose(1, 2).reshape([n, t, d]))

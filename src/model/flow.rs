@@ -8,7 +8,35 @@
 //! primal that alone carries the graph, and attention's primal may use the fused kernel. Each
 //! rule is the forward-AD formula libtorch itself uses for that op (derivatives.yaml), so the
 //! two paths agree to rounding (tests/flow.rs; the parity fixtures hold for both).
+use crate::device::shim_call;
+use std::ffi::c_void;
+use std::os::raw::{c_char, c_int};
 use tch::{nn, Kind, Tensor};
+
+extern "C" {
+    fn mfr_layer_norm_backward(
+        grad: *mut c_void,
+        input: *mut c_void,
+        mean: *mut c_void,
+        rstd: *mut c_void,
+        d: i64,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+}
+
+/// LayerNorm's backward kernel for `grad` (tch does not bind it).
+fn layer_norm_backward(grad: &Tensor, x: &Tensor, mean: &Tensor, rstd: &Tensor, d: i64) -> Tensor {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    let h = |t: &Tensor| t.as_ptr() as *mut c_void;
+    shim_call("LayerNorm backward", |e, l| unsafe {
+        mfr_layer_norm_backward(h(grad), h(x), h(mean), h(rstd), d, &mut out, e, l)
+    })
+    .expect("LayerNorm's backward takes what its forward gave");
+    // The shim allocated a new tensor handle; tch takes ownership and frees it.
+    unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) }
+}
 
 /// LayerNorm epsilon of every SiT norm.
 pub const NORM_EPS: f64 = 1e-6;
@@ -34,6 +62,8 @@ pub trait Flow: Sized {
     /// `x + gate * y`, gate per sample, broadcast over tokens.
     fn gated_add(&self, gate: &Self, y: &Self) -> Self;
     fn chunk(&self, chunks: i64) -> Vec<Self>;
+    /// The slices along the first dimension.
+    fn unbind(&self) -> Vec<Self>;
     /// softmax(q k^T scale) v over (N, heads, T, head_dim).
     fn attention(q: &Self, k: &Self, v: &Self, scale: f64, fused: bool) -> Self;
     /// [cos(t f), sin(t f)] of a (N,) time, computed in float32 as the reference does.
@@ -84,13 +114,18 @@ impl Flow for Tensor {
         self.layer_norm([d], None::<Tensor>, None::<Tensor>, NORM_EPS, true)
     }
     fn modulate(&self, shift: &Self, scale: &Self) -> Self {
-        self * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1)
+        shift
+            .unsqueeze(1)
+            .addcmul(self, &(scale.unsqueeze(1) + 1.0))
     }
     fn gated_add(&self, gate: &Self, y: &Self) -> Self {
-        self + gate.unsqueeze(1) * y
+        self.addcmul(&gate.unsqueeze(1), y)
     }
     fn chunk(&self, chunks: i64) -> Vec<Self> {
         Tensor::chunk(self, chunks, -1)
+    }
+    fn unbind(&self) -> Vec<Self> {
+        Tensor::unbind(self, 0)
     }
     fn attention(q: &Self, k: &Self, v: &Self, scale: f64, fused: bool) -> Self {
         if fused {
@@ -126,6 +161,19 @@ impl Dual {
             .map_or_else(|| self.primal.zeros_like(), |t| t.shallow_clone())
     }
 
+    /// The parts a linear split op gives, value and tangent alike.
+    fn split(&self, f: impl Fn(&Tensor) -> Vec<Tensor>) -> Vec<Self> {
+        let tangents = self.tangent.as_ref().map(&f);
+        f(&self.primal)
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| Self {
+                primal: p,
+                tangent: tangents.as_ref().map(|t| t[i].shallow_clone()),
+            })
+            .collect()
+    }
+
     /// A new dual from a primal op and a tangent rule run without autograd recording.
     fn with(primal: Tensor, tangent: Option<impl FnOnce() -> Tensor>) -> Self {
         Self {
@@ -141,6 +189,16 @@ fn sum(a: Option<Tensor>, b: Option<Tensor>) -> Option<Tensor> {
         (Some(a), Some(b)) => Some(a + b),
         (a, None) => a,
         (None, b) => b,
+    }
+}
+
+/// acc + x * y in one kernel, where acc may be absent (zero) and the term is skipped when its
+/// tangent factor `x` is absent.
+fn add_product(acc: Option<Tensor>, x: Option<&Tensor>, y: &Tensor) -> Option<Tensor> {
+    match (acc, x) {
+        (acc, None) => acc,
+        (Some(acc), Some(x)) => Some(acc.addcmul(x, y)),
+        (None, Some(x)) => Some(x * y),
     }
 }
 
@@ -202,56 +260,48 @@ impl Flow for Dual {
     }
     fn normalized(&self) -> Self {
         let d = self.primal.size()[self.primal.dim() - 1];
-        let (out, _, rstd) =
-            Tensor::native_layer_norm(&self.primal, [d], None::<Tensor>, None::<Tensor>, NORM_EPS);
-        // d xhat = rstd (dx - mean(dx) - xhat mean(xhat dx))
-        let rule = self.tangent.as_ref().map(|t| {
-            let out = &out;
-            move || {
-                let centred = t - t.mean_dim(-1, true, None::<Kind>);
-                (centred - out * (out * t).mean_dim(-1, true, None::<Kind>)) * rstd
-            }
-        });
-        Self::with(out.shallow_clone(), rule)
+        let x = &self.primal;
+        let (out, mean, rstd) =
+            Tensor::native_layer_norm(x, [d], None::<Tensor>, None::<Tensor>, NORM_EPS);
+        // d xhat = rstd (dx - mean(dx) - xhat mean(xhat dx)): a symmetric Jacobian applied to
+        // dx, which is what LayerNorm's backward kernel computes for a gradient dx, in one pass.
+        let rule = self
+            .tangent
+            .as_ref()
+            .map(|t| move || layer_norm_backward(&t.to_kind(x.kind()), x, &mean, &rstd, d));
+        Self::with(out, rule)
     }
     fn modulate(&self, shift: &Self, scale: &Self) -> Self {
         let primal = self.primal.modulate(&shift.primal, &scale.primal);
+        // dshift + dx (1 + scale) + x dscale
         let tangent = tch::no_grad(|| {
-            let dx = self
-                .tangent
-                .as_ref()
-                .map(|t| t * (scale.primal.unsqueeze(1) + 1.0));
-            let dscale = scale
-                .tangent
-                .as_ref()
-                .map(|t| &self.primal * t.unsqueeze(1));
             let dshift = shift.tangent.as_ref().map(|t| t.unsqueeze(1));
-            sum(sum(dx, dscale), dshift)
+            let dx = add_product(
+                dshift,
+                self.tangent.as_ref(),
+                &(scale.primal.unsqueeze(1) + 1.0),
+            );
+            let dscale = scale.tangent.as_ref().map(|t| t.unsqueeze(1));
+            add_product(dx, dscale.as_ref(), &self.primal)
         });
         Self { primal, tangent }
     }
     fn gated_add(&self, gate: &Self, y: &Self) -> Self {
         let primal = self.primal.gated_add(&gate.primal, &y.primal);
+        // dx + dgate y + gate dy
         let tangent = tch::no_grad(|| {
-            let dgate = gate.tangent.as_ref().map(|t| t.unsqueeze(1) * &y.primal);
-            let dy = y.tangent.as_ref().map(|t| gate.primal.unsqueeze(1) * t);
-            sum(
-                self.tangent.as_ref().map(|t| t.shallow_clone()),
-                sum(dgate, dy),
-            )
+            let dgate = gate.tangent.as_ref().map(|t| t.unsqueeze(1));
+            let dx = self.tangent.as_ref().map(|t| t.shallow_clone());
+            let dx = add_product(dx, dgate.as_ref(), &y.primal);
+            add_product(dx, y.tangent.as_ref(), &gate.primal.unsqueeze(1))
         });
         Self { primal, tangent }
     }
     fn chunk(&self, chunks: i64) -> Vec<Self> {
-        let tangents = self.tangent.as_ref().map(|t| Tensor::chunk(t, chunks, -1));
-        Tensor::chunk(&self.primal, chunks, -1)
-            .into_iter()
-            .enumerate()
-            .map(|(i, p)| Self {
-                primal: p,
-                tangent: tangents.as_ref().map(|t| t[i].shallow_clone()),
-            })
-            .collect()
+        self.split(|t| Tensor::chunk(t, chunks, -1))
+    }
+    fn unbind(&self) -> Vec<Self> {
+        self.split(|t| Tensor::unbind(t, 0))
     }
     fn attention(q: &Self, k: &Self, v: &Self, scale: f64, fused: bool) -> Self {
         let primal = Tensor::attention(&q.primal, &k.primal, &v.primal, scale, fused);
@@ -259,19 +309,32 @@ impl Flow for Dual {
             if q.tangent.is_none() && k.tangent.is_none() && v.tangent.is_none() {
                 return None;
             }
+            // Batched products over (N heads, T, head_dim), each operand made contiguous once.
+            let size = q.primal.size();
+            let flat = |x: &Tensor| x.reshape([-1, size[2], size[3]]);
+            let qs = flat(&(&q.primal * scale));
+            let kt = flat(&k.primal).transpose(1, 2);
             // The fused primal keeps no probabilities: recompute them for the tangent.
-            let qs = &q.primal * scale;
-            let kt = k.primal.transpose(-2, -1);
-            let p = qs.matmul(&kt).softmax(-1, None::<Kind>);
-            let ds = sum(
-                q.tangent.as_ref().map(|t| (t * scale).matmul(&kt)),
-                k.tangent.as_ref().map(|t| qs.matmul(&t.transpose(-2, -1))),
-            );
-            let dp = ds.map(|ds| &p * (&ds - (&p * &ds).sum_dim_intlist(-1, true, None::<Kind>)));
-            sum(
-                dp.map(|dp| dp.matmul(&v.primal)),
-                v.tangent.as_ref().map(|t| p.matmul(t)),
-            )
+            let p = qs.bmm(&kt).softmax(-1, None::<Kind>);
+            // dS = dq k^T scale + q dk^T scale
+            let ds = q.tangent.as_ref().map(|dq| flat(&(dq * scale)).bmm(&kt));
+            let ds = match (ds, k.tangent.as_ref()) {
+                (ds, None) => ds,
+                (None, Some(dk)) => Some(qs.bmm(&flat(dk).transpose(1, 2))),
+                (Some(ds), Some(dk)) => Some(ds.baddbmm(&qs, &flat(dk).transpose(1, 2), 1, 1)),
+            };
+            // Softmax's Jacobian is symmetric: its backward kernel applied to dS is dP.
+            let dp = ds.map(|ds| {
+                Tensor::internal_softmax_backward_data(&ds.to_kind(p.kind()), &p, -1, p.kind())
+            });
+            // d out = dP v + P dv
+            let dout = dp.map(|dp| dp.bmm(&flat(&v.primal)));
+            let dout = match (dout, v.tangent.as_ref()) {
+                (dout, None) => dout,
+                (None, Some(dv)) => Some(p.bmm(&flat(dv))),
+                (Some(dout), Some(dv)) => Some(dout.baddbmm(&p, &flat(dv), 1, 1)),
+            };
+            dout.map(|o| o.reshape(size.as_slice()))
         });
         Self { primal, tangent }
     }
