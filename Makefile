@@ -40,7 +40,7 @@ CARGO_ENV := VIRTUAL_ENV=$(VENV) PATH="$(VENV)/bin:$$PATH" LIBTORCH_USE_PYTORCH=
 endif
 CARGO := $(CARGO_ENV) cargo
 
-.PHONY: setup build test lint demo reproduce-b4 bench devbin clean
+.PHONY: setup build test lint demo reproduce-b4 bench bench-gpu devbin clean
 
 setup: $(VENV)/.ready .cuda-headers/.ready
 
@@ -107,6 +107,12 @@ endif
 
 bench: build
 	$(RELEASE) bench train --model micro/2 --batch 32 --precision f32 --device cpu --steps 10 --warmup 2 --json results/bench-train-cpu.json
+
+# On a GPU machine with the references checked out in .ref/ (see bench/gpu-bench.sh): issue 6's
+# measurements in one go, and the same-call ratios.
+bench-gpu: devbin
+	OUT=results/bench-gpu bash bench/gpu-session.sh
+	$(VENV)/bin/python bench/ratios.py results/bench-gpu
 
 # What bench/gpu-bench.sh needs on a GPU machine, in the ignored .devbin/ (carry it there).
 devbin: build

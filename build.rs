@@ -8,6 +8,7 @@ fn main() {
     for file in [
         "csrc/shim.cpp",
         "csrc/op_profile.cpp",
+        "csrc/cuda_graph.cpp",
         "csrc/c_abi.hpp",
         "csrc/dist.cpp",
         "csrc/dist_nccl.cpp",
@@ -117,6 +118,25 @@ fn main() {
             .file("csrc/dist_nccl.cpp");
     }
     dist.compile("mfr_dist");
+    // CUDA graphs of the training step, with the same CUDA headers (a stub without them).
+    let mut graph = cc::Build::new();
+    graph
+        .cpp(true)
+        .pic(true)
+        .std("c++17")
+        .warnings(false)
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .define("NDEBUG", None)
+        .file("csrc/cuda_graph.cpp");
+    if let Some(dirs) = &nccl {
+        graph
+            .define("MFR_WITH_CUDA", None)
+            .define("USE_CUDA", None)
+            .includes(dirs);
+    }
+    graph.compile("mfr_cuda_graph");
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     if nccl.is_some() {

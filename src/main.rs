@@ -244,6 +244,9 @@ enum BenchCommand {
         /// How du/dt is computed.
         #[arg(long, value_enum, default_value_t = JvpArg::Manual)]
         jvp: JvpArg,
+        /// Replay the step as one CUDA graph (train.cuda_graph), and check it against eager steps.
+        #[arg(long)]
+        cuda_graph: bool,
         /// Also write the result to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -496,6 +499,7 @@ fn run(cli: Cli) -> Result<()> {
                     kappa,
                     grad_clip,
                     jvp,
+                    cuda_graph,
                     json,
                 },
         } => {
@@ -513,6 +517,7 @@ fn run(cli: Cli) -> Result<()> {
                     JvpArg::Manual => JvpMethod::Manual,
                     JvpArg::ForwardAd => JvpMethod::ForwardAd,
                 },
+                cuda_graph,
             };
             emit(&bench::train(&b)?, json)
         }

@@ -197,3 +197,23 @@ fn the_paper_rows_are_not_part_of_what_a_run_computes() {
     let other = Spec::parse(&format!("{MINIMAL}[train]\nlr = 2e-4\n"), "c.toml").unwrap();
     assert_ne!(base.sha256(), other.sha256());
 }
+
+#[test]
+fn the_cuda_graph_switch_is_read_and_off_leaves_the_hash_as_it_was() {
+    let plain = Spec::parse(MINIMAL, "a.toml").unwrap();
+    assert!(!plain.train.cuda_graph);
+    assert!(!plain.to_toml().contains("cuda_graph"));
+    let off = Spec::parse(
+        &format!("{MINIMAL}\n[train]\ncuda_graph = false\n"),
+        "b.toml",
+    )
+    .unwrap();
+    assert_eq!(off.sha256(), plain.sha256());
+    let on = Spec::parse(
+        &format!("{MINIMAL}\n[train]\ncuda_graph = true\n"),
+        "c.toml",
+    )
+    .unwrap();
+    assert!(on.train.cuda_graph);
+    assert_ne!(on.sha256(), plain.sha256());
+}

@@ -295,3 +295,12 @@ fn a_sweep_makes_one_run_per_point() {
         "{err}"
     );
 }
+
+#[test]
+fn cuda_graphs_on_a_cpu_are_refused_with_the_switch_named() {
+    let err = meanflow_repro::train::graph::StepGraph::new(Device::Cpu)
+        .err()
+        .expect("a CPU has no CUDA graphs")
+        .to_string();
+    assert!(err.contains("train.cuda_graph"), "{err}");
+}

@@ -24,6 +24,8 @@ pub struct TrainBench {
     pub kappa: f64,
     pub grad_clip: f64,
     pub jvp: JvpMethod,
+    /// Replay the step as a CUDA graph (`train.cuda_graph`).
+    pub cuda_graph: bool,
 }
 
 /// Relative differences (||a - b|| / ||b||) of the JVP method under test from forward-mode AD,
@@ -47,7 +49,11 @@ pub struct TrainBenchResult {
     pub kappa: f64,
     pub grad_clip: f64,
     pub jvp: JvpMethod,
+    pub cuda_graph: bool,
     pub agreement_with_forward_ad: Agreement,
+    /// With `--cuda-graph`: replayed steps against eager ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph_vs_eager: Option<GraphAgreement>,
     pub device: String,
     pub warmup_steps: usize,
     pub timed_steps: usize,
@@ -66,22 +72,45 @@ pub struct TrainBenchResult {
     pub mfr_version: &'static str,
 }
 
-pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
-    let config = preset(&b.model)?;
+/// The bench's network: the same random weights on every call.
+fn network(b: &TrainBench, config: &SiTConfig) -> Result<(nn::VarStore, SiT)> {
     tch::manual_seed(0);
     let mut vs = nn::VarStore::new(b.device);
-    let net = SiT::new(&vs.root(), &config);
+    let net = SiT::new(&vs.root(), config);
     train::prepare_precision(&mut vs, b.precision, b.device)?;
     // Random weights everywhere: a freshly initialised SiT outputs exactly zero (adaLN-Zero),
-    // which would make the agreement check below trivially exact.
+    // which would make the agreement checks below trivially exact.
     randomise(&vs, 0.02);
+    Ok((vs, net))
+}
+
+fn trainer<'a>(
+    b: &TrainBench,
+    net: &'a SiT,
+    vs: &nn::VarStore,
+    cfg: &MeanFlowConfig,
+    graph: bool,
+) -> Result<train::Trainer<'a>> {
+    let defaults = TrainSection::default();
+    Ok(train::Trainer {
+        net,
+        opt: train::optim::AdamW::new(train::trainable(vs), defaults.lr, defaults.betas, 0.0),
+        cfg: cfg.clone(),
+        precision: b.precision,
+        grad_clip: b.grad_clip,
+        accumulation: 1,
+        sync: None,
+        graph: match graph {
+            true => Some(train::graph::StepGraph::new(b.device)?),
+            false => None,
+        },
+    })
+}
+
+pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
+    let config = preset(&b.model)?;
+    let (vs, net) = network(b, &config)?;
     let train_defaults = TrainSection::default();
-    let opt = train::optim::AdamW::new(
-        train::trainable(&vs),
-        train_defaults.lr,
-        train_defaults.betas,
-        0.0,
-    );
     let cfg = MeanFlowSection {
         omega: b.omega,
         kappa: b.kappa,
@@ -104,15 +133,11 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
         Ok(tch::no_grad(|| net.forward(&x, &t, &t, &labels, AttentionKernel::Fused)).kind())
     })?;
     let agreement = agreement(&net, &vs, &cfg, &x, &labels, b.precision)?;
-    let mut trainer = train::Trainer {
-        net: &net,
-        opt,
-        cfg,
-        precision: b.precision,
-        grad_clip: b.grad_clip,
-        accumulation: 1,
-        sync: None,
+    let graph_vs_eager = match b.cuda_graph {
+        true => Some(graph_agreement(b, &config, &cfg, &x, &labels)?),
+        false => None,
     };
+    let mut trainer = trainer(b, &net, &vs, &cfg, b.cuda_graph)?;
     let mut last = Tensor::zeros([], (Kind::Float, b.device));
     let mut run = |n: usize| -> Result<()> {
         for _ in 0..n {
@@ -143,7 +168,9 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
         kappa: b.kappa,
         grad_clip: b.grad_clip,
         jvp: b.jvp,
+        cuda_graph: b.cuda_graph,
         agreement_with_forward_ad: agreement,
+        graph_vs_eager,
         device: device::describe(b.device),
         warmup_steps: b.warmup,
         timed_steps: b.steps,
@@ -209,6 +236,60 @@ fn agreement(
         du_dt: rel(&ours[1], &plain[1]),
         loss: rel(&ours[2], &plain[2]),
         grads: rel(&ours[3], &plain[3]),
+    })
+}
+
+/// Steps of two copies of the bench's network on the same batch and seeds, one replaying a
+/// CUDA graph and one eager: the largest relative difference of the step's loss, and of the
+/// weights after the last step. Its first steps are eager on both sides, the rest replays.
+#[derive(Debug, Serialize)]
+pub struct GraphAgreement {
+    pub steps: usize,
+    pub replayed_steps: usize,
+    pub loss: f64,
+    pub weights: f64,
+}
+
+fn graph_agreement(
+    b: &TrainBench,
+    config: &SiTConfig,
+    cfg: &MeanFlowConfig,
+    x: &Tensor,
+    labels: &Tensor,
+) -> Result<GraphAgreement> {
+    const STEPS: usize = 7;
+    let lr = TrainSection::default().lr;
+    let run = |graph: bool| -> Result<(Vec<Tensor>, nn::VarStore)> {
+        let (vs, net) = network(b, config)?;
+        let mut trainer = trainer(b, &net, &vs, cfg, graph)?;
+        let losses = (0..STEPS)
+            .map(|i| {
+                tch::manual_seed(100 + i as i64);
+                Ok(trainer.step(x, labels, lr)?.loss)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((losses, vs))
+    };
+    let (graphed, graphed_vs) = run(true)?;
+    let (eager, eager_vs) = run(false)?;
+    let rel = |a: &Tensor, b: &Tensor| {
+        let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+        (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-300)
+    };
+    let loss = (0..STEPS)
+        .map(|i| rel(&graphed[i], &eager[i]))
+        .fold(0.0, f64::max);
+    let weights = graphed_vs
+        .trainable_variables()
+        .iter()
+        .zip(eager_vs.trainable_variables().iter())
+        .map(|(a, b)| rel(a, b))
+        .fold(0.0, f64::max);
+    Ok(GraphAgreement {
+        steps: STEPS,
+        replayed_steps: STEPS - train::graph::WARMUP_STEPS,
+        loss,
+        weights,
     })
 }
 

@@ -177,6 +177,11 @@ pub struct TrainSection {
     /// ...besides these steps, kept whatever happens.
     pub pin_checkpoints: Vec<u64>,
     pub device: String,
+    /// Replay the training step as one captured CUDA graph (the same kernels, one launch).
+    /// Off until measured on a GPU; one process only. Left out of the TOML (and so of the
+    /// spec's hash) when off, so the specs written before it keep their run directories.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cuda_graph: bool,
 }
 
 impl Default for TrainSection {
@@ -199,6 +204,7 @@ impl Default for TrainSection {
             keep_checkpoints: 3,
             pin_checkpoints: Vec::new(),
             device: "cuda".to_owned(),
+            cuda_graph: false,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! ([`run::train`]).
 pub mod checkpoint;
 pub mod ema;
+pub mod graph;
 pub mod optim;
 pub mod run;
 
@@ -72,6 +73,8 @@ pub struct Trainer<'a> {
     /// The group whose processes each hold a part of the step's batch and average their
     /// gradients; None: this process holds the whole batch.
     pub sync: Option<&'a Group>,
+    /// Steps replayed as one CUDA graph (`train.cuda_graph`); None: every step eager.
+    pub graph: Option<graph::StepGraph>,
 }
 
 /// Which rows of a step's global batch a data-parallel process trains on. Each of the
@@ -128,7 +131,20 @@ impl Trainer<'_> {
     /// of the global batch's, and gradients and the loss are averaged over the group before
     /// the update.
     pub fn step(&mut self, x: &Tensor, labels: &Tensor, lr: f64) -> Result<StepStats> {
-        self.opt.zero_grad();
+        let Some(mut graph) = self.graph.take() else {
+            return self.step_eager(x, labels, lr);
+        };
+        if self.sync.is_some() {
+            bail!("train.cuda_graph works in one process for now: set it to false to train in several");
+        }
+        let stats = graph.step(self, x, labels, lr);
+        self.graph = Some(graph);
+        stats
+    }
+
+    /// [`Trainer::step`] op by op, as [`graph::StepGraph`] records it.
+    pub fn step_eager(&mut self, x: &Tensor, labels: &Tensor, lr: f64) -> Result<StepStats> {
+        self.opt.zero_grad()?;
         let chunks = self.accumulation.max(1);
         let (rank, world) = self
             .sync

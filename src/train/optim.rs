@@ -23,6 +23,8 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> c_int;
+    fn mfr_clear_grads(params: *const *mut c_void, n: usize, err: *mut c_char, len: usize)
+        -> c_int;
     fn mfr_clip_grad_norm(
         grads: *const *mut c_void,
         n: usize,
@@ -78,19 +80,24 @@ impl AdamW {
         self.step
     }
 
+    /// Counts an update the optimizer's recorded kernels made in a CUDA graph replay.
+    pub(crate) fn count_replayed_update(&mut self) {
+        self.step += 1;
+    }
+
     /// Sets the update count (when restoring a checkpoint).
     pub fn set_step(&mut self, step: i64) {
         self.step = step;
         self.steps.clear();
     }
 
-    pub fn zero_grad(&mut self) {
-        for (_, p, _, _) in &mut self.params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.detach_().zero_();
-            }
-        }
+    /// Drops every gradient (torch's `zero_grad(set_to_none=True)`): the next backward
+    /// writes them afresh instead of adding into zeroed tensors.
+    pub fn zero_grad(&mut self) -> Result<()> {
+        let params = handles(self.params.iter().map(|(_, p, _, _)| p));
+        shim_call("clear the gradients", |e, l| unsafe {
+            mfr_clear_grads(params.as_ptr(), params.len(), e, l)
+        })
     }
 
     /// One update at learning rate `lr` of every parameter that has a gradient.

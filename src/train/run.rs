@@ -211,6 +211,10 @@ pub fn train_in(
         grad_clip: t.grad_clip,
         accumulation: t.grad_accumulation,
         sync: world.group(),
+        graph: match t.cuda_graph {
+            true => Some(super::graph::StepGraph::new(device)?),
+            false => None,
+        },
     };
     let rows = part.rows();
     let row_index = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>());

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One call on a GPU machine for issue 6, most important first, each step under its own timeout so
+# the call fits one device command (600 s): our B/4 step eager and as a CUDA graph, the PyTorch
+# port and the official JAX code in the same call, TF32, XL/2, then SD-VAE decode throughput.
+# Prepare with `make devbin` and checkouts of the two references in the ignored .ref/ (see
+# bench/gpu-bench.sh); run `bash bench/gpu-session.sh` there with .devbin and .ref carried.
+# JSON lands in $OUT; `python3 bench/ratios.py $OUT` prints the same-call ratios.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/mfr-bench}; mkdir -p "$OUT"
+TL=$(python3 -c "import torch,os;print(os.path.dirname(torch.__file__)+'/lib')")
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+export LD_LIBRARY_PATH=$TL PYTHONUNBUFFERED=1
+MFR=.devbin/mfr
+B4=(--model SiT-B/4 --batch 256 --device cuda --omega 3)
+ours() { local name=$1 limit=$2; shift 2; echo "## ours $name"; timeout "$limit" $MFR bench train "$@" --json "$OUT/$name.json" 2>&1 | grep -E '"(ms_per_step|peak_memory_gib|kernels|gb_moved|loss|weights|du_dt|grads)"|rror'; }
+ref() { local name=$1 limit=$2; shift 2; echo "## $name"; timeout "$limit" "$@" 2>&1 | tail -3 | tee "$OUT/$name.txt"; }
+ours b4-bf16 90 "${B4[@]}" --precision bf16
+ours b4-bf16-graph 120 "${B4[@]}" --precision bf16 --cuda-graph
+ref port-b4-bf16 90 env MEANFLOW_REF=.ref/MeanFlow-PyTorch python3 .devbin/reference_step.py --model SiT-B/4 --batch 256 --omega 3.0
+ref jax 200 env MEANFLOW_JAX_REF=.ref/meanflow-jax XLA_PYTHON_CLIENT_PREALLOCATE=false python3 .devbin/reference_jax.py
+ours b4-tf32-graph 90 "${B4[@]}" --precision tf32 --cuda-graph
+ref port-b4-fp32 90 env MEANFLOW_REF=.ref/MeanFlow-PyTorch python3 .devbin/reference_step.py --model SiT-B/4 --batch 256 --omega 3.0 --fp32
+ours xl2-bf16-graph 120 --model SiT-XL/2 --batch 32 --device cuda --omega 0.2 --kappa 0.92 --steps 6 --precision bf16 --cuda-graph
+echo "## decode"; timeout 90 $MFR bench sample --model SiT-B/4 --batch 256 --precision bf16 --device cuda --decode --batches 2 --json "$OUT/sample-decode.json" 2>&1 | grep -E '"(ms_per_batch|img_per_s|peak_memory_gib)"|rror'
