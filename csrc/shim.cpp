@@ -54,6 +54,17 @@ int mfr_set_tf32(int enabled, char* err, size_t len) {
   });
 }
 
+// Sets TF32 for matrix products and convolutions separately, returning the previous settings.
+int mfr_swap_tf32(int matmul, int conv, int* prev_matmul, int* prev_conv, char* err, size_t len) {
+  return guarded(err, len, [&] {
+    auto& ctx = at::globalContext();
+    *prev_matmul = ctx.allowTF32CuBLAS() ? 1 : 0;
+    *prev_conv = ctx.allowTF32CuDNN() ? 1 : 0;
+    ctx.setAllowTF32CuBLAS(matmul != 0);
+    ctx.setAllowTF32CuDNN(conv != 0);
+  });
+}
+
 // The CUDA device's marketing name, through the driver API (no CUDA headers needed here).
 int mfr_cuda_device_name(int device, char* name, size_t name_len, char* err, size_t len) {
   return guarded(err, len, [&] {

@@ -27,6 +27,14 @@ extern "C" {
         len: usize,
     ) -> c_int;
     fn mfr_set_tf32(enabled: c_int, err: *mut c_char, len: usize) -> c_int;
+    fn mfr_swap_tf32(
+        matmul: c_int,
+        conv: c_int,
+        prev_matmul: *mut c_int,
+        prev_conv: *mut c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
     fn mfr_cuda_device_name(
         device: c_int,
         name: *mut c_char,
@@ -94,6 +102,23 @@ pub fn set_tf32(enabled: bool) -> Result<()> {
     shim_call("set TF32", |e, l| unsafe {
         mfr_set_tf32(enabled as c_int, e, l)
     })
+}
+
+/// Runs `f` with TF32 allowed (or not) for both matrix products and convolutions, restoring
+/// the previous settings afterwards, also when `f` fails.
+pub fn with_tf32<T>(enabled: bool, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let swap = |matmul: c_int, conv: c_int| -> Result<(c_int, c_int)> {
+        let (mut pm, mut pc) = (0, 0);
+        shim_call("set TF32", |e, l| unsafe {
+            mfr_swap_tf32(matmul, conv, &mut pm, &mut pc, e, l)
+        })?;
+        Ok((pm, pc))
+    };
+    let on = enabled as c_int;
+    let (matmul, conv) = swap(on, on)?;
+    let out = f();
+    swap(matmul, conv)?;
+    out
 }
 
 /// Resets the peak-memory counter: of the CUDA caching allocator, or nothing on the CPU

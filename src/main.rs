@@ -3,6 +3,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use meanflow_repro::eval::evaluator;
 use meanflow_repro::meanflow::JvpMethod;
+use meanflow_repro::sample::DecodePrecision;
 use meanflow_repro::{assets, bench, device, dist, report, runs, spec::Precision, spec::Spec};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -201,9 +202,28 @@ enum BenchCommand {
         device: String,
         #[arg(long, default_value_t = 10)]
         batches: usize,
-        /// Also decode the latents with the SD-VAE (random weights) to uint8 images.
+        /// Also decode the latents with the SD-VAE (random weights) to uint8 images, in this
+        /// precision (alone: tf32, as the sample stage decodes).
+        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "tf32")]
+        decode: Option<DecodeArg>,
         #[arg(long)]
-        decode: bool,
+        json: Option<PathBuf>,
+    },
+    /// FID-N end to end (random weights): 1-NFE sampling, SD-VAE decode, Inception, distance.
+    Fid {
+        #[arg(long, default_value = "SiT-B/4")]
+        model: String,
+        #[arg(long, default_value_t = 50_000)]
+        num: i64,
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+        /// The SiT's precision.
+        #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
+        precision: PrecisionArg,
+        #[arg(long, value_enum, default_value_t = DecodeArg::Tf32)]
+        decode: DecodeArg,
+        #[arg(long, default_value = "cuda")]
+        device: String,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -274,6 +294,23 @@ impl From<PrecisionArg> for Precision {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::Tf32 => Precision::Tf32,
             PrecisionArg::F64 => Precision::F64,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DecodeArg {
+    F32,
+    Tf32,
+    Bf16,
+}
+
+impl From<DecodeArg> for DecodePrecision {
+    fn from(p: DecodeArg) -> Self {
+        match p {
+            DecodeArg::F32 => DecodePrecision::F32,
+            DecodeArg::Tf32 => DecodePrecision::Tf32,
+            DecodeArg::Bf16 => DecodePrecision::Bf16,
         }
     }
 }
@@ -379,10 +416,27 @@ fn run(cli: Cli) -> Result<()> {
                 },
         } => {
             let dev = device::parse(&device)?;
+            let decode = decode.map(DecodePrecision::from);
             emit(
                 &bench::sample(&model, batch, precision.into(), dev, 2, batches, decode)?,
                 json,
             )
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Fid {
+                    model,
+                    num,
+                    batch,
+                    precision,
+                    decode,
+                    device,
+                    json,
+                },
+        } => {
+            let dev = device::parse(&device)?;
+            let result = bench::fid(&model, num, batch, precision.into(), decode.into(), dev)?;
+            emit(&result, json)
         }
         Command::Bench {
             what:

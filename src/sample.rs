@@ -31,13 +31,45 @@ impl Decoder {
         Ok(Decoder::Vae(Box::new(net), vs))
     }
 
-    pub fn images(&self, x: &Tensor) -> Tensor {
+    pub fn images(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Decoder::Pixels => pixels_to_u8(x),
-            Decoder::Vae(net, _) => tch::no_grad(|| {
-                vae::to_uint8_nhwc(&net.decode(&(x.to_kind(Kind::Float) / vae::SCALING_FACTOR)))
-            }),
+            Decoder::Pixels => Ok(pixels_to_u8(x)),
+            Decoder::Vae(net, _) => decode_latents(net, x, DecodePrecision::Tf32),
         }
+    }
+}
+
+/// How the SD-VAE decodes on CUDA (on a CPU it is always float32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecodePrecision {
+    /// float32 throughout.
+    F32,
+    /// float32 with TF32 matrix products and convolutions: how both references decode (the
+    /// PyTorch port's `--tf32` default and PyTorch's cuDNN default; XLA's default precision),
+    /// and so how the sample stage decodes.
+    Tf32,
+    /// bf16 autocast.
+    Bf16,
+}
+
+/// SD-VAE latents (times 0.18215) as uint8 NHWC images.
+pub fn decode_latents(
+    net: &vae::AutoencoderKl,
+    x: &Tensor,
+    precision: DecodePrecision,
+) -> Result<Tensor> {
+    let decode = || {
+        let images = crate::device::autocast_bf16(precision == DecodePrecision::Bf16, || {
+            Ok(tch::no_grad(|| {
+                net.decode(&(x.to_kind(Kind::Float) / vae::SCALING_FACTOR))
+            }))
+        })?;
+        Ok(vae::to_uint8_nhwc(&images))
+    };
+    match x.device() {
+        Device::Cuda(_) => crate::device::with_tf32(precision == DecodePrecision::Tf32, decode),
+        _ => decode(),
     }
 }
 
@@ -105,7 +137,7 @@ impl Sampler<'_> {
         let bf16 = self.spec.train.precision == Precision::Bf16 && self.device.is_cuda();
         let x =
             crate::device::autocast_bf16(bf16, || sampler::sample(self.net, noise, y, schedule))?;
-        Ok(self.decoder.images(&x))
+        self.decoder.images(&x)
     }
 
     /// The spec's `num_samples` samples for `schedule` as an ADM .npz at `path`, resuming from

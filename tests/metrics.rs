@@ -4,7 +4,7 @@ mod common;
 
 use meanflow_repro::eval::{frechet_distance, inception_score, precision_recall, Stats};
 use std::collections::BTreeMap;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 fn fixture() -> BTreeMap<String, Tensor> {
     common::eval_fixture("metrics.safetensors")
@@ -73,4 +73,37 @@ fn precision_and_recall_match_brute_force() {
     assert_eq!(precision, scalar(&f["precision"], 0));
     assert_eq!(recall, scalar(&f["recall"], 0));
     assert!(precision > 0.0 && precision < 1.0 && recall > 0.0 && recall < 1.0);
+}
+
+#[test]
+fn fid_of_fewer_samples_than_dimensions_is_a_number() {
+    // Two samples per set in 2048 dimensions: rank-1 covariances, on which LAPACK's
+    // divide-and-conquer eigensolver fails to converge.
+    tch::manual_seed(3);
+    let a = Tensor::randn([2, 2048], (Kind::Double, tch::Device::Cpu));
+    let s = Stats::of(&a).unwrap();
+    let fid = frechet_distance(&s, &s).unwrap();
+    // 2047 eigenvalues are zero up to rounding (~1e-16 of the largest), and each adds its
+    // square root: ~1e-5 of the trace is the arithmetic's floor here, as it is for scipy.
+    let scale = s.sigma.trace().double_value(&[]);
+    assert!(fid.abs() < 1e-5 * scale, "FID of a set with itself: {fid}");
+    let shifted = Stats {
+        mu: &s.mu + 0.5,
+        sigma: s.sigma.copy(),
+    };
+    let fid = frechet_distance(&s, &shifted).unwrap();
+    assert!((fid - 2048.0 * 0.25).abs() < 1e-5 * scale, "{fid}");
+}
+
+#[test]
+fn fid_of_non_finite_statistics_is_an_error_not_a_panic() {
+    let s = Stats::of(&Tensor::randn([8, 16], (Kind::Double, tch::Device::Cpu))).unwrap();
+    let sigma = s.sigma.copy();
+    let _ = sigma.get(0).get(0).fill_(f64::NAN);
+    let bad = Stats {
+        mu: s.mu.copy(),
+        sigma,
+    };
+    let err = frechet_distance(&s, &bad).unwrap_err().to_string();
+    assert!(err.contains("not finite"), "{err}");
 }

@@ -47,6 +47,14 @@ pub fn frechet_distance(a: &Stats, b: &Stats) -> Result<f64> {
             b.mu.size()
         );
     }
+    // LAPACK's eigensolver fails (a panic in tch) on NaN: say what is wrong instead.
+    let finite = |s: &Stats| {
+        s.mu.isfinite().all().int64_value(&[]) == 1
+            && s.sigma.isfinite().all().int64_value(&[]) == 1
+    };
+    if !finite(a) || !finite(b) {
+        bail!("the feature statistics are not finite: the features hold NaN or inf (are the Inception weights right?)");
+    }
     let diff = &a.mu - &b.mu;
     let base = diff.dot(&diff).double_value(&[])
         + a.sigma.trace().double_value(&[])
