@@ -13,7 +13,22 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "
 export LD_LIBRARY_PATH=$TL PYTHONUNBUFFERED=1
 MFR=.devbin/mfr
 B4=(--model SiT-B/4 --batch 256 --device cuda --omega 3)
-ours() { local name=$1 limit=$2; shift 2; echo "## ours $name"; timeout "$limit" $MFR bench train "$@" --json "$OUT/$name.json" 2>&1 | grep -E '"(ms_per_step|peak_memory_gib|kernels|gb_moved|loss|weights|du_dt|grads)"|rror'; }
+ours() {
+  local name=$1 limit=$2; shift 2; echo "## ours $name"
+  timeout "$limit" $MFR bench train "$@" --json "$OUT/$name.json" 2>&1 | grep -E '^error' 
+  python3 - "$OUT/$name.json" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    sys.exit("no result")
+o = r["ops"]
+print(f'{r["ms_per_step"]:.1f} ms/step, {r["img_per_s"]:.0f} img/s, {r["peak_memory_gib"]:.1f} GiB, {r["compute_dtype"]}; '
+      f'{o["kernels"]} kernels, {o["gb_moved"]:.1f} GB, {o["tflop"]:.2f} TFLOP per step; '
+      f'vs forward AD {r["agreement_with_forward_ad"]}; graph vs eager {r.get("graph_vs_eager")}')
+print("top ops by bytes:", [(x["op"], x["kernels"], round(x["mb"] / 1e3, 1)) for x in o["top_by_bytes"][:8]])
+PY
+}
 ref() { local name=$1 limit=$2; shift 2; echo "## $name"; timeout "$limit" "$@" 2>&1 | tail -3 | tee "$OUT/$name.txt"; }
 ours b4-bf16 90 "${B4[@]}" --precision bf16
 ours b4-bf16-graph 120 "${B4[@]}" --precision bf16 --cuda-graph

@@ -262,32 +262,35 @@ fn graph_agreement(
 ) -> Result<GraphAgreement> {
     const STEPS: usize = 7;
     let lr = TrainSection::default().lr;
-    let run = |graph: bool| -> Result<(Vec<Tensor>, nn::VarStore)> {
+    // Each side's losses and final weights, moved to the CPU so that one network at a time
+    // occupies the device (XL/2's three copies would not fit an H100 beside each other).
+    let run = |graph: bool| -> Result<(Vec<Tensor>, Vec<Tensor>)> {
         let (vs, net) = network(b, config)?;
         let mut trainer = trainer(b, &net, &vs, cfg, graph)?;
         let losses = (0..STEPS)
             .map(|i| {
                 tch::manual_seed(100 + i as i64);
-                Ok(trainer.step(x, labels, lr)?.loss)
+                Ok(trainer.step(x, labels, lr)?.loss.to_device(Device::Cpu))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok((losses, vs))
+        let weights = train::trainable(&vs)
+            .into_iter()
+            .map(|(_, v)| v.to_device(Device::Cpu))
+            .collect();
+        Ok((losses, weights))
     };
-    let (graphed, graphed_vs) = run(true)?;
-    let (eager, eager_vs) = run(false)?;
+    let (graphed, graphed_weights) = run(true)?;
+    let (eager, eager_weights) = run(false)?;
     let rel = |a: &Tensor, b: &Tensor| {
         let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
         (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-300)
     };
-    let loss = (0..STEPS)
-        .map(|i| rel(&graphed[i], &eager[i]))
-        .fold(0.0, f64::max);
-    let weights = graphed_vs
-        .trainable_variables()
-        .iter()
-        .zip(eager_vs.trainable_variables().iter())
-        .map(|(a, b)| rel(a, b))
-        .fold(0.0, f64::max);
+    let largest =
+        |a: &[Tensor], b: &[Tensor]| a.iter().zip(b).map(|(a, b)| rel(a, b)).fold(0.0, f64::max);
+    let (loss, weights) = (
+        largest(&graphed, &eager),
+        largest(&graphed_weights, &eager_weights),
+    );
     Ok(GraphAgreement {
         steps: STEPS,
         replayed_steps: STEPS - train::graph::WARMUP_STEPS,

@@ -151,6 +151,18 @@ pub fn train_in(
         );
     }
     let total = per_epoch * t.epochs as u64;
+    let beyond: Vec<u64> = spec
+        .eval
+        .steps
+        .iter()
+        .copied()
+        .filter(|&s| s >= total)
+        .collect();
+    if main && !beyond.is_empty() {
+        eprintln!(
+            "note: eval.steps {beyond:?} are not before this run's last step ({total}): no extra checkpoint is scored for them (the final weights always are)"
+        );
+    }
     let ckpt_dir = dir.join("checkpoints");
     if main {
         std::fs::create_dir_all(&ckpt_dir)
