@@ -4,7 +4,9 @@
 # port and the official JAX code in the same call, TF32, XL/2, then SD-VAE decode throughput.
 # Prepare with `make devbin` and checkouts of the two references in the ignored .ref/ (see
 # bench/gpu-bench.sh); run `bash bench/gpu-session.sh` there with .devbin and .ref carried.
-# JSON lands in $OUT; `python3 bench/ratios.py $OUT` prints the same-call ratios.
+# JSON lands in $OUT; `python3 bench/ratios.py $OUT` prints the same-call ratios. With the
+# device tool: `bash bench/gpu-session.sh; bash bench/gpu-fid.sh; python3 bench/ratios.py $OUT`
+# fits one call (about 8 minutes; each step has its own timeout, most important first).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mfr-bench}; mkdir -p "$OUT"
@@ -29,7 +31,11 @@ print(f'{r["ms_per_step"]:.1f} ms/step, {r["img_per_s"]:.0f} img/s, {r["peak_mem
 print("top ops by bytes:", [(x["op"], x["kernels"], round(x["mb"] / 1e3, 1)) for x in o["top_by_bytes"][:8]])
 PY
 }
-ref() { local name=$1 limit=$2; shift 2; echo "## $name"; timeout "$limit" "$@" 2>&1 | tail -3 | tee "$OUT/$name.txt"; }
+ref() {
+  local name=$1 limit=$2; shift 2; echo "## $name"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  grep '^{' "$OUT/$name.log" | tee "$OUT/$name.txt"; grep -m3 -iE 'error|Traceback' "$OUT/$name.log"
+}
 ours b4-bf16 90 "${B4[@]}" --precision bf16
 ours b4-bf16-graph 120 "${B4[@]}" --precision bf16 --cuda-graph
 ref port-b4-bf16 90 env MEANFLOW_REF=.ref/MeanFlow-PyTorch python3 .devbin/reference_step.py --model SiT-B/4 --batch 256 --omega 3.0
