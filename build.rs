@@ -48,17 +48,7 @@ fn main() {
 
     let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .std("c++17")
-        .warnings(false)
-        .include(root.join("include"))
-        .include(root.join("include/torch/csrc/api/include"))
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        // libtorch is built with NDEBUG, and some of its classes (RecordFunction) have
-        // debug-only members: without it our view of their layout would differ.
-        .define("NDEBUG", None)
+    torch_cpp(&root, &abi)
         .file("csrc/shim.cpp")
         .file("csrc/op_profile.cpp")
         .compile("mfr_shim");
@@ -90,23 +80,15 @@ fn main() {
             Ok(dirs) => Some(dirs),
             Err(_) if env::var_os("MFR_NO_NCCL").is_some() => None,
             Err(why) => {
-                println!("cargo:warning=NCCL not built in ({why}): several processes cannot train on CUDA with this build; `make build` installs the headers, or set CUDA_HOME (MFR_NO_NCCL=1 silences this)");
+                println!("cargo:warning=NCCL and CUDA graphs not built in ({why}): several processes cannot train on CUDA with this build, nor train.cuda_graph; `make build` installs the headers, or set CUDA_HOME (MFR_NO_NCCL=1 silences this)");
                 None
             }
         }
     } else {
         None
     };
-    let mut dist = cc::Build::new();
-    dist.cpp(true)
-        .pic(true)
-        .std("c++17")
-        .warnings(false)
-        .include(&gloo)
-        .include(root.join("include"))
-        .include(root.join("include/torch/csrc/api/include"))
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .define("NDEBUG", None)
+    let mut dist = torch_cpp(&root, &abi);
+    dist.include(&gloo)
         .define("USE_C10D_GLOO", None)
         .flag_if_supported("-Wno-interference-size")
         .file("csrc/dist.cpp");
@@ -119,17 +101,8 @@ fn main() {
     }
     dist.compile("mfr_dist");
     // CUDA graphs of the training step, with the same CUDA headers (a stub without them).
-    let mut graph = cc::Build::new();
-    graph
-        .cpp(true)
-        .pic(true)
-        .std("c++17")
-        .warnings(false)
-        .include(root.join("include"))
-        .include(root.join("include/torch/csrc/api/include"))
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .define("NDEBUG", None)
-        .file("csrc/cuda_graph.cpp");
+    let mut graph = torch_cpp(&root, &abi);
+    graph.file("csrc/cuda_graph.cpp");
     if let Some(dirs) = &nccl {
         graph
             .define("MFR_WITH_CUDA", None)
@@ -143,6 +116,23 @@ fn main() {
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
     }
+}
+
+/// A C++ build against libtorch's headers, as libtorch itself was built: C++17, its C++ ABI, and
+/// NDEBUG (some of its classes, RecordFunction among them, have debug-only members: without it
+/// our view of their layout would differ).
+fn torch_cpp(root: &Path, abi: &str) -> cc::Build {
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .pic(true)
+        .std("c++17")
+        .warnings(false)
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", abi)
+        .define("NDEBUG", None);
+    build
 }
 
 /// The include directories ProcessGroupNCCL.hpp needs (CUDA runtime and libraries, CCCL's

@@ -154,7 +154,7 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
     let start = Instant::now();
     run(b.steps)?;
     let seconds = start.elapsed().as_secs_f64() / b.steps.max(1) as f64;
-    let peak_memory_gib = device::peak_memory_bytes(b.device)? as f64 / (1u64 << 30) as f64;
+    let peak_memory_gib = peak_memory_gib(b.device)?;
     let ((), ops) = profile::profile(|| run(1))?;
     let parameters = vs
         .trainable_variables()
@@ -180,11 +180,7 @@ pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
         ms_per_step: seconds * 1e3,
         img_per_s: b.batch as f64 / seconds,
         peak_memory_gib,
-        peak_memory_of: if b.device.is_cuda() {
-            "cuda allocator"
-        } else {
-            "process peak RSS"
-        },
+        peak_memory_of: peak_memory_of(b.device),
         final_loss: last.double_value(&[]),
         compute_dtype: format!("{compute_dtype:?}"),
         ops,
@@ -230,15 +226,11 @@ fn agreement(
         ])
     };
     let (ours, plain) = (run(cfg.jvp)?, run(JvpMethod::ForwardAd)?);
-    let rel = |a: &Tensor, b: &Tensor| {
-        let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
-        (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-300)
-    };
     Ok(Agreement {
-        u: rel(&ours[0], &plain[0]),
-        du_dt: rel(&ours[1], &plain[1]),
-        loss: rel(&ours[2], &plain[2]),
-        grads: rel(&ours[3], &plain[3]),
+        u: rel_diff(&ours[0], &plain[0]),
+        du_dt: rel_diff(&ours[1], &plain[1]),
+        loss: rel_diff(&ours[2], &plain[2]),
+        grads: rel_diff(&ours[3], &plain[3]),
     })
 }
 
@@ -281,12 +273,12 @@ fn graph_agreement(
     };
     let (graphed, graphed_weights) = run(true)?;
     let (eager, eager_weights) = run(false)?;
-    let rel = |a: &Tensor, b: &Tensor| {
-        let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
-        (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-300)
+    let largest = |a: &[Tensor], b: &[Tensor]| {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| rel_diff(a, b))
+            .fold(0.0, f64::max)
     };
-    let largest =
-        |a: &[Tensor], b: &[Tensor]| a.iter().zip(b).map(|(a, b)| rel(a, b)).fold(0.0, f64::max);
     let (loss, weights) = (
         largest(&graphed, &eager),
         largest(&graphed_weights, &eager_weights),
@@ -297,6 +289,12 @@ fn graph_agreement(
         loss,
         weights,
     })
+}
+
+/// ||a - b|| / ||b|| in float64.
+fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-300)
 }
 
 fn preset(model: &str) -> Result<SiTConfig> {
@@ -334,6 +332,19 @@ fn randomise_inception(vs: &nn::VarStore) {
             v.copy_(&w);
         }
     });
+}
+
+fn peak_memory_gib(dev: Device) -> Result<f64> {
+    Ok(device::peak_memory_bytes(dev)? as f64 / (1u64 << 30) as f64)
+}
+
+/// What [`peak_memory_gib`] measures on a device.
+fn peak_memory_of(dev: Device) -> &'static str {
+    if dev.is_cuda() {
+        "cuda allocator"
+    } else {
+        "process peak RSS"
+    }
 }
 
 /// Seconds per batch after the warm-up, and one more batch op by op.
@@ -393,12 +404,8 @@ fn throughput(
         timed_batches: batches,
         ms_per_batch: seconds * 1e3,
         img_per_s: batch as f64 / seconds,
-        peak_memory_gib: device::peak_memory_bytes(dev)? as f64 / (1u64 << 30) as f64,
-        peak_memory_of: if dev.is_cuda() {
-            "cuda allocator"
-        } else {
-            "process peak RSS"
-        },
+        peak_memory_gib: peak_memory_gib(dev)?,
+        peak_memory_of: peak_memory_of(dev),
         weights: "random (timing only)",
         ops,
     })
@@ -592,12 +599,8 @@ pub fn fid(
         seconds_inception: clock[2],
         seconds_statistics: clock[3],
         img_per_s: num as f64 / seconds,
-        peak_memory_gib: device::peak_memory_bytes(dev)? as f64 / (1u64 << 30) as f64,
-        peak_memory_of: if dev.is_cuda() {
-            "cuda allocator"
-        } else {
-            "process peak RSS"
-        },
+        peak_memory_gib: peak_memory_gib(dev)?,
+        peak_memory_of: peak_memory_of(dev),
         fid_between_halves: distance,
         weights: "random (timing only)",
     })
