@@ -42,5 +42,7 @@ ref port-b4-bf16 90 env MEANFLOW_REF=.ref/MeanFlow-PyTorch python3 .devbin/refer
 ref jax 200 env MEANFLOW_JAX_REF=.ref/meanflow-jax XLA_PYTHON_CLIENT_PREALLOCATE=false python3 .devbin/reference_jax.py
 ours b4-tf32-graph 90 "${B4[@]}" --precision tf32 --cuda-graph
 ref port-b4-fp32 90 env MEANFLOW_REF=.ref/MeanFlow-PyTorch python3 .devbin/reference_step.py --model SiT-B/4 --batch 256 --omega 3.0 --fp32
-ours xl2-bf16-graph 120 --model SiT-XL/2 --batch 32 --device cuda --omega 0.2 --kappa 0.92 --steps 6 --precision bf16 --cuda-graph
+XL2=(--model SiT-XL/2 --batch 32 --device cuda --omega 0.2 --kappa 0.92 --steps 6 --precision bf16)
+ours xl2-bf16 120 "${XL2[@]}"
+ours xl2-bf16-graph 120 "${XL2[@]}" --cuda-graph
 echo "## decode"; timeout 90 $MFR bench sample --model SiT-B/4 --batch 256 --precision bf16 --device cuda --decode --batches 2 --json "$OUT/sample-decode.json" 2>&1 | grep -E '"(ms_per_batch|img_per_s|peak_memory_gib)"|rror'

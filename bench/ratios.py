@@ -35,6 +35,7 @@ rows = [
     ("B/4 bf16 eager", ours("b4-bf16"), [("port", port_bf16), ("JAX", jax_b4)]),
     ("B/4 bf16 CUDA graph", ours("b4-bf16-graph"), [("port", port_bf16), ("JAX", jax_b4)]),
     ("B/4 TF32 CUDA graph", ours("b4-tf32-graph"), [("port fp32", port_fp32), ("JAX", jax_b4)]),
+    ("XL/2 b32 bf16 eager", ours("xl2-bf16"), [("JAX", jax_xl2)]),
     ("XL/2 b32 bf16 CUDA graph", ours("xl2-bf16-graph"), [("JAX", jax_xl2)]),
 ]
 for label, mine, peers in rows:
