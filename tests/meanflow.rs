@@ -144,3 +144,66 @@ fn a_two_step_schedule_is_two_mean_flow_steps() {
         );
     }
 }
+
+#[test]
+fn skipping_the_tangent_of_r_equals_t_rows_changes_no_loss_or_gradient() {
+    // The manual JVP computes du/dt only for the rows with t != r; forward-mode AD computes it
+    // for all. The targets, losses and gradients must agree, in f64, for every share of r = t
+    // rows, including all (plain flow matching) and none.
+    let config = small_config(Conditioning::THalf);
+    let (vs, net) = random_network(&config, 9);
+    let opts = (Kind::Double, Device::Cpu);
+    let x = Tensor::randn([6, 3, 8, 8], opts);
+    let y = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 0]);
+    for proportion in [0.0, 0.5, 1.0] {
+        let run = |jvp| {
+            let cfg = MeanFlowSection {
+                data_proportion: proportion,
+                omega: 2.0,
+                jvp,
+                ..Default::default()
+            }
+            .config();
+            tch::manual_seed(5);
+            let draw = Draw::sample(&cfg, &x);
+            for mut v in vs.trainable_variables() {
+                let mut g = v.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+                let _ = v.requires_grad_(true);
+            }
+            let terms = meanflow_loss(&net, &cfg, &x, &y, &draw).unwrap();
+            terms.loss.backward();
+            let grads: Vec<Tensor> = vs
+                .trainable_variables()
+                .iter()
+                .map(|v| v.grad().reshape([-1]))
+                .collect();
+            (terms, Tensor::cat(&grads, 0), draw.r_equals_t)
+        };
+        let (manual, manual_grads, skip) = run(meanflow_repro::meanflow::JvpMethod::Manual);
+        let (plain, plain_grads, _) = run(meanflow_repro::meanflow::JvpMethod::ForwardAd);
+        assert_eq!(skip, (6.0 * proportion) as i64);
+        let what = format!("r = t share {proportion}");
+        assert!(
+            rel_err(&manual.u_tgt, &plain.u_tgt) < 1e-12,
+            "{what}: u_tgt"
+        );
+        assert!(rel_err(&manual.loss, &plain.loss) < 1e-12, "{what}: loss");
+        assert!(
+            rel_err(&manual_grads, &plain_grads) < 1e-11,
+            "{what}: gradients"
+        );
+        let rest = 6 - skip;
+        if rest > 0 {
+            let (a, b) = (
+                manual.du_dt.narrow(0, skip, rest),
+                plain.du_dt.narrow(0, skip, rest),
+            );
+            assert!(rel_err(&a, &b) < 1e-12, "{what}: du/dt of the t != r rows");
+        }
+        let skipped = manual.du_dt.narrow(0, 0, skip).abs().sum(Kind::Double);
+        assert_eq!(skipped.double_value(&[]), 0.0, "{what}: skipped rows");
+    }
+}

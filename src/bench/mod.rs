@@ -218,9 +218,11 @@ fn agreement(
             .iter()
             .map(|v| v.grad().to_kind(Kind::Float).reshape([-1]))
             .collect();
+        // du/dt where the target uses it (the manual JVP skips the r = t rows).
+        let b = x.size()[0];
         Ok([
             terms.u,
-            terms.du_dt,
+            terms.du_dt.narrow(0, draw.r_equals_t, b - draw.r_equals_t),
             terms.loss.detach(),
             Tensor::cat(&grads, 0),
         ])

@@ -77,6 +77,9 @@ pub struct Draw {
     pub e: Tensor,
     /// A 0-dim int64 tensor on x's device (reading it would stall the device every step).
     pub num_drop: Tensor,
+    /// How many of the first samples have r = t by construction (data_proportion): their
+    /// target is v_g whatever du/dt is, so their tangent is never computed.
+    pub r_equals_t: i64,
 }
 
 impl Draw {
@@ -116,6 +119,7 @@ impl Draw {
             r: whole.r.narrow(0, offset, b),
             e: whole.e.narrow(0, offset, b),
             num_drop: (whole.num_drop - offset).clamp(0, b),
+            r_equals_t: (whole.r_equals_t - offset).clamp(0, b),
         }
     }
 
@@ -130,7 +134,13 @@ impl Draw {
         let equal = (b as f64 * cfg.data_proportion).floor() as i64;
         let mask = Tensor::arange(b, (Kind::Int64, t.device())).lt(equal);
         let r = t.where_self(&mask, &r);
-        Self { t, r, e, num_drop }
+        Self {
+            t,
+            r,
+            e,
+            num_drop,
+            r_equals_t: equal,
+        }
     }
 }
 
@@ -143,6 +153,8 @@ pub struct Terms {
     pub v_g: Tensor,
     pub y_inp: Tensor,
     pub u: Tensor,
+    /// du/dt; with the manual JVP, zero on the first [`Draw::r_equals_t`] rows (not computed:
+    /// their target does not use it).
     pub du_dt: Tensor,
     pub u_tgt: Tensor,
     pub per_sample_loss: Tensor,
@@ -221,7 +233,9 @@ pub fn drop_labels(
 }
 
 /// u = u_theta(z_t, r, t | y) and its total derivative d/dt u along (dz, dr, dt) = (v_g, dr, dt).
-/// u keeps its autograd graph; du/dt is detached.
+/// u keeps its autograd graph; du/dt is detached. With the manual JVP, du/dt is computed only
+/// for rows `skip..` (zero before: rows whose r = t makes the target ignore it).
+#[allow(clippy::too_many_arguments)]
 pub fn u_and_du_dt(
     net: &SiT,
     cfg: &MeanFlowConfig,
@@ -230,12 +244,22 @@ pub fn u_and_du_dt(
     r: &Tensor,
     y: &Tensor,
     v_g: &Tensor,
+    skip: i64,
 ) -> Result<(Tensor, Tensor)> {
     let dt = t.full_like(cfg.tangent.dt);
     let dr = r.full_like(cfg.tangent.dr);
     match cfg.jvp {
         JvpMethod::Manual => {
-            let dual = |p: &Tensor, d: &Tensor| Dual::new(p.shallow_clone(), d.shallow_clone());
+            let b = z_t.size()[0];
+            let from = skip.clamp(0, b);
+            if from == b {
+                let u = net.forward(z_t, t, r, y, AttentionKernel::Fused);
+                let du_dt = u.detach().zeros_like();
+                return Ok((u, du_dt));
+            }
+            let dual = |p: &Tensor, d: &Tensor| {
+                Dual::from_row(p.shallow_clone(), d.narrow(0, from, b - from), from)
+            };
             let out = net.forward_dual(
                 &dual(z_t, v_g),
                 &dual(t, &dt),
@@ -273,11 +297,17 @@ pub fn meanflow_loss(
     labels: &Tensor,
     draw: &Draw,
 ) -> Result<Terms> {
-    let Draw { t, r, e, num_drop } = draw;
+    let Draw {
+        t,
+        r,
+        e,
+        num_drop,
+        r_equals_t,
+    } = draw;
     let (z_t, v) = interpolate(x, t, e);
     let (v_g, _) = guide(net, &cfg.guidance, &z_t, t, &v, labels);
     let (y_inp, v_g) = drop_labels(net, labels, &v, &v_g, num_drop);
-    let (u, du_dt) = u_and_du_dt(net, cfg, &z_t, t, r, &y_inp, &v_g)?;
+    let (u, du_dt) = u_and_du_dt(net, cfg, &z_t, t, r, &y_inp, &v_g, *r_equals_t)?;
     let u_tgt = target(&v_g, t, r, &du_dt);
     let per_sample_loss = sum_sq(&(&u - &u_tgt));
     let adaptive_weight = (per_sample_loss.detach() + cfg.norm_eps).pow_tensor_scalar(cfg.norm_p);

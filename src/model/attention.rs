@@ -32,11 +32,12 @@ impl Attention {
 
     /// (N, T, D) -> (N, T, D).
     pub fn forward<V: Flow>(&self, x: &V, kernel: AttentionKernel) -> V {
-        let (n, t, d) = x.primal().size3().expect("attention input is (N, T, D)");
+        // Shapes with the batch left free (-1): a tangent may cover fewer rows than its value.
+        let (_, t, d) = x.primal().size3().expect("attention input is (N, T, D)");
         let (heads, head_dim) = (self.heads, d / self.heads);
         // qkv's output is laid out as (3, heads, head_dim).
         let qkv = x.linear(&self.qkv).map(|y| {
-            y.reshape([n, t, 3, heads, head_dim])
+            y.reshape([-1, t, 3, heads, head_dim])
                 .permute([2, 0, 3, 1, 4])
         });
         // One unbind rather than three selects: its backward stacks the three gradients in
@@ -45,7 +46,7 @@ impl Attention {
         let [q, k, v] = <[V; 3]>::try_from(parts).ok().expect("qkv has 3 parts");
         let scale = (head_dim as f64).powf(-0.5);
         let out = V::attention(&q, &k, &v, scale, kernel == AttentionKernel::Fused);
-        out.map(|o| o.transpose(1, 2).reshape([n, t, d]))
+        out.map(|o| o.transpose(1, 2).reshape([-1, t, d]))
             .linear(&self.proj)
     }
 }

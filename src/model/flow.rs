@@ -140,25 +140,47 @@ impl Flow for Tensor {
     }
 }
 
-/// A value and its tangent (None: zero, which skips the work).
+/// A value and its tangent (None: zero, which skips the work). The tangent may cover only the
+/// rows `from..` of the value (samples are independent through the network): the earlier rows'
+/// tangent is zero and never computed, as MeanFlow's r = t rows need no du/dt.
 pub struct Dual {
     pub primal: Tensor,
     pub tangent: Option<Tensor>,
+    /// The first row (along dimension 0) the tangent covers.
+    pub from: i64,
 }
 
 impl Dual {
     pub fn new(primal: Tensor, tangent: Tensor) -> Self {
+        Self::from_row(primal, tangent, 0)
+    }
+
+    /// A value whose tangent is zero on rows `..from` and `tangent` on rows `from..`.
+    pub fn from_row(primal: Tensor, tangent: Tensor, from: i64) -> Self {
         Self {
             primal,
             tangent: Some(tangent),
+            from,
         }
     }
 
-    /// The tangent, materialising a zero one.
+    /// The tangent of every row, zeros materialised.
     pub fn tangent(&self) -> Tensor {
-        self.tangent
-            .as_ref()
-            .map_or_else(|| self.primal.zeros_like(), |t| t.shallow_clone())
+        match &self.tangent {
+            None => self.primal.zeros_like(),
+            Some(t) if self.from == 0 => t.shallow_clone(),
+            Some(t) => {
+                let mut shape = t.size();
+                shape[0] = self.from;
+                let zeros = Tensor::zeros(shape, (t.kind(), t.device()));
+                Tensor::cat(&[&zeros, t], 0)
+            }
+        }
+    }
+
+    /// The rows of a value of this pass that the tangents cover.
+    fn rows(&self, x: &Tensor) -> Tensor {
+        rows(x, self.from)
     }
 
     /// The parts a linear split op gives, value and tangent alike.
@@ -170,17 +192,40 @@ impl Dual {
             .map(|(i, p)| Self {
                 primal: p,
                 tangent: tangents.as_ref().map(|t| t[i].shallow_clone()),
+                from: self.from,
             })
             .collect()
     }
 
-    /// A new dual from a primal op and a tangent rule run without autograd recording.
-    fn with(primal: Tensor, tangent: Option<impl FnOnce() -> Tensor>) -> Self {
+    /// A new dual from a primal op and a tangent rule (over this dual's rows) run without
+    /// autograd recording.
+    fn with(&self, primal: Tensor, tangent: Option<impl FnOnce() -> Tensor>) -> Self {
         Self {
             primal,
             tangent: tangent.map(|rule| tch::no_grad(rule)),
+            from: self.from,
         }
     }
+}
+
+/// Rows `from..` of `x`.
+fn rows(x: &Tensor, from: i64) -> Tensor {
+    if from == 0 {
+        x.shallow_clone()
+    } else {
+        x.narrow(0, from, x.size()[0] - from)
+    }
+}
+
+/// The first row the tangents of an op's operands cover (all of a pass's tangents agree).
+fn from_of(operands: &[&Dual]) -> i64 {
+    let mut covered = operands
+        .iter()
+        .filter(|d| d.tangent.is_some())
+        .map(|d| d.from);
+    let from = covered.next().unwrap_or(0);
+    debug_assert!(covered.all(|f| f == from), "tangents over different rows");
+    from
 }
 
 /// a + b where either may be absent (zero).
@@ -207,6 +252,7 @@ impl Flow for Dual {
         Self {
             primal: value,
             tangent: None,
+            from: 0,
         }
     }
     fn primal(&self) -> &Tensor {
@@ -216,6 +262,7 @@ impl Flow for Dual {
         Self {
             primal: f(&self.primal),
             tangent: self.tangent.as_ref().map(&f),
+            from: self.from,
         }
     }
     fn add(&self, other: &Self) -> Self {
@@ -228,6 +275,7 @@ impl Flow for Dual {
         Self {
             primal: &self.primal + &other.primal,
             tangent,
+            from: from_of(&[self, other]),
         }
     }
     fn linear(&self, layer: &nn::Linear) -> Self {
@@ -235,28 +283,28 @@ impl Flow for Dual {
             .tangent
             .as_ref()
             .map(|t| move || t.linear(&layer.ws, None::<Tensor>));
-        Self::with(Flow::linear(&self.primal, layer), rule)
+        self.with(Flow::linear(&self.primal, layer), rule)
     }
     fn patch_conv(&self, weight: &Tensor, bias: &Tensor, patch: i64) -> Self {
         let rule = self
             .tangent
             .as_ref()
             .map(|t| move || t.conv2d(weight, None::<Tensor>, [patch, patch], [0, 0], [1, 1], 1));
-        Self::with(self.primal.patch_conv(weight, bias, patch), rule)
+        self.with(self.primal.patch_conv(weight, bias, patch), rule)
     }
     fn silu(&self) -> Self {
         let rule = self
             .tangent
             .as_ref()
-            .map(|t| || self.primal.silu_backward(t));
-        Self::with(Flow::silu(&self.primal), rule)
+            .map(|t| || self.rows(&self.primal).silu_backward(t));
+        self.with(Flow::silu(&self.primal), rule)
     }
     fn gelu_tanh(&self) -> Self {
         let rule = self
             .tangent
             .as_ref()
-            .map(|t| || self.primal.gelu_backward(t, "tanh"));
-        Self::with(self.primal.gelu_tanh(), rule)
+            .map(|t| || self.rows(&self.primal).gelu_backward(t, "tanh"));
+        self.with(self.primal.gelu_tanh(), rule)
     }
     fn normalized(&self) -> Self {
         let d = self.primal.size()[self.primal.dim() - 1];
@@ -265,37 +313,50 @@ impl Flow for Dual {
             Tensor::native_layer_norm(x, [d], None::<Tensor>, None::<Tensor>, NORM_EPS);
         // d xhat = rstd (dx - mean(dx) - xhat mean(xhat dx)): a symmetric Jacobian applied to
         // dx, which is what LayerNorm's backward kernel computes for a gradient dx, in one pass.
-        let rule = self
-            .tangent
-            .as_ref()
-            .map(|t| move || layer_norm_backward(&t.to_kind(x.kind()), x, &mean, &rstd, d));
-        Self::with(out, rule)
+        let rule = self.tangent.as_ref().map(|t| {
+            move || {
+                let (x, mean, rstd) = (self.rows(x), self.rows(&mean), self.rows(&rstd));
+                layer_norm_backward(&t.to_kind(x.kind()), &x, &mean, &rstd, d)
+            }
+        });
+        self.with(out, rule)
     }
     fn modulate(&self, shift: &Self, scale: &Self) -> Self {
         let primal = self.primal.modulate(&shift.primal, &scale.primal);
+        let from = from_of(&[self, shift, scale]);
         // dshift + dx (1 + scale) + x dscale
         let tangent = tch::no_grad(|| {
             let dshift = shift.tangent.as_ref().map(|t| t.unsqueeze(1));
             let dx = add_product(
                 dshift,
                 self.tangent.as_ref(),
-                &(scale.primal.unsqueeze(1) + 1.0),
+                &(rows(&scale.primal, from).unsqueeze(1) + 1.0),
             );
             let dscale = scale.tangent.as_ref().map(|t| t.unsqueeze(1));
-            add_product(dx, dscale.as_ref(), &self.primal)
+            add_product(dx, dscale.as_ref(), &rows(&self.primal, from))
         });
-        Self { primal, tangent }
+        Self {
+            primal,
+            tangent,
+            from,
+        }
     }
     fn gated_add(&self, gate: &Self, y: &Self) -> Self {
         let primal = self.primal.gated_add(&gate.primal, &y.primal);
+        let from = from_of(&[self, gate, y]);
         // dx + dgate y + gate dy
         let tangent = tch::no_grad(|| {
             let dgate = gate.tangent.as_ref().map(|t| t.unsqueeze(1));
             let dx = self.tangent.as_ref().map(|t| t.shallow_clone());
-            let dx = add_product(dx, dgate.as_ref(), &y.primal);
-            add_product(dx, y.tangent.as_ref(), &gate.primal.unsqueeze(1))
+            let dx = add_product(dx, dgate.as_ref(), &rows(&y.primal, from));
+            let gate = rows(&gate.primal, from).unsqueeze(1);
+            add_product(dx, y.tangent.as_ref(), &gate)
         });
-        Self { primal, tangent }
+        Self {
+            primal,
+            tangent,
+            from,
+        }
     }
     fn chunk(&self, chunks: i64) -> Vec<Self> {
         self.split(|t| Tensor::chunk(t, chunks, -1))
@@ -305,15 +366,21 @@ impl Flow for Dual {
     }
     fn attention(q: &Self, k: &Self, v: &Self, scale: f64, fused: bool) -> Self {
         let primal = Tensor::attention(&q.primal, &k.primal, &v.primal, scale, fused);
+        let from = from_of(&[q, k, v]);
         let tangent = tch::no_grad(|| {
             if q.tangent.is_none() && k.tangent.is_none() && v.tangent.is_none() {
                 return None;
             }
+            let (q_rows, k_rows, v_rows) = (
+                rows(&q.primal, from),
+                rows(&k.primal, from),
+                rows(&v.primal, from),
+            );
             // Batched products over (N heads, T, head_dim), each operand made contiguous once.
-            let size = q.primal.size();
+            let mut size = q_rows.size();
             let flat = |x: &Tensor| x.reshape([-1, size[2], size[3]]);
-            let qs = flat(&(&q.primal * scale));
-            let kt = flat(&k.primal).transpose(1, 2);
+            let qs = flat(&(&q_rows * scale));
+            let kt = flat(&k_rows).transpose(1, 2);
             // The fused primal keeps no probabilities: recompute them for the tangent.
             let p = qs.bmm(&kt).softmax(-1, None::<Kind>);
             // dS = dq k^T scale + q dk^T scale
@@ -328,26 +395,31 @@ impl Flow for Dual {
                 Tensor::internal_softmax_backward_data(&ds.to_kind(p.kind()), &p, -1, p.kind())
             });
             // d out = dP v + P dv
-            let dout = dp.map(|dp| dp.bmm(&flat(&v.primal)));
+            let dout = dp.map(|dp| dp.bmm(&flat(&v_rows)));
             let dout = match (dout, v.tangent.as_ref()) {
                 (dout, None) => dout,
                 (None, Some(dv)) => Some(p.bmm(&flat(dv))),
                 (Some(dout), Some(dv)) => Some(dout.baddbmm(&p, &flat(dv), 1, 1)),
             };
+            size[0] = -1;
             dout.map(|o| o.reshape(size.as_slice()))
         });
-        Self { primal, tangent }
+        Self {
+            primal,
+            tangent,
+            from,
+        }
     }
     fn sinusoid(&self, dim: i64) -> Self {
         let primal = self.primal.sinusoid(dim);
         // libtorch's rules: mul -> dt * f, cos -> d * -sin, sin -> d * cos, casts -> casts.
         let rule = self.tangent.as_ref().map(|t| {
             move || {
-                let (args, freqs) = sinusoid_args(&self.primal, dim);
+                let (args, freqs) = sinusoid_args(&self.rows(&self.primal), dim);
                 let dargs = t.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
                 Tensor::cat(&[&dargs * -args.sin(), &dargs * args.cos()], -1).to_kind(t.kind())
             }
         });
-        Self::with(primal, rule)
+        self.with(primal, rule)
     }
 }
