@@ -3,6 +3,7 @@
 #include "c_abi.hpp"
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/forward_grad.h>
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
@@ -20,7 +21,49 @@
 #include <cstring>
 #include <exception>
 
+namespace {
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// acc + big * small, `small` broadcast over dimension 1 (a per-sample (N, 1, D) factor over
+// (N, T, D) tokens), `acc` either (N, T, D) or (N, 1, D): SiT's modulate and gated residual. One
+// kernel forward, like addcmul; the backward is written out because addcmul's multiplies `big`
+// by its `value` (1) before using it, a full-size pass for nothing.
+struct AddMulBroadcast : torch::autograd::Function<AddMulBroadcast> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& acc, const at::Tensor& big,
+                            const at::Tensor& small) {
+    ctx->save_for_backward({big, small});
+    ctx->saved_data["acc_tokens"] = acc.size(1);
+    ctx->saved_data["acc_dtype"] = static_cast<int64_t>(acc.scalar_type());
+    return acc.addcmul(big, small);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto &big = saved[0], &small = saved[1];
+    const auto& g = grads[0];
+    auto acc_dtype = static_cast<at::ScalarType>(ctx->saved_data["acc_dtype"].toInt());
+    at::Tensor d_acc, d_big, d_small;
+    if (ctx->needs_input_grad(0)) {
+      d_acc = ctx->saved_data["acc_tokens"].toInt() == 1 ? g.sum(1, true) : g;
+      d_acc = d_acc.to(acc_dtype);
+    }
+    if (ctx->needs_input_grad(1)) d_big = (g * small).to(big.scalar_type());
+    if (ctx->needs_input_grad(2)) d_small = (g * big).sum(1, true).to(small.scalar_type());
+    return {d_acc, d_big, d_small};
+  }
+};
+}  // namespace
+
 extern "C" {
+
+// AddMulBroadcast::apply: acc + big * small with the backward above.
+int mfr_add_mul_broadcast(void* acc, void* big, void* small, void** out, char* err, size_t len) {
+  return guarded(err, len, [&] {
+    auto as = [](void* h) -> const at::Tensor& { return *static_cast<const at::Tensor*>(h); };
+    *out = new at::Tensor(AddMulBroadcast::apply(as(acc), as(big), as(small)));
+  });
+}
 
 // Forward-mode AD: enter a new dual level (libtorch supports one at a time).
 int mfr_fwad_enter(uint64_t* level, char* err, size_t len) {

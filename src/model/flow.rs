@@ -24,6 +24,28 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> c_int;
+    fn mfr_add_mul_broadcast(
+        acc: *mut c_void,
+        big: *mut c_void,
+        small: *mut c_void,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+}
+
+/// acc + big * small with `small` (N, 1, D) broadcast over the tokens of `big` (N, T, D): what
+/// addcmul computes, with a backward that does not first multiply `big` by addcmul's `value`
+/// (csrc/shim.cpp). For the pass that carries the graph; it has no forward-AD rule.
+fn add_mul_broadcast(acc: &Tensor, big: &Tensor, small: &Tensor) -> Tensor {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    let h = |t: &Tensor| t.as_ptr() as *mut c_void;
+    shim_call("acc + big * small", |e, l| unsafe {
+        mfr_add_mul_broadcast(h(acc), h(big), h(small), &mut out, e, l)
+    })
+    .expect("operands of one modulate or gated residual broadcast together");
+    // The shim allocated a new tensor handle; tch takes ownership and frees it.
+    unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) }
 }
 
 /// LayerNorm's backward kernel for `grad` (tch does not bind it).
@@ -322,7 +344,11 @@ impl Flow for Dual {
         self.with(out, rule)
     }
     fn modulate(&self, shift: &Self, scale: &Self) -> Self {
-        let primal = self.primal.modulate(&shift.primal, &scale.primal);
+        let primal = add_mul_broadcast(
+            &shift.primal.unsqueeze(1),
+            &self.primal,
+            &(scale.primal.unsqueeze(1) + 1.0),
+        );
         let from = from_of(&[self, shift, scale]);
         // dshift + dx (1 + scale) + x dscale
         let tangent = tch::no_grad(|| {
@@ -342,7 +368,7 @@ impl Flow for Dual {
         }
     }
     fn gated_add(&self, gate: &Self, y: &Self) -> Self {
-        let primal = self.primal.gated_add(&gate.primal, &y.primal);
+        let primal = add_mul_broadcast(&self.primal, &y.primal, &gate.primal.unsqueeze(1));
         let from = from_of(&[self, gate, y]);
         // dx + dgate y + gate dy
         let tangent = tch::no_grad(|| {
