@@ -1,7 +1,7 @@
 //! Devices: parsing `cpu|cuda[:N]`, the CUDA facts tch does not expose (device name, peak memory,
 //! TF32), read through the C++ shim.
 use anyhow::{bail, Result};
-use std::ffi::CStr;
+use std::ffi::{c_void, CStr};
 use std::os::raw::{c_char, c_int};
 use tch::Device;
 
@@ -52,6 +52,21 @@ pub(crate) fn shim_call(what: &str, call: impl FnOnce(*mut c_char, usize) -> c_i
     }
     let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
     bail!("{what}: {msg}")
+}
+
+/// Runs one shim call that returns a new tensor handle through `out`, which tch then owns.
+pub(crate) fn shim_tensor(
+    what: &str,
+    call: impl FnOnce(*mut *mut c_void, *mut c_char, usize) -> c_int,
+) -> Result<tch::Tensor> {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    shim_call(what, |e, l| call(&mut out, e, l))?;
+    Ok(unsafe { tch::Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
+}
+
+/// A tch tensor as the shim takes it (valid while the tensor lives).
+pub(crate) fn handle(t: &tch::Tensor) -> *mut c_void {
+    t.as_ptr() as *mut c_void
 }
 
 /// `cpu`, `cuda` or `cuda:N`, without asking whether that device exists.

@@ -8,7 +8,7 @@
 //! primal that alone carries the graph, and attention's primal may use the fused kernel. Each
 //! rule is the forward-AD formula libtorch itself uses for that op (derivatives.yaml), so the
 //! two paths agree to rounding (tests/flow.rs; the parity fixtures hold for both).
-use crate::device::shim_call;
+use crate::device::{handle, shim_tensor};
 use std::ffi::c_void;
 use std::os::raw::{c_char, c_int};
 use tch::{nn, Kind, Tensor};
@@ -38,26 +38,20 @@ extern "C" {
 /// addcmul computes, with a backward that does not first multiply `big` by addcmul's `value`
 /// (csrc/shim.cpp). For the pass that carries the graph; it has no forward-AD rule.
 fn add_mul_broadcast(acc: &Tensor, big: &Tensor, small: &Tensor) -> Tensor {
-    let mut out: *mut c_void = std::ptr::null_mut();
-    let h = |t: &Tensor| t.as_ptr() as *mut c_void;
-    shim_call("acc + big * small", |e, l| unsafe {
-        mfr_add_mul_broadcast(h(acc), h(big), h(small), &mut out, e, l)
+    let h = handle;
+    shim_tensor("acc + big * small", |out, e, l| unsafe {
+        mfr_add_mul_broadcast(h(acc), h(big), h(small), out, e, l)
     })
-    .expect("operands of one modulate or gated residual broadcast together");
-    // The shim allocated a new tensor handle; tch takes ownership and frees it.
-    unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) }
+    .expect("operands of one modulate or gated residual broadcast together")
 }
 
 /// LayerNorm's backward kernel for `grad` (tch does not bind it).
 fn layer_norm_backward(grad: &Tensor, x: &Tensor, mean: &Tensor, rstd: &Tensor, d: i64) -> Tensor {
-    let mut out: *mut c_void = std::ptr::null_mut();
-    let h = |t: &Tensor| t.as_ptr() as *mut c_void;
-    shim_call("LayerNorm backward", |e, l| unsafe {
-        mfr_layer_norm_backward(h(grad), h(x), h(mean), h(rstd), d, &mut out, e, l)
+    let h = handle;
+    shim_tensor("LayerNorm backward", |out, e, l| unsafe {
+        mfr_layer_norm_backward(h(grad), h(x), h(mean), h(rstd), d, out, e, l)
     })
-    .expect("LayerNorm's backward takes what its forward gave");
-    // The shim allocated a new tensor handle; tch takes ownership and frees it.
-    unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) }
+    .expect("LayerNorm's backward takes what its forward gave")
 }
 
 /// LayerNorm epsilon of every SiT norm.

@@ -7,6 +7,7 @@
 //! (its numbers stay on the device), and randomness comes from the registered default generator,
 //! reseeded per step as the eager loop does. A step the recording does not fit (another learning
 //! rate, as during warm-up, or another batch shape) runs eagerly.
+use super::optim::handles;
 use super::{StepStats, Trainer};
 use crate::device::shim_call;
 use anyhow::{bail, Context, Result};
@@ -107,8 +108,7 @@ impl StepGraph {
 
     fn replay(&self, x: &Tensor, labels: &Tensor) -> Result<StepStats> {
         let r = self.recorded.as_ref().expect("replay follows a recording");
-        let ptr = |t: &Tensor| t.as_ptr() as *mut c_void;
-        let (statics, sources) = ([ptr(&r.x), ptr(&r.labels)], [ptr(x), ptr(labels)]);
+        let (statics, sources) = (handles([&r.x, &r.labels]), handles([x, labels]));
         shim_call("replay the step", |e, l| unsafe {
             mfr_graph_replay(self.handle, statics.as_ptr(), sources.as_ptr(), 2, e, l)
         })?;

@@ -1,7 +1,7 @@
 //! AdamW with its moments in plain view (checkpoints hold them), stepped by libtorch's fused
 //! kernel (`_fused_adamw_`, torch.optim.AdamW(fused=True)) through the shim: one launch for all
 //! parameters instead of a dozen per parameter. Also the fused global-norm gradient clip.
-use crate::device::shim_call;
+use crate::device::{shim_call, shim_tensor};
 use anyhow::Result;
 use std::ffi::c_void;
 use std::os::raw::{c_char, c_int};
@@ -37,10 +37,7 @@ extern "C" {
 
 /// The handles the shim takes for a list of tensors (valid while the tensors live).
 pub(crate) fn handles<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Vec<*mut c_void> {
-    tensors
-        .into_iter()
-        .map(|t| t.as_ptr() as *mut c_void)
-        .collect()
+    tensors.into_iter().map(crate::device::handle).collect()
 }
 
 pub struct AdamW {
@@ -162,12 +159,9 @@ pub fn clip_grad_norm(
         return Ok(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)));
     }
     let list = handles(&grads);
-    let mut total: *mut c_void = std::ptr::null_mut();
     tch::no_grad(|| {
-        shim_call("clip gradients", |e, l| unsafe {
-            mfr_clip_grad_norm(list.as_ptr(), list.len(), max_norm, &mut total, e, l)
+        shim_tensor("clip gradients", |total, e, l| unsafe {
+            mfr_clip_grad_norm(list.as_ptr(), list.len(), max_norm, total, e, l)
         })
-    })?;
-    // The shim allocated a new tensor handle; tch takes ownership and frees it.
-    Ok(unsafe { Tensor::from_ptr(total as *mut torch_sys::C_tensor) })
+    })
 }
