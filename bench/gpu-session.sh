@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine for issue 6, most important first, each step under its own timeout so
 # the call fits one device command (600 s): our B/4 step eager and as a CUDA graph, the PyTorch
-# port and the official JAX code in the same call, TF32, XL/2, then SD-VAE decode throughput.
+# port and the official JAX code in the same call, TF32, XL/2 (decode and FID: bench/gpu-fid.sh).
 # Prepare with `make devbin` and checkouts of the two references in the ignored .ref/ (see
 # bench/gpu-bench.sh); run `bash bench/gpu-session.sh` there with .devbin and .ref carried.
 # JSON lands in $OUT; `python3 bench/ratios.py $OUT` prints the same-call ratios. With the
@@ -45,4 +45,3 @@ ref port-b4-fp32 90 env MEANFLOW_REF=.ref/MeanFlow-PyTorch python3 .devbin/refer
 XL2=(--model SiT-XL/2 --batch 32 --device cuda --omega 0.2 --kappa 0.92 --steps 6 --precision bf16)
 ours xl2-bf16 120 "${XL2[@]}"
 ours xl2-bf16-graph 120 "${XL2[@]}" --cuda-graph
-echo "## decode"; timeout 90 $MFR bench sample --model SiT-B/4 --batch 256 --precision bf16 --device cuda --decode --batches 2 --json "$OUT/sample-decode.json" 2>&1 | grep -E '"(ms_per_batch|img_per_s|peak_memory_gib)"|rror'
