@@ -105,17 +105,21 @@ void mfr_graph_free(void* handle) {
 
 #else
 
-extern "C" {
-int mfr_graph_new(int, void**, char* err, size_t len) {
+namespace {
+int no_cuda_graphs(char* err, size_t len) {
   write_message(err, len,
                 "this mfr was built without the CUDA headers, so without CUDA graphs: build it "
                 "with `make build` (which installs them) or set CUDA_HOME");
   return 1;
 }
-int mfr_graph_capture_begin(void*, char* err, size_t len) { return mfr_graph_new(0, nullptr, err, len); }
-int mfr_graph_capture_end(void*, char* err, size_t len) { return mfr_graph_new(0, nullptr, err, len); }
+}  // namespace
+
+extern "C" {
+int mfr_graph_new(int, void**, char* err, size_t len) { return no_cuda_graphs(err, len); }
+int mfr_graph_capture_begin(void*, char* err, size_t len) { return no_cuda_graphs(err, len); }
+int mfr_graph_capture_end(void*, char* err, size_t len) { return no_cuda_graphs(err, len); }
 int mfr_graph_replay(void*, void* const*, void* const*, size_t, char* err, size_t len) {
-  return mfr_graph_new(0, nullptr, err, len);
+  return no_cuda_graphs(err, len);
 }
 void mfr_graph_free(void*) {}
 }

@@ -74,20 +74,20 @@ fn summarise(table: &str) -> OpProfile {
             })
         })
         .collect();
-    let total = |f: fn(&OpRow) -> f64| rows.iter().map(f).sum::<f64>();
-    let (mb, gflop) = (total(|r| r.mb), total(|r| r.gflop));
-    let profile = OpProfile {
-        kernels: rows.iter().map(|r| r.kernels).sum(),
-        dispatches: rows.iter().map(|r| r.calls).sum(),
-        gb_moved: mb / 1e3,
-        tflop: gflop / 1e3,
-        top_by_bytes: Vec::new(),
-    };
+    let (kernels, dispatches) = (
+        rows.iter().map(|r| r.kernels).sum(),
+        rows.iter().map(|r| r.calls).sum(),
+    );
+    let gb_moved = rows.iter().map(|r| r.mb).sum::<f64>() / 1e3;
+    let tflop = rows.iter().map(|r| r.gflop).sum::<f64>() / 1e3;
     rows.retain(|r| r.kernels > 0);
     rows.sort_by(|a, b| b.mb.total_cmp(&a.mb));
     rows.truncate(TOP);
     OpProfile {
+        kernels,
+        dispatches,
+        gb_moved,
+        tflop,
         top_by_bytes: rows,
-        ..profile
     }
 }
