@@ -4,6 +4,7 @@
 // dtypes the region computes in), so a step's launches and traffic can be studied without one.
 #include "c_abi.hpp"
 
+#include <ATen/core/function_schema.h>
 #include <ATen/record_function.h>
 
 #include <cstdint>
@@ -35,6 +36,8 @@ struct Call : at::ObserverContext {
   // For convolutions: FLOPs per output element, known once the output is.
   double flops_per_output = 0;
   std::unordered_set<const void*> in_storages;
+  // An out= variant: its results are arguments it writes.
+  bool writes_into_arguments = false;
 };
 
 template <typename F>
@@ -90,8 +93,15 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
   }
   call->outermost = depth++ == 0;
   if (!call->outermost) return call;
-  for (const auto& v : fn.inputs()) {
-    each_tensor(v, [&](const at::Tensor& t) {
+  // An out= variant's `out` arguments are written, not read: they count once, as its results.
+  auto schema = fn.operator_schema();
+  auto inputs = fn.inputs();
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (schema && i < schema->arguments().size() && schema->arguments()[i].is_out()) {
+      call->writes_into_arguments = true;
+      continue;
+    }
+    each_tensor(inputs[i], [&](const at::Tensor& t) {
       if (!t.defined()) return;
       call->in_bytes += static_cast<double>(t.numel() * t.element_size());
       if (t.has_storage()) call->in_storages.insert(t.storage().unsafeGetStorageImpl());
@@ -119,11 +129,12 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext* ctx) {
     });
   }
   // A view (reshape without a copy, permute, select, ...) returns its input's storage and runs
-  // no kernel; an in-place op (trailing '_') returns it too but does. Allocations run none.
+  // no kernel; an in-place op (trailing '_') or an out= variant returns it too but does.
+  // Allocations run none.
   bool in_place = !name.empty() && name.back() == '_' && name != "aten::detach_" &&
                   name != "aten::requires_grad_";
   bool allocation = name.rfind("aten::empty", 0) == 0;
-  bool kernel = !allocation && (fresh_output || in_place);
+  bool kernel = !allocation && (fresh_output || in_place || call->writes_into_arguments);
   std::lock_guard<std::mutex> lock(totals_mutex);
   auto& t = totals[name];
   t.calls += 1;

@@ -23,6 +23,23 @@ fn a_matrix_product_counts_one_kernel_its_bytes_and_flops() {
 }
 
 #[test]
+fn an_out_variant_counts_its_kernel_and_writes_its_out_argument_once() {
+    let _guard = common::serial();
+    let (m, k, n) = (6i64, 5i64, 7i64);
+    let opts = (Kind::Float, tch::Device::Cpu);
+    let (a, b) = (Tensor::randn([m, k], opts), Tensor::randn([k, n], opts));
+    let out = Tensor::empty([m, n], opts);
+    let (_, p) = profile(|| Ok(a.mm_out(&out, &b))).unwrap();
+    assert_eq!((p.kernels, p.dispatches), (1, 1), "{p:?}");
+    let bytes = 4 * (m * k + k * n + m * n);
+    assert!((p.gb_moved * 1e9 - bytes as f64).abs() < 1e-6, "{p:?}");
+    assert!(
+        (p.tflop * 1e12 - (2 * m * k * n) as f64).abs() < 1e-3,
+        "{p:?}"
+    );
+}
+
+#[test]
 fn views_dispatch_without_a_kernel_and_sub_ops_are_not_counted_twice() {
     let _guard = common::serial();
     let x = Tensor::randn([4, 3, 8], (Kind::Double, tch::Device::Cpu));
