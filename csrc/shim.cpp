@@ -126,23 +126,31 @@ int mfr_cuda_device_name(int device, char* name, size_t name_len, char* err, siz
   });
 }
 
-// CUDA autocast to bfloat16 (tch's own helper leaves the dtype at the default float16 and uses
-// the deprecated device-less API). `push` saves the state it replaces; `pop` restores it.
-int mfr_autocast_push(int enabled, int* prev_enabled, int* prev_dtype, char* err, size_t len) {
+// Autocast to bfloat16 on CUDA or on the CPU (tch's own helper leaves the dtype at the default
+// float16, covers CUDA only and uses the deprecated device-less API). `push` saves the state it
+// replaces; `pop` restores it.
+namespace {
+at::DeviceType autocast_device(int cuda) { return cuda != 0 ? at::kCUDA : at::kCPU; }
+}  // namespace
+
+int mfr_autocast_push(int cuda, int enabled, int* prev_enabled, int* prev_dtype, char* err,
+                      size_t len) {
   return guarded(err, len, [&] {
-    *prev_enabled = at::autocast::is_autocast_enabled(at::kCUDA) ? 1 : 0;
-    *prev_dtype = static_cast<int>(at::autocast::get_autocast_dtype(at::kCUDA));
-    at::autocast::set_autocast_enabled(at::kCUDA, enabled != 0);
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    auto device = autocast_device(cuda);
+    *prev_enabled = at::autocast::is_autocast_enabled(device) ? 1 : 0;
+    *prev_dtype = static_cast<int>(at::autocast::get_autocast_dtype(device));
+    at::autocast::set_autocast_enabled(device, enabled != 0);
+    at::autocast::set_autocast_dtype(device, at::kBFloat16);
     at::autocast::increment_nesting();
   });
 }
 
-int mfr_autocast_pop(int prev_enabled, int prev_dtype, char* err, size_t len) {
+int mfr_autocast_pop(int cuda, int prev_enabled, int prev_dtype, char* err, size_t len) {
   return guarded(err, len, [&] {
+    auto device = autocast_device(cuda);
     if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    at::autocast::set_autocast_enabled(at::kCUDA, prev_enabled != 0);
-    at::autocast::set_autocast_dtype(at::kCUDA, static_cast<at::ScalarType>(prev_dtype));
+    at::autocast::set_autocast_enabled(device, prev_enabled != 0);
+    at::autocast::set_autocast_dtype(device, static_cast<at::ScalarType>(prev_dtype));
   });
 }
 

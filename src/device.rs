@@ -14,6 +14,7 @@ extern "C" {
     ) -> c_int;
     fn mfr_cuda_reset_peak(device: c_int, err: *mut c_char, len: usize) -> c_int;
     fn mfr_autocast_push(
+        cuda: c_int,
         enabled: c_int,
         prev_enabled: *mut c_int,
         prev_dtype: *mut c_int,
@@ -21,6 +22,7 @@ extern "C" {
         len: usize,
     ) -> c_int;
     fn mfr_autocast_pop(
+        cuda: c_int,
         prev_enabled: c_int,
         prev_dtype: c_int,
         err: *mut c_char,
@@ -171,16 +173,24 @@ pub fn synchronize(device: Device) {
     }
 }
 
-/// Runs `f` with CUDA autocast to bfloat16 on (or explicitly off), restoring the previous state
-/// afterwards, also when `f` fails. CPU tensors are unaffected.
-pub fn autocast_bf16<T>(enabled: bool, f: impl FnOnce() -> Result<T>) -> Result<T> {
+/// Runs `f` with autocast to bfloat16 on `device`'s kind (CUDA or the CPU) on, or explicitly
+/// off, restoring the previous state afterwards, also when `f` fails.
+pub fn autocast_bf16<T>(device: Device, enabled: bool, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let cuda = device.is_cuda() as c_int;
     let (mut prev_enabled, mut prev_dtype) = (0, 0);
     shim_call("enter autocast", |e, l| unsafe {
-        mfr_autocast_push(enabled as c_int, &mut prev_enabled, &mut prev_dtype, e, l)
+        mfr_autocast_push(
+            cuda,
+            enabled as c_int,
+            &mut prev_enabled,
+            &mut prev_dtype,
+            e,
+            l,
+        )
     })?;
     let out = f();
     shim_call("leave autocast", |e, l| unsafe {
-        mfr_autocast_pop(prev_enabled, prev_dtype, e, l)
+        mfr_autocast_pop(cuda, prev_enabled, prev_dtype, e, l)
     })?;
     out
 }

@@ -60,11 +60,12 @@ pub fn decode_latents(
     precision: DecodePrecision,
 ) -> Result<Tensor> {
     let decode = || {
-        let images = crate::device::autocast_bf16(precision == DecodePrecision::Bf16, || {
-            Ok(tch::no_grad(|| {
-                net.decode(&(x.to_kind(Kind::Float) / vae::SCALING_FACTOR))
-            }))
-        })?;
+        let images =
+            crate::device::autocast_bf16(x.device(), precision == DecodePrecision::Bf16, || {
+                Ok(tch::no_grad(|| {
+                    net.decode(&(x.to_kind(Kind::Float) / vae::SCALING_FACTOR))
+                }))
+            })?;
         Ok(vae::to_uint8_nhwc(&images))
     };
     match x.device() {
@@ -134,9 +135,10 @@ impl Sampler<'_> {
     }
 
     fn generate(&self, schedule: &[f64], noise: &Tensor, y: &Tensor) -> Result<Tensor> {
-        let bf16 = self.spec.train.precision == Precision::Bf16 && self.device.is_cuda();
-        let x =
-            crate::device::autocast_bf16(bf16, || sampler::sample(self.net, noise, y, schedule))?;
+        let bf16 = self.spec.train.precision == Precision::Bf16;
+        let x = crate::device::autocast_bf16(self.device, bf16, || {
+            sampler::sample(self.net, noise, y, schedule)
+        })?;
         self.decoder.images(&x)
     }
 

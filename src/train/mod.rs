@@ -22,9 +22,6 @@ pub fn prepare_precision(
 ) -> Result<()> {
     match precision {
         Precision::F64 => vs.double(),
-        Precision::Bf16 if !device.is_cuda() => {
-            bail!("bf16 autocast runs on CUDA only: use precision f32 (or f64) on the CPU")
-        }
         _ => vs.float(),
     }
     if device.is_cuda() {
@@ -161,7 +158,7 @@ impl Trainer<'_> {
             let n = x.size()[0];
             let draw = Draw::sample_part(&self.cfg, x, n * world, n * rank);
             let autocast = self.precision == Precision::Bf16;
-            let terms = crate::device::autocast_bf16(autocast, || {
+            let terms = crate::device::autocast_bf16(x.device(), autocast, || {
                 meanflow_loss(self.net, &self.cfg, x, labels, &draw)
             })?;
             (terms.loss.shallow_clone() / chunks as f64).backward();
