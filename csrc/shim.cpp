@@ -25,43 +25,79 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The dtype an elementwise op of three dimensioned tensors computes in.
+at::ScalarType promoted(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  return at::promoteTypes(at::promoteTypes(a.scalar_type(), b.scalar_type()), c.scalar_type());
+}
+
 // acc + big * small, `small` broadcast over dimension 1 (a per-sample (N, 1, D) factor over
 // (N, T, D) tokens), `acc` either (N, T, D) or (N, 1, D): SiT's modulate and gated residual. One
 // kernel forward, like addcmul; the backward is written out because addcmul's multiplies `big`
-// by its `value` (1) before using it, a full-size pass for nothing.
+// by its `value` (1) before using it, a full-size pass for nothing. The result is computed in the
+// operands' promoted dtype and written in `out_dtype`; gradients are computed in the promoted
+// dtype whatever the result's, so a narrower result changes no gradient.
 struct AddMulBroadcast : torch::autograd::Function<AddMulBroadcast> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& acc, const at::Tensor& big,
-                            const at::Tensor& small) {
+                            const at::Tensor& small, at::ScalarType out_dtype) {
     ctx->save_for_backward({big, small});
+    auto compute = promoted(acc, big, small);
     ctx->saved_data["acc_tokens"] = acc.size(1);
     ctx->saved_data["acc_dtype"] = static_cast<int64_t>(acc.scalar_type());
-    return acc.addcmul(big, small);
+    ctx->saved_data["compute_dtype"] = static_cast<int64_t>(compute);
+    if (out_dtype == compute) return acc.addcmul(big, small);
+    auto out = at::empty(big.sizes(), big.options().dtype(out_dtype));
+    return at::addcmul_out(out, acc, big, small);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const auto &big = saved[0], &small = saved[1];
     const auto& g = grads[0];
-    auto acc_dtype = static_cast<at::ScalarType>(ctx->saved_data["acc_dtype"].toInt());
+    auto dtype = [&](const char* key) {
+      return static_cast<at::ScalarType>(ctx->saved_data[key].toInt());
+    };
+    auto compute = dtype("compute_dtype");
     at::Tensor d_acc, d_big, d_small;
     if (ctx->needs_input_grad(0)) {
-      d_acc = ctx->saved_data["acc_tokens"].toInt() == 1 ? g.sum(1, true) : g;
-      d_acc = d_acc.to(acc_dtype);
+      d_acc = ctx->saved_data["acc_tokens"].toInt() == 1 ? g.sum(1, true, compute) : g;
+      d_acc = d_acc.to(dtype("acc_dtype"));
     }
-    if (ctx->needs_input_grad(1)) d_big = (g * small).to(big.scalar_type());
-    if (ctx->needs_input_grad(2)) d_small = (g * big).sum(1, true).to(small.scalar_type());
-    return {d_acc, d_big, d_small};
+    // Each product in the compute dtype, as the forward's: a factor is cast first when neither
+    // it nor `g` has that dtype (in SiT only `small` ever is, and it is small).
+    auto promoting = [&](const at::Tensor& x) {
+      return at::promoteTypes(g.scalar_type(), x.scalar_type()) == compute ? x : x.to(compute);
+    };
+    if (ctx->needs_input_grad(1)) {
+      if (big.scalar_type() == compute) {
+        d_big = g * promoting(small);
+      } else {
+        // Written in `big`'s narrower dtype as computed: the product's rounding, then the
+        // cast's, without the full-size intermediate.
+        d_big = at::empty(big.sizes(), big.options());
+        at::mul_out(d_big, g, promoting(small));
+      }
+    }
+    if (ctx->needs_input_grad(2))
+      d_small = (g * promoting(big)).sum(1, true).to(small.scalar_type());
+    return {d_acc, d_big, d_small, at::Tensor()};
   }
 };
 }  // namespace
 
 extern "C" {
 
-// AddMulBroadcast::apply: acc + big * small with the backward above.
-int mfr_add_mul_broadcast(void* acc, void* big, void* small, void** out, char* err, size_t len) {
+// AddMulBroadcast::apply: acc + big * small with the backward above. With `to_autocast` set and
+// autocast on for the operands' device, the result is written in autocast's dtype (the value
+// autocast would round it to when a matrix product takes it); else in the promoted dtype.
+int mfr_add_mul_broadcast(void* acc, void* big, void* small, int to_autocast, void** out,
+                          char* err, size_t len) {
   return guarded(err, len, [&] {
     auto as = [](void* h) -> const at::Tensor& { return *static_cast<const at::Tensor*>(h); };
-    *out = new at::Tensor(AddMulBroadcast::apply(as(acc), as(big), as(small)));
+    auto device = as(big).device().type();
+    auto dtype = to_autocast != 0 && at::autocast::is_autocast_enabled(device)
+                     ? at::autocast::get_autocast_dtype(device)
+                     : promoted(as(acc), as(big), as(small));
+    *out = new at::Tensor(AddMulBroadcast::apply(as(acc), as(big), as(small), dtype));
   });
 }
 

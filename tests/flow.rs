@@ -3,8 +3,9 @@
 mod common;
 
 use common::{random_network, rel_err, small_config};
+use meanflow_repro::device;
 use meanflow_repro::meanflow::jvp::jvp;
-use meanflow_repro::model::{AttentionKernel, Conditioning, Dual};
+use meanflow_repro::model::{AttentionKernel, Conditioning, Dual, Flow};
 use tch::{Device, Kind, Tensor};
 
 #[test]
@@ -82,4 +83,109 @@ fn a_zero_tangent_gives_a_zero_derivative() {
             &net.forward(&z, &t, &r, &y, AttentionKernel::Fused)
         ) < 1e-15
     );
+}
+
+/// Under bf16 autocast the fast path's modulate writes its value in bf16, the rounding the next
+/// linear layer would apply on entry, and its gated residual writes the gradient of the bf16
+/// branch in bf16: bit for bit what the plain path (addcmul in float32, then the casts) gives,
+/// values and the gradients of all operands.
+#[test]
+fn the_fast_modulate_and_gate_round_as_the_plain_path_under_bf16_autocast() {
+    let leaf =
+        |kind, shape: &[i64]| Tensor::randn(shape, (kind, Device::Cpu)).set_requires_grad(true);
+    let (f32, bf16) = (Kind::Float, Kind::BFloat16);
+    // x: the float32 LayerNorm output or residual; the rest come from bf16 matrix products.
+    let x = leaf(f32, &[4, 16, 32]);
+    let (shift, scale, gate) = (
+        leaf(bf16, &[4, 32]),
+        leaf(bf16, &[4, 32]),
+        leaf(bf16, &[4, 32]),
+    );
+    let branch = leaf(bf16, &[4, 16, 32]);
+    // Weights of a loss: the residual's gradient has float32's precision, as a real one does.
+    let (weight_bf16, weight_f32) = (
+        Tensor::randn([4, 16, 32], (bf16, Device::Cpu)),
+        Tensor::randn([4, 16, 32], (f32, Device::Cpu)),
+    );
+    let leaves = [&x, &shift, &scale, &gate, &branch];
+    let run = |fast: bool| {
+        let (modulated, residual) = device::autocast_bf16(Device::Cpu, true, || {
+            Ok(if fast {
+                let c = |v: &Tensor| Dual::constant(v.shallow_clone());
+                (
+                    Flow::modulate(&c(&x), &c(&shift), &c(&scale)).primal,
+                    Flow::gated_add(&c(&x), &c(&gate), &c(&branch)).primal,
+                )
+            } else {
+                (
+                    Flow::modulate(&x, &shift, &scale).to_kind(bf16),
+                    Flow::gated_add(&x, &gate, &branch),
+                )
+            })
+        })
+        .unwrap();
+        assert_eq!(
+            (modulated.kind(), residual.kind()),
+            (bf16, f32),
+            "fast: {fast}"
+        );
+        let loss = (&modulated * &weight_bf16).sum(f32) + (&residual * &weight_f32).sum(f32);
+        let grads = Tensor::run_backward(&[loss], &leaves, false, false);
+        ([modulated.detach(), residual.detach()], grads)
+    };
+    let ((fast, fast_grads), (plain, plain_grads)) = (run(true), run(false));
+    for (name, (a, b)) in ["modulate", "gated residual"]
+        .iter()
+        .zip(fast.iter().zip(plain.iter()))
+    {
+        assert!(a.equal(b), "{name}: {:.2e}", rel_err(a, b));
+    }
+    for (name, (a, b)) in ["x", "shift", "scale", "gate", "branch"]
+        .iter()
+        .zip(fast_grads.iter().zip(plain_grads.iter()))
+    {
+        assert_eq!(a.kind(), b.kind(), "{name}");
+        assert!(a.equal(b), "gradient of {name}: {:.2e}", rel_err(a, b));
+    }
+}
+
+/// The fast path's forward (guidance, sampling) gives the plain forward's numbers bit for bit,
+/// and the same gradients, in float32 and under bf16 autocast.
+#[test]
+fn the_fast_forward_is_the_plain_forward() {
+    let (mut vs, net) = random_network(&small_config(Conditioning::THalf), 5);
+    vs.float();
+    let opts = (Kind::Float, Device::Cpu);
+    let z = Tensor::randn([3, 3, 8, 8], opts);
+    let (t, r) = (
+        Tensor::from_slice(&[0.9f32, 0.5, 0.3]),
+        Tensor::from_slice(&[0.1f32, 0.5, 0.2]),
+    );
+    let y = Tensor::from_slice(&[0i64, 5, 2]);
+    for autocast in [false, true] {
+        let run = |fast: bool| {
+            let u = device::autocast_bf16(Device::Cpu, autocast, || {
+                Ok(match fast {
+                    true => net.forward_fast(&z, &t, &r, &y, AttentionKernel::Fused),
+                    false => net.forward(&z, &t, &r, &y, AttentionKernel::Fused),
+                })
+            })
+            .unwrap();
+            let params = vs.trainable_variables();
+            let grads = Tensor::run_backward(&[(&u * &u).sum(Kind::Float)], &params, false, false);
+            let flat: Vec<Tensor> = grads.iter().map(|g| g.reshape([-1])).collect();
+            (u.detach(), Tensor::cat(&flat, 0))
+        };
+        let ((u_fast, g_fast), (u_plain, g_plain)) = (run(true), run(false));
+        assert!(
+            u_fast.equal(&u_plain),
+            "autocast {autocast}: u {:.2e}",
+            rel_err(&u_fast, &u_plain)
+        );
+        assert!(
+            g_fast.equal(&g_plain),
+            "autocast {autocast}: grads {:.2e}",
+            rel_err(&g_fast, &g_plain)
+        );
+    }
 }

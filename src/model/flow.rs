@@ -28,6 +28,7 @@ extern "C" {
         acc: *mut c_void,
         big: *mut c_void,
         small: *mut c_void,
+        to_autocast: c_int,
         out: *mut *mut c_void,
         err: *mut c_char,
         len: usize,
@@ -36,11 +37,13 @@ extern "C" {
 
 /// acc + big * small with `small` (N, 1, D) broadcast over the tokens of `big` (N, T, D): what
 /// addcmul computes, with a backward that does not first multiply `big` by addcmul's `value`
-/// (csrc/shim.cpp). For the pass that carries the graph; it has no forward-AD rule.
-fn add_mul_broadcast(acc: &Tensor, big: &Tensor, small: &Tensor) -> Tensor {
+/// (csrc/shim.cpp). For the pass that carries the graph; it has no forward-AD rule. With
+/// `into_matmul` (the value feeds a linear layer only), under autocast the result is written
+/// in autocast's dtype: the rounding the layer would apply on entry, without the float32 copy.
+fn add_mul_broadcast(acc: &Tensor, big: &Tensor, small: &Tensor, into_matmul: bool) -> Tensor {
     let h = handle;
     shim_tensor("acc + big * small", |out, e, l| unsafe {
-        mfr_add_mul_broadcast(h(acc), h(big), h(small), out, e, l)
+        mfr_add_mul_broadcast(h(acc), h(big), h(small), into_matmul as c_int, out, e, l)
     })
     .expect("operands of one modulate or gated residual broadcast together")
 }
@@ -73,7 +76,8 @@ pub trait Flow: Sized {
     fn gelu_tanh(&self) -> Self;
     /// LayerNorm over the last dimension without affine parameters.
     fn normalized(&self) -> Self;
-    /// `x (1 + scale) + shift`, scale and shift per sample, broadcast over tokens.
+    /// `x (1 + scale) + shift`, scale and shift per sample, broadcast over tokens. Its value
+    /// goes into a linear layer only, so under autocast it may come in autocast's dtype.
     fn modulate(&self, shift: &Self, scale: &Self) -> Self;
     /// `x + gate * y`, gate per sample, broadcast over tokens.
     fn gated_add(&self, gate: &Self, y: &Self) -> Self;
@@ -253,13 +257,17 @@ fn sum(a: Option<Tensor>, b: Option<Tensor>) -> Option<Tensor> {
     }
 }
 
-/// acc + x * y in one kernel, where acc may be absent (zero) and the term is skipped when its
-/// tangent factor `x` is absent.
-fn add_product(acc: Option<Tensor>, x: Option<&Tensor>, y: &Tensor) -> Option<Tensor> {
+/// acc + x * y in one kernel, where acc may be absent (zero) and the term is skipped, `y` not
+/// even computed, when its tangent factor `x` is absent.
+fn add_product(
+    acc: Option<Tensor>,
+    x: Option<&Tensor>,
+    y: impl FnOnce() -> Tensor,
+) -> Option<Tensor> {
     match (acc, x) {
         (acc, None) => acc,
-        (Some(acc), Some(x)) => Some(acc.addcmul(x, y)),
-        (None, Some(x)) => Some(x * y),
+        (Some(acc), Some(x)) => Some(acc.addcmul(x, &y())),
+        (None, Some(x)) => Some(x * y()),
     }
 }
 
@@ -338,22 +346,23 @@ impl Flow for Dual {
         self.with(out, rule)
     }
     fn modulate(&self, shift: &Self, scale: &Self) -> Self {
+        // SiT feeds every modulated value to a linear layer.
+        let one_plus_scale = scale.primal.unsqueeze(1) + 1.0;
         let primal = add_mul_broadcast(
             &shift.primal.unsqueeze(1),
             &self.primal,
-            &(scale.primal.unsqueeze(1) + 1.0),
+            &one_plus_scale,
+            true,
         );
         let from = from_of(&[self, shift, scale]);
         // dshift + dx (1 + scale) + x dscale
         let tangent = tch::no_grad(|| {
             let dshift = shift.tangent.as_ref().map(|t| t.unsqueeze(1));
-            let dx = add_product(
-                dshift,
-                self.tangent.as_ref(),
-                &(rows(&scale.primal, from).unsqueeze(1) + 1.0),
-            );
+            let dx = add_product(dshift, self.tangent.as_ref(), || {
+                rows(&one_plus_scale, from)
+            });
             let dscale = scale.tangent.as_ref().map(|t| t.unsqueeze(1));
-            add_product(dx, dscale.as_ref(), &rows(&self.primal, from))
+            add_product(dx, dscale.as_ref(), || rows(&self.primal, from))
         });
         Self {
             primal,
@@ -362,15 +371,16 @@ impl Flow for Dual {
         }
     }
     fn gated_add(&self, gate: &Self, y: &Self) -> Self {
-        let primal = add_mul_broadcast(&self.primal, &y.primal, &gate.primal.unsqueeze(1));
+        let primal = add_mul_broadcast(&self.primal, &y.primal, &gate.primal.unsqueeze(1), false);
         let from = from_of(&[self, gate, y]);
         // dx + dgate y + gate dy
         let tangent = tch::no_grad(|| {
             let dgate = gate.tangent.as_ref().map(|t| t.unsqueeze(1));
             let dx = self.tangent.as_ref().map(|t| t.shallow_clone());
-            let dx = add_product(dx, dgate.as_ref(), &rows(&y.primal, from));
-            let gate = rows(&gate.primal, from).unsqueeze(1);
-            add_product(dx, y.tangent.as_ref(), &gate)
+            let dx = add_product(dx, dgate.as_ref(), || rows(&y.primal, from));
+            add_product(dx, y.tangent.as_ref(), || {
+                rows(&gate.primal, from).unsqueeze(1)
+            })
         });
         Self {
             primal,

@@ -230,6 +230,7 @@ impl SiT {
     }
 
     /// u_theta(x, r, t | y): x (N, C, H, W), t and r (N,), y (N,) int64 (num_classes = null).
+    /// Plain ATen ops throughout, so forward-mode AD works through it (the reference path).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -239,6 +240,21 @@ impl SiT {
         kernel: AttentionKernel,
     ) -> Tensor {
         self.run(x, t, r, y, kernel)
+    }
+
+    /// [`SiT::forward`] by the fast path's ops ([`super::flow`]): the same numbers (bit for bit
+    /// in f32 and f64, and under bf16 autocast), less memory traffic under autocast. Autograd
+    /// works through it; forward-mode AD does not.
+    pub fn forward_fast(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        r: &Tensor,
+        y: &Tensor,
+        kernel: AttentionKernel,
+    ) -> Tensor {
+        let c = |v: &Tensor| Dual::constant(v.shallow_clone());
+        self.run(&c(x), &c(t), &c(r), y, kernel).primal
     }
 
     /// u_theta and its directional derivative along the tangents of (x, t, r) in one pass; only
