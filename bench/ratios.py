@@ -50,6 +50,11 @@ for label, mine, peers in rows:
         speed = peer["ms_per_step"] / mine["ms_per_step"]
         memory = mine["peak_memory_gib"] / peer.get("peak_mem_gib", float("nan"))
         text += f"; vs {name} ({peer['ms_per_step']:.1f} ms): {speed:.2f}x speed, {memory:.2f}x memory"
+    agreement = mine.get("agreement_with_forward_ad", {})
+    if "within_bf16_tolerance" in agreement:
+        verdict = "within" if agreement["within_bf16_tolerance"] else "OUTSIDE"
+        text += (f"; vs forward AD du/dt {agreement['du_dt']:.1e}, grads {agreement['grads']:.1e}"
+                 f" ({verdict} the bf16 tolerance)")
     if mine.get("graph_vs_eager"):
         text += f"; graph vs eager {mine['graph_vs_eager']}"
     print(text)

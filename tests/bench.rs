@@ -66,5 +66,6 @@ fn manual_jvp_agrees_with_forward_ad_under_bf16_autocast() {
         assert!(a.du_dt > 0.0 && a.grads > 0.0, "{model}: {a:?}");
         assert!(a.du_dt < bench::BF16_DU_DT_TOLERANCE, "{model}: {a:?}");
         assert!(a.grads < bench::BF16_GRADS_TOLERANCE, "{model}: {a:?}");
+        assert_eq!(a.within_bf16_tolerance, Some(true), "{model}: {a:?}");
     }
 }

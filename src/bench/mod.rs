@@ -44,6 +44,10 @@ pub struct Agreement {
     pub du_dt: f64,
     pub loss: f64,
     pub grads: f64,
+    /// Under bf16: du/dt and the gradients within the stated tolerances. None in other
+    /// precisions, which have none stated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub within_bf16_tolerance: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -233,11 +237,14 @@ fn agreement(
         ])
     };
     let (ours, plain) = (run(cfg.jvp)?, run(JvpMethod::ForwardAd)?);
+    let (du_dt, grads) = (rel_diff(&ours[1], &plain[1]), rel_diff(&ours[3], &plain[3]));
     Ok(Agreement {
         u: rel_diff(&ours[0], &plain[0]),
-        du_dt: rel_diff(&ours[1], &plain[1]),
+        du_dt,
         loss: rel_diff(&ours[2], &plain[2]),
-        grads: rel_diff(&ours[3], &plain[3]),
+        grads,
+        within_bf16_tolerance: (precision == Precision::Bf16)
+            .then_some(du_dt < BF16_DU_DT_TOLERANCE && grads < BF16_GRADS_TOLERANCE),
     })
 }
 
