@@ -8,6 +8,17 @@ use meanflow_repro::meanflow::jvp::jvp;
 use meanflow_repro::model::{AttentionKernel, Conditioning, Dual, Flow};
 use tch::{Device, Kind, Tensor};
 
+/// Three samples for `small_config` in `kind`: z (3, 3, 8, 8), t >= r with one r = t, labels.
+fn inputs(kind: Kind) -> (Tensor, Tensor, Tensor, Tensor) {
+    let time = |v: &[f64]| Tensor::from_slice(v).to_kind(kind);
+    (
+        Tensor::randn([3, 3, 8, 8], (kind, Device::Cpu)),
+        time(&[0.9, 0.5, 0.3]),
+        time(&[0.1, 0.5, 0.2]),
+        Tensor::from_slice(&[0i64, 5, 2]),
+    )
+}
+
 #[test]
 fn the_dual_pass_equals_forward_mode_ad() {
     for conditioning in [
@@ -20,12 +31,7 @@ fn the_dual_pass_equals_forward_mode_ad() {
             let config = small_config(conditioning);
             let (_vs, net) = random_network(&config, 11);
             let opts = (Kind::Double, Device::Cpu);
-            let z = Tensor::randn([3, 3, 8, 8], opts);
-            let (t, r) = (
-                Tensor::from_slice(&[0.9, 0.5, 0.3]),
-                Tensor::from_slice(&[0.1, 0.5, 0.2]),
-            );
-            let y = Tensor::from_slice(&[0i64, 5, 2]);
+            let (z, t, r, y) = inputs(Kind::Double);
             let (dz, dt, dr) = (
                 Tensor::randn([3, 3, 8, 8], opts),
                 Tensor::rand([3], opts),
@@ -155,13 +161,7 @@ fn the_fast_modulate_and_gate_round_as_the_plain_path_under_bf16_autocast() {
 fn the_fast_forward_is_the_plain_forward() {
     let (mut vs, net) = random_network(&small_config(Conditioning::THalf), 5);
     vs.float();
-    let opts = (Kind::Float, Device::Cpu);
-    let z = Tensor::randn([3, 3, 8, 8], opts);
-    let (t, r) = (
-        Tensor::from_slice(&[0.9f32, 0.5, 0.3]),
-        Tensor::from_slice(&[0.1f32, 0.5, 0.2]),
-    );
-    let y = Tensor::from_slice(&[0i64, 5, 2]);
+    let (z, t, r, y) = inputs(Kind::Float);
     for autocast in [false, true] {
         let run = |fast: bool| {
             let u = device::autocast_bf16(Device::Cpu, autocast, || {
