@@ -1,5 +1,6 @@
-//! `mfr bench fid` end to end on the CPU with a handful of samples: every stage runs and the
-//! numbers add up (its timings are for GPUs; here only that the path works).
+//! The benches on the CPU: `mfr bench fid` end to end with a handful of samples (every stage
+//! runs and the numbers add up; its timings are for GPUs), and `mfr bench train`'s agreement
+//! check in bf16.
 use meanflow_repro::bench;
 use meanflow_repro::meanflow::JvpMethod;
 use meanflow_repro::sample::DecodePrecision;

@@ -14,7 +14,8 @@ use anyhow::{bail, Result};
 use optim::AdamW;
 use tch::{nn, Device, Kind, Tensor};
 
-/// Puts the variables in the precision's dtype and sets TF32; bf16 autocast needs CUDA.
+/// Puts the variables in the precision's dtype (float32 under bf16 autocast) and sets TF32 on
+/// CUDA.
 pub fn prepare_precision(
     vs: &mut nn::VarStore,
     precision: Precision,
