@@ -1,50 +1,13 @@
 //! Devices: parsing `cpu|cuda[:N]`, the CUDA facts tch does not expose (device name, peak memory,
 //! TF32), read through the C++ shim.
+use crate::ffi::{
+    mfr_autocast_pop, mfr_autocast_push, mfr_cuda_device_name, mfr_cuda_peak_allocated,
+    mfr_cuda_reset_peak, mfr_set_tf32, mfr_swap_tf32,
+};
 use anyhow::{bail, Result};
 use std::ffi::{c_void, CStr};
 use std::os::raw::{c_char, c_int};
 use tch::Device;
-
-extern "C" {
-    fn mfr_cuda_peak_allocated(
-        device: c_int,
-        bytes: *mut i64,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-    fn mfr_cuda_reset_peak(device: c_int, err: *mut c_char, len: usize) -> c_int;
-    fn mfr_autocast_push(
-        cuda: c_int,
-        enabled: c_int,
-        prev_enabled: *mut c_int,
-        prev_dtype: *mut c_int,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-    fn mfr_autocast_pop(
-        cuda: c_int,
-        prev_enabled: c_int,
-        prev_dtype: c_int,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-    fn mfr_set_tf32(enabled: c_int, err: *mut c_char, len: usize) -> c_int;
-    fn mfr_swap_tf32(
-        matmul: c_int,
-        conv: c_int,
-        prev_matmul: *mut c_int,
-        prev_conv: *mut c_int,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-    fn mfr_cuda_device_name(
-        device: c_int,
-        name: *mut c_char,
-        name_len: usize,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-}
 
 /// Runs one shim call, turning its error buffer into an `anyhow` error.
 pub(crate) fn shim_call(what: &str, call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
@@ -52,6 +15,7 @@ pub(crate) fn shim_call(what: &str, call: impl FnOnce(*mut c_char, usize) -> c_i
     if call(err.as_mut_ptr(), err.len()) == 0 {
         return Ok(());
     }
+    // SAFETY: the shim NUL-terminates its message within the buffer (csrc/c_abi.hpp).
     let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
     bail!("{what}: {msg}")
 }
@@ -63,12 +27,18 @@ pub(crate) fn shim_tensor(
 ) -> Result<tch::Tensor> {
     let mut out: *mut c_void = std::ptr::null_mut();
     shim_call(what, |e, l| call(&mut out, e, l))?;
+    // SAFETY: the shim returned a new tensor handle that nothing else owns; tch frees it.
     Ok(unsafe { tch::Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
 }
 
 /// A tch tensor as the shim takes it (valid while the tensor lives).
 pub(crate) fn handle(t: &tch::Tensor) -> *mut c_void {
     t.as_ptr() as *mut c_void
+}
+
+/// The handles the shim takes for a list of tensors (valid while the tensors live).
+pub(crate) fn handles<'a>(tensors: impl IntoIterator<Item = &'a tch::Tensor>) -> Vec<*mut c_void> {
+    tensors.into_iter().map(handle).collect()
 }
 
 /// `cpu`, `cuda` or `cuda:N`, without asking whether that device exists.
@@ -100,10 +70,12 @@ pub fn describe(device: Device) -> String {
     match device {
         Device::Cuda(i) => {
             let mut name = [0 as c_char; 256];
+            // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
             let ok = shim_call("cuDeviceGetName", |e, l| unsafe {
                 mfr_cuda_device_name(i as c_int, name.as_mut_ptr(), name.len(), e, l)
             });
             match ok {
+                // SAFETY: the shim NUL-terminates the name within the buffer.
                 Ok(()) => unsafe { CStr::from_ptr(name.as_ptr()) }
                     .to_string_lossy()
                     .into_owned(),
@@ -116,6 +88,7 @@ pub fn describe(device: Device) -> String {
 
 /// Allow or forbid TF32 for float32 matrix products (PyTorch's two allow_tf32 switches).
 pub fn set_tf32(enabled: bool) -> Result<()> {
+    // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
     shim_call("set TF32", |e, l| unsafe {
         mfr_set_tf32(enabled as c_int, e, l)
     })
@@ -126,6 +99,7 @@ pub fn set_tf32(enabled: bool) -> Result<()> {
 pub fn with_tf32<T>(enabled: bool, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let swap = |matmul: c_int, conv: c_int| -> Result<(c_int, c_int)> {
         let (mut pm, mut pc) = (0, 0);
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         shim_call("set TF32", |e, l| unsafe {
             mfr_swap_tf32(matmul, conv, &mut pm, &mut pc, e, l)
         })?;
@@ -142,6 +116,7 @@ pub fn with_tf32<T>(enabled: bool, f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// (whose peak is the process's resident-set high-water mark and cannot be reset).
 pub fn reset_peak_memory(device: Device) -> Result<()> {
     match device {
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         Device::Cuda(i) => shim_call("reset CUDA peak memory", |e, l| unsafe {
             mfr_cuda_reset_peak(i as c_int, e, l)
         }),
@@ -154,12 +129,14 @@ pub fn peak_memory_bytes(device: Device) -> Result<u64> {
     match device {
         Device::Cuda(i) => {
             let mut bytes = 0i64;
+            // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
             shim_call("read CUDA peak memory", |e, l| unsafe {
                 mfr_cuda_peak_allocated(i as c_int, &mut bytes, e, l)
             })?;
             Ok(bytes as u64)
         }
         _ => {
+            // SAFETY: rusage is plain integers; getrusage fills it.
             let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
             unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
             Ok(usage.ru_maxrss as u64 * 1024)
@@ -178,6 +155,7 @@ pub fn synchronize(device: Device) {
 pub fn autocast_bf16<T>(device: Device, enabled: bool, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let cuda = device.is_cuda() as c_int;
     let (mut prev_enabled, mut prev_dtype) = (0, 0);
+    // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
     shim_call("enter autocast", |e, l| unsafe {
         mfr_autocast_push(
             cuda,
@@ -189,6 +167,7 @@ pub fn autocast_bf16<T>(device: Device, enabled: bool, f: impl FnOnce() -> Resul
         )
     })?;
     let out = f();
+    // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
     shim_call("leave autocast", |e, l| unsafe {
         mfr_autocast_pop(cuda, prev_enabled, prev_dtype, e, l)
     })?;

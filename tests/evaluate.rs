@@ -1,8 +1,9 @@
 //! `mfr evaluate` end to end on small generated .npz files, and bad inputs.
 mod common;
 use common::temp_dir;
-use meanflow_repro::eval::evaluator::{evaluate, Options};
+use meanflow_repro::eval::evaluator::Options;
 use meanflow_repro::eval::npz::{write_images, Npz};
+use meanflow_repro::pipeline::evaluate_files;
 use tch::{Device, Kind, Tensor};
 
 /// Smooth random 64x64 "images" (Inception features of pure noise barely vary).
@@ -19,7 +20,6 @@ fn options(dir: &std::path::Path) -> Options {
     Options {
         batch: 8,
         device: Device::Cpu,
-        inception: None,
         cache: dir.join("cache"),
     }
 }
@@ -31,7 +31,7 @@ fn identical_inputs_give_fid_zero_and_full_precision_recall() {
     let imgs = images(24, 1);
     write_images(&reference, &imgs).unwrap();
     write_images(&samples, &imgs).unwrap();
-    let report = evaluate(&reference, &samples, &options(&dir)).unwrap();
+    let report = evaluate_files(&reference, &samples, None, &options(&dir)).unwrap();
     assert!(
         report.fid.abs() < 1e-3,
         "FID of identical sets: {}",
@@ -55,7 +55,7 @@ fn identical_inputs_give_fid_zero_and_full_precision_recall() {
             .count(),
         1
     );
-    let again = evaluate(&reference, &samples, &options(&dir)).unwrap();
+    let again = evaluate_files(&reference, &samples, None, &options(&dir)).unwrap();
     assert_eq!(again.fid, report.fid);
     // The file's hash is memoised by (path, size, mtime); a new file at the same path is hashed
     // anew, so its features are not taken from the old file's cache entry.
@@ -65,7 +65,7 @@ fn identical_inputs_give_fid_zero_and_full_precision_recall() {
     );
     std::thread::sleep(std::time::Duration::from_millis(20));
     write_images(&reference, &images(24, 9)).unwrap();
-    let changed = evaluate(&reference, &samples, &options(&dir)).unwrap();
+    let changed = evaluate_files(&reference, &samples, None, &options(&dir)).unwrap();
     assert!(
         changed.fid > 1.0,
         "FID against the new reference: {}",
@@ -85,7 +85,7 @@ fn different_inputs_give_a_positive_fid_and_stored_statistics_win() {
     let (reference, samples) = (dir.join("ref.npz"), dir.join("samples.npz"));
     write_images(&reference, &images(24, 2)).unwrap();
     write_images(&samples, &(images(24, 3) / 2).to_kind(Kind::Uint8)).unwrap();
-    let report = evaluate(&reference, &samples, &options(&dir)).unwrap();
+    let report = evaluate_files(&reference, &samples, None, &options(&dir)).unwrap();
     assert!(report.fid > 1.0, "FID {}", report.fid);
     assert!(report
         .adm_lines()

@@ -23,13 +23,15 @@ mod common;
 use common::temp_dir;
 
 use common::{import_fixture as fixture, rel_err};
-use meanflow_repro::eval::evaluator::{evaluate, Options};
+use meanflow_repro::eval::evaluator::Options;
 use meanflow_repro::eval::npz::write_images;
+use meanflow_repro::import::inception;
 use meanflow_repro::import::torch_file::{self, Value};
 use meanflow_repro::import::{self, detect, FileKind};
-use meanflow_repro::model::inception;
+use meanflow_repro::pipeline::evaluate_files;
+use meanflow_repro::rundir::checkpoint;
 use meanflow_repro::spec::Spec;
-use meanflow_repro::train::{checkpoint, optim::AdamW, run, trainable};
+use meanflow_repro::train::{optim::AdamW, run, trainable, Networks};
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Tensor};
@@ -245,20 +247,21 @@ fn a_training_checkpoint_imports_and_restores_through_the_trainer() {
     assert_eq!((state.step, state.adam_step), (1234, 2));
     let meta = checkpoint::read_metadata(&out).unwrap();
     let record: serde_json::Value = serde_json::from_str(&meta["import"]).unwrap();
-    let sha = meanflow_repro::eval::evaluator::sha256_file(&file).unwrap();
+    let sha = meanflow_repro::files::sha256_file(&file).unwrap();
     assert_eq!(record["source_sha256"], sha);
     assert_eq!(state.spec_sha256, format!("imported:{sha}"));
     assert_eq!(record["preset"], "micro/2");
 
     // The trainer's own resume path loads it, every name and shape checked.
     let spec = micro_spec();
-    let nets = run::Networks::new(&spec).unwrap();
+    let nets = Networks::on(&spec.train_config(), Device::Cpu, true).unwrap();
+    let ema_vs = &nets.ema.as_ref().unwrap().0;
     let mut opt = AdamW::new(trainable(&nets.vs), 1e-4, [0.9, 0.95], 0.0);
-    run::restore(&out, &state, &nets.vs, Some(&nets.ema_vs), &mut opt).unwrap();
+    run::restore(&out, &state, &nets.vs, Some(ema_vs), &mut opt).unwrap();
     for (name, v) in nets.vs.variables() {
         assert_same(&name, &v, &want[&format!("model.{name}")]);
     }
-    for (name, v) in nets.ema_vs.variables() {
+    for (name, v) in ema_vs.variables() {
         assert_same(&name, &v, &want[&format!("ema.{name}")]);
     }
     assert_eq!(opt.step(), 2);
@@ -280,8 +283,8 @@ fn an_ema_only_checkpoint_fills_the_model_and_reads_a_numpy_step() {
         assert_same(name, &got[&format!("ema.{name}")], t);
     }
     assert_eq!(checkpoint::read_state(&out).unwrap().step, 99);
-    let nets = run::Networks::new(&micro_spec()).unwrap();
-    nets.load_ema(&out).unwrap();
+    let nets = Networks::on(&micro_spec().train_config(), Device::Cpu, false).unwrap();
+    run::load_ema(&nets.vs, &out).unwrap();
 }
 
 #[test]
@@ -365,10 +368,10 @@ fn evaluate_reports_adms_inception_score_with_pytorch_fid_weights() {
     let opts = Options {
         batch: 4,
         device: Device::Cpu,
-        inception: Some(fixture("pt_inception_random.pth")),
         cache: dir.join("cache"),
     };
-    let report = evaluate(&images, &images, &opts).unwrap();
+    let weights = fixture("pt_inception_random.pth");
+    let report = evaluate_files(&images, &images, Some(&weights), &opts).unwrap();
     let want = f["is"].double_value(&[0]);
     let is = report.inception_score.expect("IS with the softmax layer");
     println!("IS {is} (pytorch-fid logits: {want})");

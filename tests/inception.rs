@@ -10,6 +10,7 @@
 mod common;
 
 use common::{eval_fixture as fixture, rel_err};
+use meanflow_repro::import::inception as weights;
 use meanflow_repro::model::inception::{self, Inception};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -27,8 +28,8 @@ fn tf1_resize_matches_torch_fidelity() {
 #[test]
 fn features_match_the_torchscript_network() {
     let f = fixture("inception.safetensors");
-    let path = inception::bundled_torchscript().unwrap();
-    let (_vs, net) = inception::load(&path, Device::Cpu).unwrap();
+    let path = weights::bundled_torchscript().unwrap();
+    let (_vs, net) = weights::load(&path, Device::Cpu).unwrap();
     let features = tch::no_grad(|| net.features(&f["input"]));
     let pool_err = rel_err(&features.pool, &f["pool"]);
     let spatial = f["mixed_6_conv"]
@@ -71,10 +72,9 @@ fn importing_the_torchscript_gives_the_same_network() {
     let f = fixture("inception.safetensors");
     let out =
         std::env::temp_dir().join(format!("mfr-inception-{}.safetensors", std::process::id()));
-    let n =
-        inception::import_torchscript(&inception::bundled_torchscript().unwrap(), &out).unwrap();
+    let n = weights::import_torchscript(&weights::bundled_torchscript().unwrap(), &out).unwrap();
     assert_eq!(n, 376);
-    let (_vs, net) = inception::load(&out, Device::Cpu).unwrap();
+    let (_vs, net) = weights::load(&out, Device::Cpu).unwrap();
     let features = tch::no_grad(|| net.features(&f["input"]));
     assert_eq!(rel_err(&features.pool, &f["pool"]), 0.0);
 }

@@ -28,8 +28,9 @@ fn check_against_finite_differences(
         Tensor::rand([b], opts) * time_scale,
         Tensor::rand([b], opts) * time_scale,
     );
-    let f =
-        |z: &Tensor, t: &Tensor, r: &Tensor| net.forward(z, t, r, &y, AttentionKernel::Explicit);
+    let f = |z: &Tensor, t: &Tensor, r: &Tensor| {
+        net.forward_aten(z, t, r, &y, AttentionKernel::Explicit)
+    };
 
     let (u, du) = jvp(
         |x| Ok(f(&x[0], &x[1], &x[2])),

@@ -129,7 +129,7 @@ fn a_two_step_schedule_is_two_mean_flow_steps() {
             Tensor::full([2], t, (Kind::Double, Device::Cpu)),
             Tensor::full([2], r, (Kind::Double, Device::Cpu)),
         );
-        net.forward(z, &t, &r, &y, AttentionKernel::Explicit)
+        net.forward_aten(z, &t, &r, &y, AttentionKernel::Explicit)
     };
     let mid = &e - 0.7 * u(&e, 1.0, 0.3);
     let expected = &mid - 0.3 * u(&mid, 0.3, 0.0);

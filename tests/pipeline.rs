@@ -5,7 +5,7 @@ mod common;
 use common::temp_dir;
 use meanflow_repro::data::npy;
 use meanflow_repro::model::vae::{AutoencoderKl, VaeConfig};
-use meanflow_repro::train::checkpoint;
+use meanflow_repro::rundir::checkpoint;
 use std::path::Path;
 use std::process::Command;
 use tch::{nn, Device, Kind, Tensor};

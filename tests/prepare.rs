@@ -16,7 +16,7 @@ fn python() -> PathBuf {
 /// A photo that ships with scikit-learn (427 x 640), converted to PNG by PIL so both sides
 /// start from the same pixels (JPEG decoders differ in their last bits).
 fn photo(dir: &Path) -> PathBuf {
-    let jpg = meanflow_repro::site::package_file("sklearn/datasets/images/china.jpg")
+    let jpg = meanflow_repro::paths::package_file("sklearn/datasets/images/china.jpg")
         .expect("scikit-learn's sample photos (make setup)");
     let png = dir.join("china.png");
     let status = std::process::Command::new(python())

@@ -4,11 +4,14 @@
 mod common;
 use common::temp_dir;
 use meanflow_repro::report::{discrepancy, render, sample_grid};
+use meanflow_repro::rundir::{Contention, Env, Metrics, RunDir, SampleInputs, StatLine};
 use meanflow_repro::spec::Spec;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
-/// results/demo-digits/<run> for two points of the demo spec, with made-up numbers.
+/// results/demo-digits/<run> for two points of the demo spec, with made-up numbers, written
+/// through the run directory's own records.
 fn results_tree(root: &Path) -> PathBuf {
     let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("experiments/demo-digits.toml");
     let spec = Spec::load(&file).unwrap();
@@ -19,33 +22,51 @@ fn results_tree(root: &Path) -> PathBuf {
             "data_proportion=1.0" => 65.0,
             _ => continue,
         };
-        let dir = exp.join(&name);
-        std::fs::create_dir_all(dir.join("samples")).unwrap();
-        std::fs::write(dir.join("spec.toml"), point.to_toml()).unwrap();
-        std::fs::write(
-            dir.join("env.json"),
-            r#"{"code_commit": "abc1234", "device": "cpu", "libtorch": "2.11.0", "tch": "0.24.0", "mfr_version": "0.1.0"}"#,
-        )
-        .unwrap();
-        let stats: String = (1..=20)
-            .map(|i| {
-                format!(
-                    "{{\"step\": {}, \"loss\": {}, \"v_loss\": {}}}\n",
-                    i * 10,
-                    1.0 - i as f64 * 0.01,
-                    3.0 / i as f64
-                )
+        let dir = RunDir::new(exp.join(&name));
+        let lock = dir.lock("the test", Contention::Refuse).unwrap();
+        let env = Env {
+            code_commit: "abc1234".into(),
+            device: "cpu".into(),
+            ..Env::current(String::new())
+        };
+        dir.prepare(&point, &env, &lock).unwrap();
+        let mut log = dir.stats_log(0).unwrap();
+        for i in 1..=20u64 {
+            log.append(&StatLine {
+                step: i * 10,
+                epoch: i / 5,
+                loss: 1.0 - i as f64 * 0.01,
+                v_loss: 3.0 / i as f64,
+                grad_norm: 1.0,
+                lr: 1e-3,
+                img_per_s: 100.0,
+                wall_s: i as f64,
             })
-            .collect();
-        std::fs::write(dir.join("stats.jsonl"), stats).unwrap();
-        let metrics = serde_json::json!({
-            "fid": {"1-NFE": fid, "2-NFE": fid - 3.0},
-            "num_samples": 200, "num_reference": 1797,
-            "inception_weights": "/x/default_1.pt",
-        });
-        std::fs::write(dir.join("samples/metrics.json"), metrics.to_string()).unwrap();
+            .unwrap();
+        }
+        let inputs = SampleInputs {
+            weights: "checkpoints/step-00000200.safetensors".into(),
+            schedules: point.sample.schedules.clone(),
+            num_samples: 200,
+            seed: 0,
+            vae: None,
+            steps: Vec::new(),
+        };
+        dir.write_metrics(&Metrics {
+            fid: BTreeMap::from([("1-NFE".into(), fid), ("2-NFE".into(), fid - 3.0)]),
+            history: Vec::new(),
+            adm: BTreeMap::new(),
+            num_samples: 200,
+            num_reference: 1797,
+            note: String::new(),
+            reference: None,
+            inputs,
+            inception_weights: "/x/default_1.pt".into(),
+        })
+        .unwrap();
         let images = Tensor::randint(255, [20, 8, 8, 3], (Kind::Uint8, tch::Device::Cpu));
-        sample_grid(&images, 10, 2, &dir.join("samples/grid-1nfe.png")).unwrap();
+        std::fs::create_dir_all(dir.samples()).unwrap();
+        sample_grid(&images, 10, 2, &dir.grid(1)).unwrap();
     }
     exp
 }

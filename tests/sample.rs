@@ -5,7 +5,7 @@ use common::{serial, temp_dir};
 use meanflow_repro::eval::npz::Npz;
 use meanflow_repro::sample::{Decoder, Sampler};
 use meanflow_repro::spec::Spec;
-use meanflow_repro::train::run::Networks;
+
 use std::path::PathBuf;
 use tch::Tensor;
 
@@ -32,6 +32,13 @@ batch = 10
     .unwrap()
 }
 
+/// The spec's network with the weights a fresh run starts from.
+fn network(spec: &Spec) -> (tch::nn::VarStore, meanflow_repro::model::SiT) {
+    tch::manual_seed(0);
+    meanflow_repro::train::network(&spec.model_config(), spec.train.precision, tch::Device::Cpu)
+        .unwrap()
+}
+
 fn read_all(path: &std::path::Path) -> Tensor {
     let mut npz = Npz::open(path).unwrap();
     let mut images = npz.images("arr_0").unwrap();
@@ -46,10 +53,11 @@ fn read_all(path: &std::path::Path) -> Tensor {
 fn a_batch_regenerated_alone_equals_its_slice_and_a_resumed_call_the_whole() {
     let _turn = serial();
     let spec = spec();
-    let nets = Networks::new(&spec).unwrap();
+    let (_vs, net) = network(&spec);
+    let cfg = spec.sample_config();
     let sampler = Sampler {
-        spec: &spec,
-        net: &nets.ema,
+        cfg: &cfg,
+        net: &net,
         decoder: &Decoder::Pixels,
         device: tch::Device::Cpu,
     };
@@ -89,10 +97,11 @@ fn a_batch_regenerated_alone_equals_its_slice_and_a_resumed_call_the_whole() {
 fn numpy_reads_the_images_and_the_balanced_labels() {
     let _turn = serial();
     let spec = spec();
-    let nets = Networks::new(&spec).unwrap();
+    let (_vs, net) = network(&spec);
+    let cfg = spec.sample_config();
     let sampler = Sampler {
-        spec: &spec,
-        net: &nets.ema,
+        cfg: &cfg,
+        net: &net,
         decoder: &Decoder::Pixels,
         device: tch::Device::Cpu,
     };
@@ -117,5 +126,60 @@ fn numpy_reads_the_images_and_the_balanced_labels() {
     assert_eq!(
         text.trim(),
         "(25, 8, 8, 3) uint8 int64 [np.int64(0), np.int64(1), np.int64(2), np.int64(3), np.int64(4), np.int64(5), np.int64(6), np.int64(7), np.int64(8), np.int64(9), np.int64(0), np.int64(1)] True 1"
+    );
+}
+
+#[test]
+fn a_damaged_part_is_drawn_again_and_never_assembled() {
+    let _turn = serial();
+    let spec = spec();
+    let (_vs, net) = network(&spec);
+    let cfg = spec.sample_config();
+    let sampler = Sampler {
+        cfg: &cfg,
+        net: &net,
+        decoder: &Decoder::Pixels,
+        device: tch::Device::Cpu,
+    };
+    let dir = temp_dir("damaged-part");
+    let whole = dir.join("whole.npz");
+    sampler.write_npz(&[1.0, 0.0], &whole).unwrap();
+
+    let path = dir.join("resumed.npz");
+    sampler.write_parts(&[1.0, 0.0], &path, 0, 1).unwrap();
+    let part = path.with_extension("parts").join("batch-000001.npy");
+    let bytes = std::fs::read(&part).unwrap();
+    // A part whose header is whole but whose data stops short: never assembled...
+    std::fs::write(&part, &bytes[..bytes.len() - 37]).unwrap();
+    let err = format!(
+        "{:#}",
+        sampler
+            .parts(&path)
+            .assemble(&sampler.all_labels())
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("batch-000001.npy") && err.contains("bytes"),
+        "{err}"
+    );
+    assert!(!path.exists());
+    // ...and drawn again from its seed by the next call, which then makes the same .npz.
+    sampler.write_npz(&[1.0, 0.0], &path).unwrap();
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        std::fs::read(&whole).unwrap()
+    );
+
+    // Parts with an empty header or a scalar shape are damaged parts too, not a panic.
+    sampler.write_parts(&[1.0, 0.0], &path, 0, 1).unwrap();
+    let parts = path.with_extension("parts");
+    let empty_header = b"\x93NUMPY\x01\x00\x00\x00".to_vec();
+    std::fs::write(parts.join("batch-000000.npy"), empty_header).unwrap();
+    let scalar = meanflow_repro::data::npy::encode("|u1", &[], &[7]);
+    std::fs::write(parts.join("batch-000002.npy"), scalar).unwrap();
+    sampler.write_npz(&[1.0, 0.0], &path).unwrap();
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        std::fs::read(&whole).unwrap()
     );
 }

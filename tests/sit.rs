@@ -46,7 +46,7 @@ fn a_fresh_network_outputs_zeros() {
     let vs = nn::VarStore::new(Device::Cpu);
     let net = SiT::new(&vs.root(), &config);
     let (x, t, r, y) = inputs(3, Kind::Float);
-    let out = net.forward(&x, &t, &r, &y, AttentionKernel::Explicit);
+    let out = net.forward_aten(&x, &t, &r, &y, AttentionKernel::Explicit);
     assert_eq!(out.size(), x.size());
     assert_eq!(out.abs().max().double_value(&[]), 0.0);
     // ...while the parts that are not zero-initialised are not zero.
@@ -59,8 +59,8 @@ fn fused_and_explicit_attention_agree() {
     let config = small_config(Conditioning::THalf);
     let (_vs, net) = random_network(&config, 3);
     let (x, t, r, y) = inputs(3, Kind::Double);
-    let explicit = net.forward(&x, &t, &r, &y, AttentionKernel::Explicit);
-    let fused = net.forward(&x, &t, &r, &y, AttentionKernel::Fused);
+    let explicit = net.forward_aten(&x, &t, &r, &y, AttentionKernel::Explicit);
+    let fused = net.forward_aten(&x, &t, &r, &y, AttentionKernel::Fused);
     assert!(rel_err(&fused, &explicit) < 1e-12);
 }
 
@@ -69,11 +69,11 @@ fn float32_and_bfloat16_track_float64() {
     let config = small_config(Conditioning::THalf);
     let (mut vs, net) = random_network(&config, 5);
     let (x, t, r, y) = inputs(3, Kind::Double);
-    let reference = net.forward(&x, &t, &r, &y, AttentionKernel::Explicit);
+    let reference = net.forward_aten(&x, &t, &r, &y, AttentionKernel::Explicit);
     // float32 arithmetic lands far under 1e-4; bf16's 8-bit mantissa near 1e-2.
     for (kind, tolerance) in [(Kind::Float, 1e-4), (Kind::BFloat16, 5e-2)] {
         vs.set_kind(kind);
-        let out = net.forward(
+        let out = net.forward_aten(
             &x.to_kind(kind),
             &t.to_kind(kind),
             &r.to_kind(kind),
@@ -137,7 +137,7 @@ fn loading_refuses_missing_extra_and_misshaped_keys() {
     load_state_dict(&target, &good, "", "good.safetensors").unwrap();
     let (x, t, r, y) = inputs(3, Kind::Float);
     assert!(
-        net.forward(&x, &t, &r, &y, AttentionKernel::Fused)
+        net.forward_aten(&x, &t, &r, &y, AttentionKernel::Fused)
             .abs()
             .max()
             .double_value(&[])

@@ -5,9 +5,10 @@ use common::{serial, temp_dir};
 
 use common::latent_tree;
 use meanflow_repro::data::{self, latents::Latents, npy, Dataset};
-use meanflow_repro::runs::{self, Options};
+use meanflow_repro::pipeline::{self, Options, Stage};
+use meanflow_repro::rundir::{checkpoint, Contention, RunDir};
 use meanflow_repro::spec::Spec;
-use meanflow_repro::train::{checkpoint, ema, run};
+use meanflow_repro::train::{ema, run};
 use std::path::Path;
 use tch::{nn, Device, Tensor};
 
@@ -38,6 +39,12 @@ keep_checkpoints = 5
     Spec::parse(&text, "test.toml").unwrap()
 }
 
+/// Trains `spec` in the run directory `dir`.
+fn train(spec: &Spec, dir: &Path) -> anyhow::Result<run::Trained> {
+    let ds = data::open(&spec.train.data)?;
+    run::train(&spec.train_config(), ds, &RunDir::new(dir))
+}
+
 fn weights(path: &Path, prefix: &str) -> Vec<(String, Tensor)> {
     checkpoint::read_tensors(path)
         .unwrap()
@@ -53,7 +60,7 @@ fn n_steps_then_resume_then_n_steps_equals_2n_steps_bit_for_bit() {
     latent_tree(&root.join("data"), 24, None);
     let spec = latent_spec(&root.join("data"), "");
     let whole = root.join("whole");
-    let trained = run::train(&spec, data::open(&spec.train.data).unwrap(), &whole).unwrap();
+    let trained = train(&spec, &whole).unwrap();
     assert_eq!(trained.steps, 6);
 
     // An interrupted run: only the step-3 checkpoint exists, as after a kill at step 4 or 5.
@@ -65,7 +72,7 @@ fn n_steps_then_resume_then_n_steps_equals_2n_steps_bit_for_bit() {
         resumed.join("checkpoints").join(&halfway),
     )
     .unwrap();
-    let again = run::train(&spec, data::open(&spec.train.data).unwrap(), &resumed).unwrap();
+    let again = train(&spec, &resumed).unwrap();
 
     let (a, b) = (
         weights(&trained.checkpoint, ""),
@@ -96,7 +103,7 @@ fn a_write_interrupted_mid_file_leaves_the_previous_checkpoint() {
     latent_tree(&root.join("data"), 24, None);
     let spec = latent_spec(&root.join("data"), "");
     let dir = root.join("run");
-    run::train(&spec, data::open(&spec.train.data).unwrap(), &dir).unwrap();
+    train(&spec, &dir).unwrap();
     let ckpts = dir.join("checkpoints");
     // A crash mid-write leaves a temporary file; a damaged final file may exist too.
     std::fs::write(ckpts.join("step-00000009.safetensors.tmp"), b"partial").unwrap();
@@ -195,7 +202,7 @@ fn a_non_finite_loss_stops_training_without_saving_it() {
     let dir = root.join("run");
     let err = format!(
         "{:#}",
-        run::train(&spec, data::open(&spec.train.data).unwrap(), &dir)
+        train(&spec, &dir)
             .err()
             .expect("NaN data must stop training")
     );
@@ -232,8 +239,8 @@ log_every = 8
 checkpoint_every = 1000
 "#;
     let spec = Spec::parse(text, "learn.toml").unwrap();
-    run::train(&spec, data::open(&spec.train.data).unwrap(), &root).unwrap();
-    let stats = meanflow_repro::report::read_stats(&root.join("stats.jsonl")).unwrap();
+    train(&spec, &root).unwrap();
+    let stats = meanflow_repro::rundir::read_stats(&root.join("stats.jsonl")).unwrap();
     let (first, last) = (stats.first().unwrap().v_loss, stats.last().unwrap().v_loss);
     assert!(last < 0.7 * first, "v loss went from {first} to {last}");
 }
@@ -256,15 +263,18 @@ fn an_existing_run_of_another_spec_is_refused_by_key() {
         results: root.join("results"),
         dry_run: false,
         resume: false,
-        only: Some("train"),
+        only: Some(Stage::Train),
         reports: None,
+        contention: Contention::Refuse,
     };
     write_spec("1e-3");
-    runs::run(&spec_path, &[], &opts).unwrap();
+    pipeline::run(&spec_path, &[], &opts).unwrap();
     // Finished: running again is a no-op, not an error.
-    runs::run(&spec_path, &[], &opts).unwrap();
+    pipeline::run(&spec_path, &[], &opts).unwrap();
     write_spec("2e-3");
-    let err = runs::run(&spec_path, &[], &opts).unwrap_err().to_string();
+    let err = pipeline::run(&spec_path, &[], &opts)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("different spec") && err.contains("train.lr"),
         "{err}"

@@ -61,7 +61,7 @@ fn weights(dir: &str) -> PathBuf {
 }
 
 fn load(dir: &str, cfg: &VaeConfig) -> (tch::nn::VarStore, AutoencoderKl) {
-    vae::load(&weights(dir), cfg, Device::Cpu).unwrap()
+    meanflow_repro::import::vae::load(&weights(dir), cfg, Device::Cpu).unwrap()
 }
 
 /// Compares decode and encode with diffusers' outputs `decoded`, `mean`, `std` (+ `suffix`).
@@ -137,7 +137,8 @@ fn load_edited(tag: &str, tensors: Vec<(String, Tensor)>) -> anyhow::Result<VarS
     let path =
         std::env::temp_dir().join(format!("mfr-vae-{tag}-{}.safetensors", std::process::id()));
     Tensor::write_safetensors(&tensors, &path).unwrap();
-    let result = vae::load(&path, &VaeConfig::tiny(), Device::Cpu).map(|(vs, _net)| vs);
+    let result = meanflow_repro::import::vae::load(&path, &VaeConfig::tiny(), Device::Cpu)
+        .map(|(vs, _net)| vs);
     std::fs::remove_file(&path).unwrap();
     result
 }

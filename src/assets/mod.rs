@@ -101,6 +101,32 @@ impl Pin {
     }
 }
 
+/// Every asset with a pinned hash (what `mfr fetch --all` fetches).
+pub fn pinned() -> Vec<Asset> {
+    manifest()
+        .into_iter()
+        .filter(|a| a.pin != Pin::Unpinned)
+        .collect()
+}
+
+/// The manifest as `mfr fetch` lists it: each asset, whether it is in `cache`, where it comes
+/// from, what uses it and its licence.
+pub fn listing(cache: &Path) -> String {
+    manifest()
+        .iter()
+        .map(|a| {
+            let state = match cached_path(a, cache).exists() {
+                true => "cached",
+                false => "missing",
+            };
+            format!(
+                "{:<28} {state:<8} {}\n{:<28} {} [{}]\n",
+                a.name, a.url, "", a.used_by, a.licence
+            )
+        })
+        .collect()
+}
+
 pub fn find(name: &str) -> Result<Asset> {
     let all = manifest();
     all.iter().find(|a| a.name == name).cloned().ok_or_else(|| {
@@ -154,7 +180,7 @@ pub fn local(name: &str, what: &str) -> Result<PathBuf> {
     }
     let asset =
         find(name).with_context(|| format!("{what} `{name}` is neither a file nor an asset"))?;
-    let cached = cached_path(&asset, &crate::eval::evaluator::default_cache());
+    let cached = cached_path(&asset, &crate::paths::default_cache());
     if cached.is_file() {
         return Ok(cached);
     }
@@ -234,7 +260,8 @@ pub fn fetch(asset: &Asset, opts: &Options) -> Result<PathBuf> {
     }
     std::fs::rename(&part, &dest)
         .with_context(|| format!("{}: cannot rename into place", dest.display()))?;
-    std::fs::write(&verified, format!("{digest}  {}\n", asset.file))?;
+    crate::files::sync_parent(&dest);
+    crate::files::write_atomic(&verified, format!("{digest}  {}\n", asset.file).as_bytes())?;
     Ok(dest)
 }
 

@@ -2,16 +2,11 @@
 //! moved and FLOPs. Counted from the ATen ops dispatched, so the same on a CPU as on a GPU in
 //! the same dtypes; the numbers a change to the step is predicted from before a GPU times it.
 use crate::device::shim_call;
+use crate::ffi::{mfr_op_profile_free, mfr_op_profile_start, mfr_op_profile_stop};
 use anyhow::Result;
 use serde::Serialize;
 use std::ffi::CStr;
-use std::os::raw::{c_char, c_int};
-
-extern "C" {
-    fn mfr_op_profile_start(err: *mut c_char, len: usize) -> c_int;
-    fn mfr_op_profile_stop(table: *mut *mut c_char, err: *mut c_char, len: usize) -> c_int;
-    fn mfr_op_profile_free(table: *mut c_char);
-}
+use std::os::raw::c_char;
 
 /// One op name's share of a profile. Views (no kernel) count as calls only.
 #[derive(Debug, Clone, Serialize)]
@@ -42,17 +37,21 @@ const TOP: usize = 25;
 
 /// Runs `f` with every outermost ATen op counted (one profile at a time per process).
 pub fn profile<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, OpProfile)> {
+    // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
     shim_call("start the op profile", |e, l| unsafe {
         mfr_op_profile_start(e, l)
     })?;
     let out = f();
     let mut table: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
     shim_call("stop the op profile", |e, l| unsafe {
         mfr_op_profile_stop(&mut table, e, l)
     })?;
+    // SAFETY: the shim returned a NUL-terminated string it allocated.
     let text = unsafe { CStr::from_ptr(table) }
         .to_string_lossy()
         .into_owned();
+    // SAFETY: freed once, by the shim that allocated it.
     unsafe { mfr_op_profile_free(table) };
     Ok((out?, summarise(&text)))
 }

@@ -51,7 +51,7 @@ fn locate() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("MFR_DIGITS") {
         return Ok(PathBuf::from(p));
     }
-    crate::site::package_file("sklearn/datasets/data/digits.csv.gz").context(
+    crate::paths::package_file("sklearn/datasets/data/digits.csv.gz").context(
         "the digits demo data was not found: run `make setup` (it installs scikit-learn into .venv) or set MFR_DIGITS to a digits.csv.gz",
     )
 }

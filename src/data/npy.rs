@@ -122,11 +122,10 @@ fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     Some(rest.trim())
 }
 
-/// Writes a little-endian float32 C-order array (tests and tools make small trees with it).
+/// Writes a little-endian float32 C-order array, whole or not at all.
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     let body: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-    std::fs::write(path, encode("<f4", shape, &body))
-        .with_context(|| format!("{}: cannot write", path.display()))
+    crate::files::write_atomic(path, &encode("<f4", shape, &body))
 }
 
 /// A version-1 .npy file: the header for `descr` and `shape` (padded to 64 bytes, as numpy

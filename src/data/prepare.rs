@@ -262,10 +262,7 @@ pub fn prepare(train: &Path, out: &Path, vae: &AutoencoderKl, opts: &Options) ->
             let values = Vec::<f32>::try_from(moments.get(k as i64).reshape([-1]))?;
             let file = root.join(latent_name(i));
             std::fs::create_dir_all(file.parent().expect("a folder"))?;
-            let tmp = file.with_extension("npy.tmp");
-            npy::write_f32(&tmp, &shape, &values)?;
-            std::fs::rename(&tmp, &file)
-                .with_context(|| format!("{}: cannot rename into place", file.display()))?;
+            npy::write_f32(&file, &shape, &values)?;
         }
         bar.inc(chunk.len() as u64);
     }
@@ -276,8 +273,7 @@ pub fn prepare(train: &Path, out: &Path, vae: &AutoencoderKl, opts: &Options) ->
         .map(|(i, (_, label))| serde_json::json!([latent_name(i), label]))
         .collect();
     let index = root.join("dataset.json");
-    let tmp = index.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::json!({ "labels": labels }).to_string())?;
-    std::fs::rename(&tmp, &index)?;
+    let text = serde_json::json!({ "labels": labels }).to_string();
+    crate::files::write_atomic(&index, text.as_bytes())?;
     Ok(images.len())
 }

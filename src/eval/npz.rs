@@ -148,16 +148,11 @@ pub fn write_images(path: &Path, images: &Tensor) -> Result<()> {
     let mut bytes = vec![0u8; data.numel()];
     data.copy_data_u8(&mut bytes, data.numel());
     let npy = npy::encode("|u1", &shape, &bytes);
-    let tmp = path.with_extension("npz.tmp");
-    let file = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let mut zip = zip::ZipWriter::new(file);
+    let mut zip = zip::ZipWriter::new(crate::files::AtomicFile::create(path)?);
     let options = zip::write::FileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .large_file(npy.len() > u32::MAX as usize);
     zip.start_file("arr_0.npy", options)?;
     std::io::Write::write_all(&mut zip, &npy)?;
-    zip.finish()?.sync_all()?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
+    zip.finish()?.commit()
 }

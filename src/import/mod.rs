@@ -6,9 +6,11 @@
 //!     'args' / 'steps') -> our checkpoint layout ([`sit`]), or pytorch-fid's FID Inception
 //!     (torchvision names, with the 1008-way softmax weights) -> our Inception layout
 //!     ([`pytorch_fid`]).
+pub mod inception;
 pub mod pytorch_fid;
 pub mod sit;
 pub mod torch_file;
+pub mod vae;
 
 use anyhow::{bail, Context, Result};
 use std::io::Read;
@@ -101,11 +103,6 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// The default output of an Inception import, which `mfr evaluate` uses when present.
-pub fn inception_out(cache: &Path) -> PathBuf {
-    cache.join("weights").join("inception-fid.safetensors")
-}
-
 /// Converts `file` (any kind above) into our layout.
 pub fn import(file: &Path, opts: &Options) -> Result<Summary> {
     let name = file.display().to_string();
@@ -119,8 +116,8 @@ pub fn import(file: &Path, opts: &Options) -> Result<Summary> {
     match kind {
         FileKind::TorchScript => {
             not_sit("a TorchScript archive")?;
-            let out = opts.out.clone().unwrap_or_else(|| inception_out(&opts.cache));
-            let tensors = crate::model::inception::import_torchscript(file, &out)?;
+            let out = opts.out.clone().unwrap_or_else(|| inception::imported(&opts.cache));
+            let tensors = inception::import_torchscript(file, &out)?;
             Ok(Summary {
                 source: file.to_owned(),
                 kind: "TorchScript FID Inception",
@@ -134,7 +131,7 @@ pub fn import(file: &Path, opts: &Options) -> Result<Summary> {
             let value = torch_file::load(file)?;
             if pytorch_fid::looks_like(&value) {
                 not_sit("the pytorch-fid Inception")?;
-                let out = opts.out.clone().unwrap_or_else(|| inception_out(&opts.cache));
+                let out = opts.out.clone().unwrap_or_else(|| inception::imported(&opts.cache));
                 pytorch_fid::import(file, &value, &out)
             } else if sit::looks_like(&value) {
                 let out = opts.out.clone().unwrap_or_else(|| {

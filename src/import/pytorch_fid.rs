@@ -225,7 +225,7 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
 pub fn import(file: &Path, value: &Value, out: &Path) -> Result<Summary> {
     let source = file.display().to_string();
     let converted = convert(value, &source)?;
-    let tensors = inception::import_weights(&converted.weights, &source, out)?;
+    let tensors = super::inception::write(&converted.weights, &source, out)?;
     let mut details = format!(
         "{} convolutions, {}; 1008-way softmax weights for the Inception Score",
         (converted.weights.len() - 1) / 4,

@@ -12,7 +12,7 @@
 use super::torch_file::{tensor_dict, Value};
 use super::Summary;
 use crate::model::{sit::PRESETS, Conditioning, SiT, SiTConfig};
-use crate::train::checkpoint::{self, TrainState};
+use crate::rundir::checkpoint::{self, TrainState};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -196,15 +196,6 @@ pub fn optimizer_moments(
     Ok((moments, step))
 }
 
-/// Our variables as `<prefix><name>` pairs, sorted by name (the trainer's checkpoint order).
-fn prefixed(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor)> {
-    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    vars.into_iter()
-        .map(|(k, v)| (format!("{prefix}{k}"), v))
-        .collect()
-}
-
 /// Converts a loaded torch.save value holding a SiT into our checkpoint at `out`.
 pub fn import(file: &Path, value: &Value, preset: Option<&str>, out: &Path) -> Result<Summary> {
     let name = file.display().to_string();
@@ -257,34 +248,36 @@ pub fn import(file: &Path, value: &Value, preset: Option<&str>, out: &Path) -> R
     let model_vs = load_checked(&config, &model, &format!("{name} [{model_from}]"))?;
     let ema_vs = load_checked(&config, &ema, &format!("{name} [{ema_from}]"))?;
 
-    let mut tensors = prefixed(&model_vs, "model.");
-    tensors.extend(prefixed(&ema_vs, "ema."));
-    let (optimizer, adam_step) = match value.get("opt") {
+    let (moments, optimizer, adam_step) = match value.get("opt") {
         None => (
+            Vec::new(),
             "none in the file: the checkpoint samples but cannot resume".to_owned(),
             0,
         ),
         Some(opt) => match optimizer_moments(opt, &model) {
             Ok((moments, step)) => {
                 let n = moments.len();
-                for (k, m, v) in moments {
-                    tensors.push((format!("opt.exp_avg.{k}"), m.to_kind(Kind::Float)));
-                    tensors.push((format!("opt.exp_avg_sq.{k}"), v.to_kind(Kind::Float)));
-                }
-                (
-                    format!("AdamW moments of {n} parameters at step {step}"),
-                    step,
-                )
+                let moments: Vec<(String, Tensor, Tensor)> = moments
+                    .into_iter()
+                    .map(|(k, m, v)| (k, m.to_kind(Kind::Float), v.to_kind(Kind::Float)))
+                    .collect();
+                let what = format!("AdamW moments of {n} parameters at step {step}");
+                (moments, what, step)
             }
-            Err(why) => (format!("'opt' left out: {why}"), 0),
+            Err(why) => (Vec::new(), format!("'opt' left out: {why}"), 0),
         },
     };
+    let tensors = checkpoint::layout(
+        &model_vs,
+        &ema_vs,
+        moments.iter().map(|(k, m, v)| (k.as_str(), m, v)),
+    );
     let steps = ["steps", "step", "global_step", "train_steps"]
         .iter()
         .find_map(|k| value.get(k).and_then(Value::as_f64))
         .map(|s| s.max(0.0) as u64)
         .unwrap_or(adam_step.max(0) as u64);
-    let sha256 = crate::eval::evaluator::sha256_file(file)?;
+    let sha256 = crate::files::sha256_file(file)?;
     let state = TrainState {
         step: steps,
         epoch: 0,

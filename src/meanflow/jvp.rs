@@ -8,16 +8,11 @@
 //! libtorch has one level for the whole process, so the guard also holds a process-wide lock:
 //! JVPs from several threads take turns, and a nested JVP on one thread is an error.
 use crate::device::shim_call;
+use crate::ffi::{mfr_fwad_enter, mfr_fwad_exit};
 use anyhow::{bail, Result};
 use std::cell::Cell;
-use std::os::raw::{c_char, c_int};
 use std::sync::{Mutex, MutexGuard};
 use tch::Tensor;
-
-extern "C" {
-    fn mfr_fwad_enter(level: *mut u64, err: *mut c_char, len: usize) -> c_int;
-    fn mfr_fwad_exit(level: u64, err: *mut c_char, len: usize) -> c_int;
-}
 
 static LEVEL_LOCK: Mutex<()> = Mutex::new(());
 
@@ -41,6 +36,7 @@ impl DualLevel {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut idx = 0u64;
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         shim_call("enter forward-AD level", |e, l| unsafe {
             mfr_fwad_enter(&mut idx, e, l)
         })?;
@@ -68,6 +64,7 @@ impl DualLevel {
 impl Drop for DualLevel {
     fn drop(&mut self) {
         IN_LEVEL.set(false);
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         let released = shim_call("leave forward-AD level", |e, l| unsafe {
             mfr_fwad_exit(self.idx, e, l)
         });

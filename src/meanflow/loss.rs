@@ -45,7 +45,7 @@ pub struct Tangent {
 
 /// How du/dt is computed. Both give the same numbers (to rounding); `Manual` records no
 /// autograd graph for the tangent and lets attention's primal use the fused kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JvpMethod {
     /// Hand-written tangent rules carried beside the primal ([`crate::model::Dual`]).
@@ -174,7 +174,7 @@ pub fn interpolate(x: &Tensor, t: &Tensor, e: &Tensor) -> (Tensor, Tensor) {
 
 /// The instantaneous velocity v(z, t | y) = u(z, r = t, t | y), without gradient.
 pub fn velocity(net: &SiT, z: &Tensor, t: &Tensor, y: &Tensor) -> Tensor {
-    tch::no_grad(|| net.forward_fast(z, t, t, y, AttentionKernel::Fused))
+    tch::no_grad(|| net.forward(z, t, t, y, AttentionKernel::Fused))
 }
 
 /// The guided velocity v_g = omega v + (1 - omega - kappa) v(null) + kappa v(y) inside the
@@ -253,7 +253,7 @@ pub fn u_and_du_dt(
             let b = z_t.size()[0];
             let from = skip.clamp(0, b);
             if from == b {
-                let u = net.forward_fast(z_t, t, r, y, AttentionKernel::Fused);
+                let u = net.forward(z_t, t, r, y, AttentionKernel::Fused);
                 let du_dt = u.detach().zeros_like();
                 return Ok((u, du_dt));
             }
@@ -267,11 +267,11 @@ pub fn u_and_du_dt(
                 y,
                 AttentionKernel::Fused,
             );
-            let du_dt = out.tangent().detach();
+            let du_dt = out.tangent_or_zeros().detach();
             Ok((out.primal, du_dt))
         }
         JvpMethod::ForwardAd => jvp(
-            |x| Ok(net.forward(&x[0], &x[1], &x[2], y, AttentionKernel::Explicit)),
+            |x| Ok(net.forward_aten(&x[0], &x[1], &x[2], y, AttentionKernel::Explicit)),
             &[z_t, t, r],
             &[v_g, &dt, &dr],
         ),

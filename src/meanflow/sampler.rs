@@ -24,7 +24,7 @@ pub fn sample(net: &SiT, e: &Tensor, y: &Tensor, schedule: &[f64]) -> Result<Ten
         let mut z = e.copy();
         for w in schedule.windows(2) {
             let (t, r) = (Tensor::full([b], w[0], opts), Tensor::full([b], w[1], opts));
-            let u = net.forward_fast(&z, &t, &r, y, AttentionKernel::Fused);
+            let u = net.forward(&z, &t, &r, y, AttentionKernel::Fused);
             z -= (w[0] - w[1]) * u;
         }
         z

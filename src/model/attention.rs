@@ -1,6 +1,6 @@
 //! Multi-head self-attention with `qkv` and `proj` (timm's Attention, qkv bias, no qk-norm).
+use super::dual::MaybeDual;
 use super::embed::{linear, xavier};
-use super::flow::Flow;
 use tch::nn;
 
 /// How softmax(q k^T / sqrt(d)) v is computed.
@@ -10,7 +10,7 @@ pub enum AttentionKernel {
     Explicit,
     /// libtorch's fused scaled_dot_product_attention: faster, but its flash / memory-efficient /
     /// cuDNN kernels have no forward-AD rule in libtorch 2.11: only where no forward-AD tangent
-    /// flows (sampling, guidance, and the primal of a [`super::flow::Dual`] pass).
+    /// flows (sampling, guidance, and the primal of a [`super::dual::Dual`] pass).
     Fused,
 }
 
@@ -31,7 +31,7 @@ impl Attention {
     }
 
     /// (N, T, D) -> (N, T, D).
-    pub fn forward<V: Flow>(&self, x: &V, kernel: AttentionKernel) -> V {
+    pub fn forward<V: MaybeDual>(&self, x: &V, kernel: AttentionKernel) -> V {
         // Shapes with the batch left free (-1): a tangent may cover fewer rows than its value.
         let (_, t, d) = x.primal().size3().expect("attention input is (N, T, D)");
         let (heads, head_dim) = (self.heads, d / self.heads);

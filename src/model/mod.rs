@@ -1,18 +1,25 @@
 //! Networks. They know tensors and names, never files: weights come in as (name, tensor) pairs.
 pub mod attention;
+pub mod dual;
 pub mod embed;
-pub mod flow;
 pub mod inception;
 pub mod sit;
 pub mod vae;
 
 pub use attention::AttentionKernel;
-pub use flow::{Dual, Flow};
+pub use dual::{Dual, MaybeDual};
 pub use sit::{Conditioning, SiT, SiTConfig};
 
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 use tch::{nn::VarStore, Tensor};
+
+/// A store's variables sorted by name: the order of checkpoints, broadcasts and the optimizer.
+pub fn sorted_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
 
 /// Copies a state dict into `vs` by name. Only tensors whose name starts with `prefix` are
 /// considered (the prefix is stripped); a missing, extra or mis-shaped key is an error naming

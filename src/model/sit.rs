@@ -1,8 +1,8 @@
 //! SiT with adaLN-Zero blocks, conditioned on (t, r) through separate time embedders, as MeanFlow
 //! trains it. Module paths equal the PyTorch state-dict keys (`blocks.3.attn.qkv.weight`, ...).
 use super::attention::{Attention, AttentionKernel};
+use super::dual::{Dual, MaybeDual};
 use super::embed::{linear, xavier, LabelEmbedder, PatchEmbed, TimestepEmbedder};
-use super::flow::{Dual, Flow};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
@@ -103,7 +103,7 @@ impl Mlp {
         }
     }
 
-    fn forward<V: Flow>(&self, x: &V) -> V {
+    fn forward<V: MaybeDual>(&self, x: &V) -> V {
         x.linear(&self.fc1).gelu_tanh().linear(&self.fc2)
     }
 }
@@ -135,7 +135,7 @@ impl Block {
         }
     }
 
-    fn forward<V: Flow>(&self, x: &V, c_silu: &V, kernel: AttentionKernel) -> V {
+    fn forward<V: MaybeDual>(&self, x: &V, c_silu: &V, kernel: AttentionKernel) -> V {
         let m = c_silu.linear(&self.ada_ln).chunk(6);
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
@@ -168,7 +168,7 @@ impl FinalLayer {
         }
     }
 
-    fn forward<V: Flow>(&self, x: &V, c_silu: &V) -> V {
+    fn forward<V: MaybeDual>(&self, x: &V, c_silu: &V) -> V {
         let m = c_silu.linear(&self.ada_ln).chunk(2);
         x.normalized().modulate(&m[0], &m[1]).linear(&self.linear)
     }
@@ -229,9 +229,9 @@ impl SiT {
         }
     }
 
-    /// u_theta(x, r, t | y): x (N, C, H, W), t and r (N,), y (N,) int64 (num_classes = null).
-    /// Plain ATen ops throughout, so forward-mode AD works through it (the reference path).
-    pub fn forward(
+    /// [`SiT::forward`] in plain ATen ops throughout, so that libtorch's forward-mode AD works
+    /// through it (the reference path, `meanflow.jvp = "forward_ad"`).
+    pub fn forward_aten(
         &self,
         x: &Tensor,
         t: &Tensor,
@@ -242,10 +242,11 @@ impl SiT {
         self.run(x, t, r, y, kernel)
     }
 
-    /// [`SiT::forward`] by the fast path's ops ([`super::flow`]): the same numbers (bit for bit
-    /// in f32 and f64, and under bf16 autocast), less memory traffic under autocast. Autograd
-    /// works through it; forward-mode AD does not.
-    pub fn forward_fast(
+    /// u_theta(x, r, t | y): x (N, C, H, W), t and r (N,), y (N,) int64 (num_classes = null).
+    /// By the fast path's ops ([`super::dual`]): the numbers of [`SiT::forward_aten`] (bit for
+    /// bit in f32 and f64, and under bf16 autocast), less memory traffic under autocast.
+    /// Autograd works through it; forward-mode AD does not.
+    pub fn forward(
         &self,
         x: &Tensor,
         t: &Tensor,
@@ -258,7 +259,7 @@ impl SiT {
     }
 
     /// u_theta and its directional derivative along the tangents of (x, t, r) in one pass; only
-    /// the primal carries autograd history (see [`super::flow`]).
+    /// the primal carries autograd history (see [`super::dual`]).
     pub fn forward_dual(
         &self,
         x: &Dual,
@@ -270,7 +271,7 @@ impl SiT {
         self.run(x, t, r, y, kernel)
     }
 
-    fn run<V: Flow>(&self, x: &V, t: &V, r: &V, y: &Tensor, kernel: AttentionKernel) -> V {
+    fn run<V: MaybeDual>(&self, x: &V, t: &V, r: &V, y: &Tensor, kernel: AttentionKernel) -> V {
         // c = emb_t(t) + emb_h(t - r) (+ emb_r(r)) + emb_y(y), summed in the reference's order.
         let h = || t.add(&r.map(|r| -r));
         let parts = [

@@ -19,10 +19,9 @@
 //!
 //! Every GroupNorm has eps 1e-6 (hard-coded in diffusers' Encoder and Decoder).
 //! `encode` and `decode` run under `no_grad`: the VAE is never trained here.
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::collections::BTreeMap;
-use std::path::Path;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// Latents the diffusion model sees are the VAE's latents times this (SD's `scaling_factor`).
 pub const SCALING_FACTOR: f64 = 0.18215;
@@ -433,24 +432,6 @@ fn attention_parameter(name: &str) -> Option<(&str, &str, &str)> {
     let in_attention = (parent == "attentions" || parent.ends_with(".attentions"))
         && index.bytes().all(|b| b.is_ascii_digit());
     in_attention.then_some((block, leaf, param))
-}
-
-/// A diffusers safetensors file of an `AutoencoderKL` (either attention naming) -> the network on
-/// `device` in float32 (call `vs.double()` / `vs.half()` after for another dtype). Names and
-/// shapes must match `cfg` exactly: a missing, extra or mis-shaped key is an error naming it.
-pub fn load(path: &Path, cfg: &VaeConfig, device: Device) -> Result<(nn::VarStore, AutoencoderKl)> {
-    let vs = nn::VarStore::new(device);
-    let net = AutoencoderKl::new(&vs.root(), cfg);
-    let tensors = Tensor::read_safetensors(path).with_context(|| {
-        format!(
-            "{}: not a readable safetensors file (the VAE weights are diffusion_pytorch_model.safetensors of stabilityai/sd-vae-ft-ema or sd-vae-ft-mse)",
-            path.display()
-        )
-    })?;
-    let tensors = modern_attention_names(tensors)
-        .with_context(|| format!("{}: ambiguous attention names", path.display()))?;
-    super::load_state_dict(&vs, &tensors, "", &path.display().to_string())?;
-    Ok((vs, net))
 }
 
 /// Images in [-1, 1] (N, 3, H, W), any float dtype -> uint8 (N, H, W, 3) on the same device, as

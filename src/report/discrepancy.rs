@@ -9,13 +9,14 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 pub fn discrepancy(run_dir: &Path, root: &Path) -> Result<PathBuf> {
-    if !run_dir.join("spec.toml").exists() {
+    let dir = crate::rundir::RunDir::new(run_dir);
+    if !dir.exists() {
         bail!(
             "{}: not a run directory (no spec.toml): give results/<experiment>/<run>",
             run_dir.display()
         );
     }
-    let run = RunResult::read(run_dir)?;
+    let run = RunResult::read(&dir)?;
     let paper = Paper::bundled();
     let text = render(&run, &paper)?;
     let out = root.join(&run.spec.experiment.name);
@@ -24,9 +25,7 @@ pub fn discrepancy(run_dir: &Path, root: &Path) -> Result<PathBuf> {
         "discrepancy-{}.md",
         run.name.replace(['=', ','], "_")
     ));
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, &path)?;
+    crate::files::write_atomic(&path, text.as_bytes())?;
     Ok(path)
 }
 
@@ -163,20 +162,27 @@ pub fn render(run: &RunResult, paper: &Paper) -> Result<String> {
     }
 
     s += "\n#### Environment\n\n";
-    for key in ["code_commit", "mfr_version", "tch", "libtorch", "device"] {
-        let _ = writeln!(
-            s,
-            "- {key}: {}",
-            run.env[key].as_str().unwrap_or("(not recorded)")
-        );
+    match &run.env {
+        Some(env) => {
+            for (key, value) in [
+                ("code_commit", &env.code_commit),
+                ("mfr_version", &env.mfr_version),
+                ("tch", &env.tch),
+                ("libtorch", &env.libtorch),
+                ("device", &env.device),
+            ] {
+                let _ = writeln!(s, "- {key}: {value}");
+            }
+        }
+        None => s += "- (not recorded: the run has no env.json)\n",
     }
     if let Some(m) = &run.metrics {
         let _ = writeln!(
             s,
             "- evaluation: {} samples per schedule, Inception weights `{}`, reference `{}`",
-            m["num_samples"],
-            m["inception_weights"].as_str().unwrap_or("-"),
-            m["reference"].as_str().unwrap_or("training images")
+            m.num_samples,
+            m.inception_weights,
+            m.reference.as_deref().unwrap_or("training images")
         );
     }
     let _ = writeln!(s, "- spec sha256: {}", spec.sha256());

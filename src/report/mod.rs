@@ -7,4 +7,4 @@ pub mod plots;
 pub mod render;
 pub mod tables;
 
-pub use plots::{loss_curves, read_stats, sample_grid, StatLine};
+pub use plots::{loss_curves, sample_grid};

@@ -1,6 +1,7 @@
 //! Pictures of a run: loss curves (PNG and SVG, from stats.jsonl) and sample grids (PNG).
 //! Text is drawn with the DejaVu Sans file in assets/fonts, so output does not depend on the
 //! fonts of the machine.
+use crate::rundir::StatLine;
 use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
 use std::path::Path;
@@ -18,38 +19,7 @@ fn register_font() {
     });
 }
 
-/// One logged line of a run's stats.jsonl.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StatLine {
-    pub step: f64,
-    pub loss: f64,
-    pub v_loss: f64,
-}
-
 type Pick = fn(&StatLine) -> f64;
-
-/// The logged lines of a stats.jsonl.
-pub fn read_stats(path: &Path) -> Result<Vec<StatLine>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| {
-            let v: serde_json::Value = serde_json::from_str(l)
-                .with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))?;
-            let num = |k: &str| {
-                v[k].as_f64()
-                    .with_context(|| format!("{}: line {} has no `{k}`", path.display(), i + 1))
-            };
-            Ok(StatLine {
-                step: num("step")?,
-                loss: num("loss")?,
-                v_loss: num("v_loss")?,
-            })
-        })
-        .collect()
-}
 
 /// Distinct, print-safe colours for up to ten series (then they repeat).
 const PALETTE: [RGBColor; 10] = [
@@ -116,7 +86,7 @@ where
     root.fill(&WHITE).map_err(plot_err)?;
     let panels = root.split_evenly((1, 2));
     let all = || runs.iter().flat_map(|(_, s)| s.iter());
-    let max_step = all().map(|s| s.step).fold(1.0, f64::max);
+    let max_step = all().map(|s| s.step as f64).fold(1.0, f64::max);
     let series: [(&str, Pick); 2] = [
         ("weighted loss (sits near 1 with p = 1)", |s| s.loss),
         ("v loss: mean ||u - v||^2", |s| s.v_loss),
@@ -140,7 +110,7 @@ where
             let color = PALETTE[i % PALETTE.len()];
             let drawn = chart
                 .draw_series(LineSeries::new(
-                    stats.iter().map(|s| (s.step, pick(s))),
+                    stats.iter().map(|s| (s.step as f64, pick(s))),
                     &color,
                 ))
                 .map_err(plot_err)?;
@@ -408,6 +378,11 @@ pub fn sample_grid(images: &Tensor, cols: i64, zoom: u32, path: &Path) -> Result
             }
         }
     }
-    grid.save(path)
-        .with_context(|| format!("{}: cannot write", path.display()))
+    let mut png = Vec::new();
+    grid.write_to(
+        &mut std::io::Cursor::new(&mut png),
+        image::ImageOutputFormat::Png,
+    )
+    .with_context(|| format!("{}: cannot encode", path.display()))?;
+    crate::files::write_atomic(path, &png)
 }

@@ -4,15 +4,11 @@
 use super::paper::Paper;
 use super::plots::{self, Bar};
 use super::tables::{self, cells, RunResult};
+use crate::files::write_atomic;
 use anyhow::{Context, Result};
 use polars::prelude::*;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-
-/// Reports root: $MFR_REPORTS or ./reports.
-pub fn default_reports() -> PathBuf {
-    std::env::var_os("MFR_REPORTS").map_or_else(|| PathBuf::from("reports"), PathBuf::from)
-}
 
 /// A table as rendered: a caption, its header and its rows of text.
 struct Table {
@@ -140,7 +136,7 @@ pub fn report(path: &Path, root: &Path) -> Result<PathBuf> {
     if adm.height() > 0 {
         let reference = runs
             .iter()
-            .find_map(|r| r.metrics.as_ref()?["reference"].as_str().map(str::to_owned))
+            .find_map(|r| r.metrics.as_ref()?.reference.clone())
             .map_or_else(String::new, |p| {
                 Path::new(&p)
                     .file_name()
@@ -160,15 +156,9 @@ pub fn report(path: &Path, root: &Path) -> Result<PathBuf> {
 
     let md = markdown(&experiment, &runs, &tables, &figures, &notes, &provenance);
     let html = html(&experiment, &runs, &tables, &figures, &notes, &provenance);
-    write_atomic(&out.join("report.md"), &md)?;
-    write_atomic(&out.join("index.html"), &html)?;
+    write_atomic(&out.join("report.md"), md.as_bytes())?;
+    write_atomic(&out.join("index.html"), html.as_bytes())?;
     Ok(out)
-}
-
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
 }
 
 /// FID per run and NFE, wide: a column per NFE.
@@ -195,7 +185,7 @@ fn fid_caption(runs: &[RunResult]) -> String {
             let m = r.metrics.as_ref().expect("checked");
             format!(
                 "FID per run ({} samples per run vs {} training images: a small-sample FID, not FID-50K)",
-                m["num_samples"], m["num_reference"]
+                m.num_samples, m.num_reference
             )
         }
         Some(r) if r.spec.sample.num_samples % 1000 == 0 => {
@@ -214,7 +204,7 @@ fn figures(
     out: &Path,
 ) -> Result<Vec<Figure>> {
     let mut figs = Vec::new();
-    let with_stats: Vec<(&str, &[plots::StatLine])> = runs
+    let with_stats: Vec<(&str, &[crate::rundir::StatLine])> = runs
         .iter()
         .filter(|r| !r.stats.is_empty())
         .map(|r| (r.name.as_str(), r.stats.as_slice()))
@@ -276,7 +266,7 @@ fn figures(
     }
     for r in runs {
         for nfe in r.spec.sample.schedules.iter().map(|s| s.len() - 1) {
-            let grid = r.dir.join("samples").join(format!("grid-{nfe}nfe.png"));
+            let grid = r.dir.grid(nfe);
             if grid.exists() {
                 let file = format!("grids/{}-{nfe}nfe.png", r.name.replace(['=', ','], "_"));
                 std::fs::copy(&grid, out.join(&file))
@@ -310,8 +300,7 @@ fn notes(runs: &[RunResult]) -> Vec<String> {
     if runs.iter().any(|r| {
         r.metrics
             .as_ref()
-            .and_then(|m| m["adm"].as_object())
-            .is_some_and(|a| a.values().any(|v| v["inception_score"].is_null()))
+            .is_some_and(|m| m.adm.values().any(|v| v.inception_score.is_none()))
     }) {
         notes.push("IS is unavailable where the Inception weights have no softmax layer (the bundled TorchScript copy): `mfr fetch pt_inception` and `mfr import` it.".to_owned());
     }
@@ -333,14 +322,14 @@ fn provenance(runs: &[RunResult]) -> Result<Table> {
         .iter()
         .map(|r| {
             let m = r.metrics.as_ref();
-            let text = |v: Option<&serde_json::Value>| {
-                v.and_then(|v| v.as_str()).map_or("-".to_owned(), |s| {
+            let text = |v: Option<&str>| {
+                v.map_or("-".to_owned(), |s| {
                     Path::new(s)
                         .file_name()
                         .map_or(s.to_owned(), |f| f.to_string_lossy().into_owned())
                 })
             };
-            let reference = m.and_then(|m| m["reference"].as_str()).map_or_else(
+            let reference = m.and_then(|m| m.reference.as_ref()).map_or_else(
                 || "training images".to_owned(),
                 |_| {
                     crate::assets::find(&r.spec.eval.reference)
@@ -351,8 +340,8 @@ fn provenance(runs: &[RunResult]) -> Result<Table> {
             vec![
                 r.name.clone(),
                 r.spec.sha256()[..16].to_owned(),
-                r.env["code_commit"].as_str().unwrap_or("-").to_owned(),
-                r.env["device"].as_str().unwrap_or("-").to_owned(),
+                r.env.as_ref().map_or("-", |e| &e.code_commit).to_owned(),
+                r.env.as_ref().map_or("-", |e| &e.device).to_owned(),
                 r.spec
                     .model
                     .weights
@@ -362,10 +351,10 @@ fn provenance(runs: &[RunResult]) -> Result<Table> {
                 m.map_or("-".to_owned(), |m| {
                     format!(
                         "{} per schedule, seed {}",
-                        m["num_samples"], r.spec.sample.seed
+                        m.num_samples, r.spec.sample.seed
                     )
                 }),
-                text(m.map(|m| &m["inception_weights"])),
+                text(m.map(|m| m.inception_weights.as_str())),
                 reference,
             ]
         })

@@ -1,83 +1,55 @@
-//! An experiment's results as tables (polars DataFrames), read from its run directories only:
-//! spec.toml, env.json, stats.jsonl, checkpoints/ and samples/metrics.json.
+//! An experiment's results as tables (polars DataFrames), read from its run directories only
+//! (through [`crate::rundir`]'s records).
 use super::paper::{Paper, Row};
-use super::plots::{read_stats, StatLine};
+use crate::rundir::{
+    checkpoint::{self, TrainState},
+    Env, Metrics, RunDir, StatLine,
+};
 use crate::spec::Spec;
-use crate::train::checkpoint::{self, TrainState};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use polars::prelude::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// What one run directory holds.
 pub struct RunResult {
     pub name: String,
-    pub dir: PathBuf,
+    pub dir: RunDir,
     pub spec: Spec,
-    /// env.json: code commit, libtorch, device.
-    pub env: serde_json::Value,
+    /// None for a run prepared before env.json existed.
+    pub env: Option<Env>,
     /// samples/metrics.json, once the evaluate stage ran.
-    pub metrics: Option<serde_json::Value>,
+    pub metrics: Option<Metrics>,
     /// The newest checkpoint's training state (none for imported weights).
     pub state: Option<TrainState>,
     pub stats: Vec<StatLine>,
 }
 
 impl RunResult {
-    pub fn read(dir: &Path) -> Result<RunResult> {
-        let spec_file = dir.join("spec.toml");
-        let text = std::fs::read_to_string(&spec_file).with_context(|| {
-            format!(
-                "{}: not a run directory (no spec.toml); give results/<experiment> or one of its runs",
-                dir.display()
-            )
-        })?;
-        let spec = Spec::parse(&text, &spec_file.display().to_string())?;
-        let json = |p: PathBuf| -> Option<serde_json::Value> {
-            serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
-        };
-        let stats_file = dir.join("stats.jsonl");
+    pub fn read(dir: &RunDir) -> Result<RunResult> {
         Ok(RunResult {
-            name: dir
-                .file_name()
-                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-            env: json(dir.join("env.json")).unwrap_or_default(),
-            metrics: json(dir.join("samples").join("metrics.json")),
-            state: checkpoint::latest(&dir.join("checkpoints")).map(|(_, s)| s),
-            stats: if stats_file.exists() {
-                read_stats(&stats_file)?
-            } else {
-                Vec::new()
-            },
-            dir: dir.to_owned(),
-            spec,
+            name: dir.name(),
+            spec: dir.read_spec()?,
+            env: dir.read_env()?,
+            metrics: dir.read_metrics()?,
+            state: checkpoint::latest(&dir.checkpoints()).map(|(_, s)| s),
+            stats: dir.read_stats()?,
+            dir: dir.clone(),
         })
     }
 
-    /// FID per NFE from metrics.json, e.g. [(1, 61.2), (2, 55.0)].
+    /// FID per NFE, e.g. [(1, 61.2), (2, 55.0)].
     pub fn fids(&self) -> Vec<(i64, f64)> {
-        let Some(m) = self.metrics.as_ref().and_then(|m| m["fid"].as_object()) else {
-            return Vec::new();
-        };
-        let mut out: Vec<(i64, f64)> = m
-            .iter()
-            .filter_map(|(k, v)| Some((k.strip_suffix("-NFE")?.parse().ok()?, v.as_f64()?)))
-            .collect();
-        out.sort_by_key(|p| p.0);
-        out
+        self.metrics.as_ref().map(Metrics::fids).unwrap_or_default()
     }
 
     /// FID against training step from metrics.json's history: (NFE label, [(step, FID)]).
     pub fn history(&self) -> Vec<(String, Vec<(f64, f64)>)> {
         let mut by_nfe: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
-        let lines = self.metrics.as_ref().and_then(|m| m["history"].as_array());
-        for line in lines.into_iter().flatten() {
-            if let (Some(nfe), Some(step), Some(fid)) = (
-                line["nfe"].as_str(),
-                line["step"].as_f64(),
-                line["fid"].as_f64(),
-            ) {
-                by_nfe.entry(nfe.to_owned()).or_default().push((step, fid));
-            }
+        for point in self.metrics.iter().flat_map(|m| &m.history) {
+            by_nfe
+                .entry(point.nfe.clone())
+                .or_default()
+                .push((point.step as f64, point.fid));
         }
         by_nfe
             .into_iter()
@@ -100,22 +72,12 @@ impl RunResult {
 
 /// The runs of an experiment directory (results/<experiment>), or the one run `path` is.
 pub fn collect(path: &Path) -> Result<(String, Vec<RunResult>)> {
-    if path.join("spec.toml").exists() {
-        let run = RunResult::read(path)?;
+    let one = RunDir::new(path);
+    if one.exists() {
+        let run = RunResult::read(&one)?;
         return Ok((run.spec.experiment.name.clone(), vec![run]));
     }
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(path)
-        .with_context(|| {
-            format!(
-                "{}: cannot read (run `mfr run SPEC` first?)",
-                path.display()
-            )
-        })?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("spec.toml").exists())
-        .collect();
-    dirs.sort();
+    let dirs = crate::rundir::runs_of(path)?;
     if dirs.is_empty() {
         bail!(
             "{}: holds no run directories (run `mfr run SPEC` first)",
@@ -124,7 +86,7 @@ pub fn collect(path: &Path) -> Result<(String, Vec<RunResult>)> {
     }
     let runs = dirs
         .iter()
-        .map(|d| RunResult::read(d))
+        .map(RunResult::read)
         .collect::<Result<Vec<_>>>()?;
     Ok((runs[0].spec.experiment.name.clone(), runs))
 }
@@ -206,17 +168,14 @@ pub fn adm_metrics(runs: &[RunResult]) -> Result<DataFrame> {
     let (mut run, mut nfe) = (Vec::new(), Vec::new());
     let (mut is, mut fid, mut sfid, mut prec, mut rec) = (vec![], vec![], vec![], vec![], vec![]);
     for r in runs {
-        let Some(adm) = r.metrics.as_ref().and_then(|m| m["adm"].as_object()) else {
-            continue;
-        };
-        for (k, m) in adm {
+        for (k, m) in r.metrics.iter().flat_map(|m| &m.adm) {
             run.push(r.name.clone());
             nfe.push(k.clone());
-            is.push(m["inception_score"].as_f64());
-            fid.push(m["fid"].as_f64());
-            sfid.push(m["sfid"].as_f64());
-            prec.push(m["precision"].as_f64());
-            rec.push(m["recall"].as_f64());
+            is.push(m.inception_score);
+            fid.push(m.fid);
+            sfid.push(m.sfid);
+            prec.push(m.precision);
+            rec.push(m.recall);
         }
     }
     Ok(df!(

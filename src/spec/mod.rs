@@ -2,7 +2,9 @@
 //! checked runtime configs the other modules take. A resolved spec has every default filled in;
 //! it serialises back to TOML, and the sha256 of that text identifies the experiment.
 mod error;
+mod runtime;
 mod schema;
+mod validate;
 
 pub use error::SpecError;
 pub use schema::{

@@ -1,22 +1,10 @@
 //! Exponential moving average of the weights: ema <- decay * ema + (1 - decay) * weights, as the
 //! reference's update_ema. The EMA lives in its own network, which sampling uses.
-use super::optim::handles;
+use crate::device::handles;
 use crate::device::shim_call;
+use crate::ffi::mfr_foreach_ema;
 use anyhow::Result;
-use std::ffi::c_void;
-use std::os::raw::{c_char, c_int};
 use tch::nn::VarStore;
-
-extern "C" {
-    fn mfr_foreach_ema(
-        ema: *const *mut c_void,
-        model: *const *mut c_void,
-        n: usize,
-        decay: f64,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-}
 
 /// One EMA update of every variable of `ema` from the same-named one of `model`, in two
 /// multi-tensor kernels.
@@ -32,6 +20,7 @@ pub fn update(ema: &VarStore, model: &VarStore, decay: f64) -> Result<()> {
         handles(pairs.iter().map(|x| &x.1)),
     );
     tch::no_grad(|| {
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         shim_call("EMA update", |er, l| unsafe {
             mfr_foreach_ema(e.as_ptr(), p.as_ptr(), e.len(), decay, er, l)
         })

@@ -7,28 +7,16 @@
 //! (its numbers stay on the device), and randomness comes from the registered default generator,
 //! reseeded per step as the eager loop does. A step the recording does not fit (another learning
 //! rate, as during warm-up, or another batch shape) runs eagerly.
-use super::optim::handles;
 use super::{StepStats, Trainer};
+use crate::device::handles;
 use crate::device::shim_call;
+use crate::ffi::{
+    mfr_graph_capture_begin, mfr_graph_capture_end, mfr_graph_free, mfr_graph_new, mfr_graph_replay,
+};
 use anyhow::{bail, Context, Result};
 use std::ffi::c_void;
-use std::os::raw::{c_char, c_int};
+use std::os::raw::c_int;
 use tch::{Device, Tensor};
-
-extern "C" {
-    fn mfr_graph_new(device: c_int, out: *mut *mut c_void, err: *mut c_char, len: usize) -> c_int;
-    fn mfr_graph_capture_begin(graph: *mut c_void, err: *mut c_char, len: usize) -> c_int;
-    fn mfr_graph_capture_end(graph: *mut c_void, err: *mut c_char, len: usize) -> c_int;
-    fn mfr_graph_replay(
-        graph: *mut c_void,
-        statics: *const *mut c_void,
-        sources: *const *mut c_void,
-        n: usize,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-    fn mfr_graph_free(graph: *mut c_void);
-}
 
 /// Eager steps before the recording.
 pub const WARMUP_STEPS: usize = 3;
@@ -54,6 +42,7 @@ impl StepGraph {
             bail!("train.cuda_graph needs a CUDA device, not {device:?}: set it to false");
         };
         let mut handle = std::ptr::null_mut();
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         shim_call("create the step's CUDA graph", |e, l| unsafe {
             mfr_graph_new(index as c_int, &mut handle, e, l)
         })?;
@@ -85,10 +74,12 @@ impl StepGraph {
             return trainer.step_eager(x, labels, lr);
         }
         let (sx, sl) = (x.copy(), labels.copy());
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         shim_call("begin recording the step", |e, l| unsafe {
             mfr_graph_capture_begin(self.handle, e, l)
         })?;
         let stats = trainer.step_eager(&sx, &sl, lr);
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         let ended = shim_call("end recording the step", |e, l| unsafe {
             mfr_graph_capture_end(self.handle, e, l)
         });
@@ -109,6 +100,7 @@ impl StepGraph {
     fn replay(&self, x: &Tensor, labels: &Tensor) -> Result<StepStats> {
         let r = self.recorded.as_ref().expect("replay follows a recording");
         let (statics, sources) = (handles([&r.x, &r.labels]), handles([x, labels]));
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         shim_call("replay the step", |e, l| unsafe {
             mfr_graph_replay(self.handle, statics.as_ptr(), sources.as_ptr(), 2, e, l)
         })?;
@@ -125,6 +117,7 @@ impl Drop for StepGraph {
     fn drop(&mut self) {
         // The recording's tensors go first, while the graph's memory pool still exists.
         self.recorded = None;
+        // SAFETY: the handle came from mfr_graph_new and is freed once, here.
         unsafe { mfr_graph_free(self.handle) };
     }
 }

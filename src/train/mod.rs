@@ -1,18 +1,102 @@
-//! Training: one optimisation step ([`Trainer`]), AdamW, EMA, checkpoints and the loop
-//! ([`run::train`]).
-pub mod checkpoint;
+//! Training: one optimisation step ([`Trainer`]), AdamW, EMA, the networks of a run
+//! ([`Networks`]) and the loop ([`run::train`]), configured by a checked [`TrainConfig`].
 pub mod ema;
 pub mod graph;
+mod log;
 pub mod optim;
 pub mod run;
+mod state;
 
 use crate::dist::Group;
 use crate::meanflow::{meanflow_loss, Draw, MeanFlowConfig};
-use crate::model::SiT;
+use crate::model::{SiT, SiTConfig};
 use crate::spec::Precision;
 use anyhow::{bail, Result};
 use optim::AdamW;
 use tch::{nn, Device, Kind, Tensor};
+
+/// What a training run needs to know, checked (built by `Spec::train_config`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// The spec's identity: checkpoints record it and resume only into the same spec.
+    pub spec_sha256: String,
+    /// Names the run in progress lines.
+    pub label: String,
+    /// `train.data` as the spec names it (for messages).
+    pub data: String,
+    pub model: SiTConfig,
+    pub meanflow: MeanFlowConfig,
+    /// Global batch.
+    pub batch: usize,
+    pub epochs: u64,
+    pub lr: f64,
+    pub warmup_steps: u64,
+    pub betas: [f64; 2],
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub ema_decay: f64,
+    pub precision: Precision,
+    pub seed: u64,
+    pub accumulation: usize,
+    pub log_every: u64,
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
+    /// Steps whose checkpoints are kept whatever `keep_checkpoints` says.
+    pub pin_checkpoints: Vec<u64>,
+    /// Steps whose checkpoints are saved (and kept) to be sampled and scored.
+    pub eval_steps: Vec<u64>,
+    pub device: String,
+    pub cuda_graph: bool,
+}
+
+impl TrainConfig {
+    /// The learning rate of `step`: linear warmup, then constant.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            self.lr * (step + 1) as f64 / self.warmup_steps as f64
+        } else {
+            self.lr
+        }
+    }
+}
+
+/// A SiT of `config` on `device` in `precision`, initialised from torch's generator as it
+/// stands (seed it first).
+pub fn network(
+    config: &SiTConfig,
+    precision: Precision,
+    device: Device,
+) -> Result<(nn::VarStore, SiT)> {
+    let mut vs = nn::VarStore::new(device);
+    let net = SiT::new(&vs.root(), config);
+    prepare_precision(&mut vs, precision, device)?;
+    Ok((vs, net))
+}
+
+/// The networks of a training run: the model and (in the process that keeps it) its EMA, frozen.
+pub struct Networks {
+    pub vs: nn::VarStore,
+    pub net: SiT,
+    pub ema: Option<(nn::VarStore, SiT)>,
+}
+
+impl Networks {
+    /// The model initialised from `seed`, and an EMA copy of it when `with_ema`.
+    pub fn on(cfg: &TrainConfig, device: Device, with_ema: bool) -> Result<Networks> {
+        tch::manual_seed(crate::data::mix(cfg.seed, u64::MAX) as i64);
+        let (vs, net) = network(&cfg.model, cfg.precision, device)?;
+        let ema = match with_ema {
+            true => {
+                let (mut ema_vs, ema) = network(&cfg.model, cfg.precision, device)?;
+                ema_vs.freeze();
+                ema::copy(&ema_vs, &vs);
+                Some((ema_vs, ema))
+            }
+            false => None,
+        };
+        Ok(Networks { vs, net, ema })
+    }
+}
 
 /// Puts the variables in the precision's dtype (float32 under bf16 autocast) and sets TF32 on
 /// CUDA.
@@ -42,13 +126,10 @@ pub fn input_kind(precision: Precision) -> Kind {
 
 /// Trainable variables sorted by name (the optimizer's and the checkpoint's order).
 pub fn trainable(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut named: Vec<(String, Tensor)> = vs
-        .variables()
+    crate::model::sorted_variables(vs)
         .into_iter()
         .filter(|(_, v)| v.requires_grad())
-        .collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    named
+        .collect()
 }
 
 /// A step's numbers, left on the device (reading them would stall it).

@@ -1,44 +1,10 @@
 //! AdamW with its moments in plain view (checkpoints hold them), stepped by libtorch's fused
 //! kernel (`_fused_adamw_`, torch.optim.AdamW(fused=True)) through the shim: one launch for all
 //! parameters instead of a dozen per parameter. Also the fused global-norm gradient clip.
-use crate::device::{shim_call, shim_tensor};
+use crate::device::{handles, shim_call, shim_tensor};
+use crate::ffi::{mfr_clear_grads, mfr_clip_grad_norm, mfr_fused_adamw};
 use anyhow::Result;
-use std::ffi::c_void;
-use std::os::raw::{c_char, c_int};
 use tch::{Kind, Tensor};
-
-extern "C" {
-    fn mfr_fused_adamw(
-        params: *const *mut c_void,
-        grads: *const *mut c_void,
-        exp_avgs: *const *mut c_void,
-        exp_avg_sqs: *const *mut c_void,
-        steps: *const *mut c_void,
-        n: usize,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        weight_decay: f64,
-        eps: f64,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-    fn mfr_clear_grads(params: *const *mut c_void, n: usize, err: *mut c_char, len: usize)
-        -> c_int;
-    fn mfr_clip_grad_norm(
-        grads: *const *mut c_void,
-        n: usize,
-        max_norm: f64,
-        total: *mut *mut c_void,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-}
-
-/// The handles the shim takes for a list of tensors (valid while the tensors live).
-pub(crate) fn handles<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Vec<*mut c_void> {
-    tensors.into_iter().map(crate::device::handle).collect()
-}
 
 pub struct AdamW {
     pub lr: f64,
@@ -92,6 +58,7 @@ impl AdamW {
     /// writes them afresh instead of adding into zeroed tensors.
     pub fn zero_grad(&mut self) -> Result<()> {
         let params = handles(self.params.iter().map(|(_, p, _, _)| p));
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         shim_call("clear the gradients", |e, l| unsafe {
             mfr_clear_grads(params.as_ptr(), params.len(), e, l)
         })
@@ -121,6 +88,7 @@ impl AdamW {
         );
         let [b1, b2] = self.betas;
         tch::no_grad(|| {
+            // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
             shim_call("fused AdamW", |e, l| unsafe {
                 mfr_fused_adamw(
                     params.as_ptr(),
@@ -160,6 +128,7 @@ pub fn clip_grad_norm(
     }
     let list = handles(&grads);
     tch::no_grad(|| {
+        // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         shim_tensor("clip gradients", |total, e, l| unsafe {
             mfr_clip_grad_norm(list.as_ptr(), list.len(), max_norm, total, e, l)
         })

@@ -1,6 +1,6 @@
-//! What flows through the network. The SiT's forward is written once over [`Flow`]: a plain
-//! [`Tensor`] gives the ordinary forward; a [`Dual`] carries each value's tangent beside it and
-//! gives the JVP in the same pass, by hand-written tangent rules.
+//! Values that may carry a tangent. The SiT's forward is written once over [`MaybeDual`]: a
+//! plain [`Tensor`] gives the ordinary forward; a [`Dual`] carries each value's tangent beside
+//! it and gives the JVP in the same pass, by hand-written tangent rules.
 //!
 //! Why by hand: libtorch's forward-mode AD records an autograd graph for every tangent op when
 //! the parameters require grad (the tangent is a function of them), although MeanFlow uses the
@@ -9,31 +9,9 @@
 //! rule is the forward-AD formula libtorch itself uses for that op (derivatives.yaml), so the
 //! two paths agree to rounding (tests/flow.rs; the parity fixtures hold for both).
 use crate::device::{handle, shim_tensor};
-use std::ffi::c_void;
-use std::os::raw::{c_char, c_int};
+use crate::ffi::{mfr_add_mul_broadcast, mfr_layer_norm_backward};
+use std::os::raw::c_int;
 use tch::{nn, Kind, Tensor};
-
-extern "C" {
-    fn mfr_layer_norm_backward(
-        grad: *mut c_void,
-        input: *mut c_void,
-        mean: *mut c_void,
-        rstd: *mut c_void,
-        d: i64,
-        out: *mut *mut c_void,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-    fn mfr_add_mul_broadcast(
-        acc: *mut c_void,
-        big: *mut c_void,
-        small: *mut c_void,
-        to_autocast: c_int,
-        out: *mut *mut c_void,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-}
 
 /// acc + big * small with `small` (N, 1, D) broadcast over the tokens of `big` (N, T, D): what
 /// addcmul computes, with a backward that does not first multiply `big` by addcmul's `value`
@@ -42,6 +20,7 @@ extern "C" {
 /// in autocast's dtype: the rounding the layer would apply on entry, without the float32 copy.
 fn add_mul_broadcast(acc: &Tensor, big: &Tensor, small: &Tensor, into_matmul: bool) -> Tensor {
     let h = handle;
+    // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
     shim_tensor("acc + big * small", |out, e, l| unsafe {
         mfr_add_mul_broadcast(h(acc), h(big), h(small), into_matmul as c_int, out, e, l)
     })
@@ -51,6 +30,7 @@ fn add_mul_broadcast(acc: &Tensor, big: &Tensor, small: &Tensor, into_matmul: bo
 /// LayerNorm's backward kernel for `grad` (tch does not bind it).
 fn layer_norm_backward(grad: &Tensor, x: &Tensor, mean: &Tensor, rstd: &Tensor, d: i64) -> Tensor {
     let h = handle;
+    // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
     shim_tensor("LayerNorm backward", |out, e, l| unsafe {
         mfr_layer_norm_backward(h(grad), h(x), h(mean), h(rstd), d, out, e, l)
     })
@@ -60,7 +40,8 @@ fn layer_norm_backward(grad: &Tensor, x: &Tensor, mean: &Tensor, rstd: &Tensor, 
 /// LayerNorm epsilon of every SiT norm.
 pub const NORM_EPS: f64 = 1e-6;
 
-pub trait Flow: Sized {
+/// A value the network's ops take: a plain tensor, or a [`Dual`] with its tangent.
+pub trait MaybeDual: Sized {
     /// A value with a zero tangent.
     fn constant(value: Tensor) -> Self;
     /// The ordinary value.
@@ -104,7 +85,7 @@ fn explicit_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor 
         .matmul(v)
 }
 
-impl Flow for Tensor {
+impl MaybeDual for Tensor {
     fn constant(value: Tensor) -> Self {
         value
     }
@@ -184,8 +165,8 @@ impl Dual {
         }
     }
 
-    /// The tangent of every row, zeros materialised.
-    pub fn tangent(&self) -> Tensor {
+    /// The tangent of every row, its zero rows (or a zero tangent) materialised.
+    pub fn tangent_or_zeros(&self) -> Tensor {
         match &self.tangent {
             None => self.primal.zeros_like(),
             Some(t) if self.from == 0 => t.shallow_clone(),
@@ -271,7 +252,7 @@ fn add_product(
     }
 }
 
-impl Flow for Dual {
+impl MaybeDual for Dual {
     fn constant(value: Tensor) -> Self {
         Self {
             primal: value,
@@ -307,7 +288,7 @@ impl Flow for Dual {
             .tangent
             .as_ref()
             .map(|t| move || t.linear(&layer.ws, None::<Tensor>));
-        self.with(Flow::linear(&self.primal, layer), rule)
+        self.with(MaybeDual::linear(&self.primal, layer), rule)
     }
     fn patch_conv(&self, weight: &Tensor, bias: &Tensor, patch: i64) -> Self {
         let rule = self
@@ -321,7 +302,7 @@ impl Flow for Dual {
             .tangent
             .as_ref()
             .map(|t| || self.rows(&self.primal).silu_backward(t));
-        self.with(Flow::silu(&self.primal), rule)
+        self.with(MaybeDual::silu(&self.primal), rule)
     }
     fn gelu_tanh(&self) -> Self {
         let rule = self

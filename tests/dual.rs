@@ -5,7 +5,7 @@ mod common;
 use common::{random_network, rel_err, small_config};
 use meanflow_repro::device;
 use meanflow_repro::meanflow::jvp::jvp;
-use meanflow_repro::model::{AttentionKernel, Conditioning, Dual, Flow};
+use meanflow_repro::model::{AttentionKernel, Conditioning, Dual, MaybeDual};
 use tch::{Device, Kind, Tensor};
 
 /// Three samples for `small_config` in `kind`: z (3, 3, 8, 8), t >= r with one r = t, labels.
@@ -39,7 +39,7 @@ fn the_dual_pass_equals_forward_mode_ad() {
             );
 
             let (u, du) = jvp(
-                |x| Ok(net.forward(&x[0], &x[1], &x[2], &y, AttentionKernel::Explicit)),
+                |x| Ok(net.forward_aten(&x[0], &x[1], &x[2], &y, AttentionKernel::Explicit)),
                 &[&z, &t, &r],
                 &[&dz, &dt, &dr],
             )
@@ -53,16 +53,16 @@ fn the_dual_pass_equals_forward_mode_ad() {
                 rel_err(&out.primal, &u)
             );
             assert!(
-                rel_err(&out.tangent(), &du) < 1e-12,
+                rel_err(&out.tangent_or_zeros(), &du) < 1e-12,
                 "{what}: tangent {:.2e}",
-                rel_err(&out.tangent(), &du)
+                rel_err(&out.tangent_or_zeros(), &du)
             );
             assert!(
                 out.primal.requires_grad(),
                 "{what}: the primal lost its graph"
             );
             assert!(
-                !out.tangent().requires_grad(),
+                !out.tangent_or_zeros().requires_grad(),
                 "{what}: the tangent recorded a graph"
             );
         }
@@ -82,11 +82,11 @@ fn a_zero_tangent_gives_a_zero_derivative() {
     let y = Tensor::from_slice(&[1i64, 2]);
     let zero = |p: &Tensor| Dual::new(p.shallow_clone(), p.zeros_like());
     let out = net.forward_dual(&zero(&z), &zero(&t), &zero(&r), &y, AttentionKernel::Fused);
-    assert_eq!(out.tangent().abs().max().double_value(&[]), 0.0);
+    assert_eq!(out.tangent_or_zeros().abs().max().double_value(&[]), 0.0);
     assert!(
         rel_err(
             &out.primal,
-            &net.forward(&z, &t, &r, &y, AttentionKernel::Fused)
+            &net.forward_aten(&z, &t, &r, &y, AttentionKernel::Fused)
         ) < 1e-15
     );
 }
@@ -119,13 +119,13 @@ fn the_fast_modulate_and_gate_round_as_the_plain_path_under_bf16_autocast() {
             Ok(if fast {
                 let c = |v: &Tensor| Dual::constant(v.shallow_clone());
                 (
-                    Flow::modulate(&c(&x), &c(&shift), &c(&scale)).primal,
-                    Flow::gated_add(&c(&x), &c(&gate), &c(&branch)).primal,
+                    MaybeDual::modulate(&c(&x), &c(&shift), &c(&scale)).primal,
+                    MaybeDual::gated_add(&c(&x), &c(&gate), &c(&branch)).primal,
                 )
             } else {
                 (
-                    Flow::modulate(&x, &shift, &scale).to_kind(bf16),
-                    Flow::gated_add(&x, &gate, &branch),
+                    MaybeDual::modulate(&x, &shift, &scale).to_kind(bf16),
+                    MaybeDual::gated_add(&x, &gate, &branch),
                 )
             })
         })
@@ -166,8 +166,8 @@ fn the_fast_forward_is_the_plain_forward() {
         let run = |fast: bool| {
             let u = device::autocast_bf16(Device::Cpu, autocast, || {
                 Ok(match fast {
-                    true => net.forward_fast(&z, &t, &r, &y, AttentionKernel::Fused),
-                    false => net.forward(&z, &t, &r, &y, AttentionKernel::Fused),
+                    true => net.forward(&z, &t, &r, &y, AttentionKernel::Fused),
+                    false => net.forward_aten(&z, &t, &r, &y, AttentionKernel::Fused),
                 })
             })
             .unwrap();

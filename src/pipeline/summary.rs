@@ -1,0 +1,72 @@
+//! Rank 0's end of `mfr run`: the runs side by side, runs.json, the report, blocked stages.
+use super::Options;
+use crate::rundir::{write_index, ExperimentIndex, Metrics, RunDir};
+use crate::spec::Spec;
+use anyhow::{bail, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub fn summarise(
+    spec: &Spec,
+    spec_path: &Path,
+    opts: &Options,
+    exp_dir: &Path,
+    finished: &BTreeMap<String, PathBuf>,
+    blocked: &[String],
+) -> Result<()> {
+    if opts.dry_run {
+        println!("\n(dry run: nothing was run)");
+        return Ok(());
+    }
+    let evaluated: Vec<(String, Metrics)> = finished
+        .iter()
+        .map(|(name, dir)| Ok(RunDir::new(dir).read_metrics()?.map(|m| (name.clone(), m))))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    print_fids(&evaluated);
+    let index = ExperimentIndex {
+        experiment: spec.experiment.name.clone(),
+        spec: spec_path.display().to_string(),
+        runs: finished
+            .iter()
+            .map(|(k, v)| (k.clone(), v.display().to_string()))
+            .collect(),
+        fid: evaluated
+            .iter()
+            .map(|(k, m)| (k.clone(), m.fid.clone()))
+            .collect(),
+    };
+    write_index(exp_dir, &index)?;
+    println!("\nresults: {}", exp_dir.display());
+    if let Some(root) = &opts.reports {
+        let out = crate::report::render::report(exp_dir, root)?;
+        println!("report: {}", out.join("index.html").display());
+    }
+    if !blocked.is_empty() {
+        bail!("some stages could not run:\n  {}", blocked.join("\n  "));
+    }
+    Ok(())
+}
+
+/// The runs' FIDs side by side: the sweep's table (paper Table 1a in the demo's case).
+fn print_fids(evaluated: &[(String, Metrics)]) {
+    let Some((_, first)) = evaluated.first() else {
+        return;
+    };
+    let columns: Vec<&String> = first.fid.keys().collect();
+    println!(
+        "\nFID ({} samples per run vs {} training images; small-sample, not FID-50K)",
+        first.num_samples, first.num_reference
+    );
+    let header: String = columns.iter().map(|c| format!("{c:>10}")).collect();
+    println!("  {:<32} {header}", "run");
+    for (name, m) in evaluated {
+        let cells: String = columns
+            .iter()
+            .map(|c| format!("{:>10.2}", m.fid.get(*c).copied().unwrap_or(f64::NAN)))
+            .collect();
+        println!("  {name:<32} {cells}");
+    }
+}

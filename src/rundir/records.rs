@@ -1,0 +1,138 @@
+//! The JSON records of a run directory, one type per file (or per line, for stats.jsonl).
+//! Writers and readers share them; a file that lacks a field fails to read with its name.
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// env.json: what produced the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Env {
+    pub code_commit: String,
+    pub mfr_version: String,
+    pub tch: String,
+    pub libtorch: String,
+    /// The training device as a person names it ("NVIDIA H200", "cpu (2 threads)").
+    pub device: String,
+}
+
+impl Env {
+    /// This build on `device` (described by [`crate::device::describe`]).
+    pub fn current(device: String) -> Env {
+        Env {
+            code_commit: env!("MFR_GIT_COMMIT").to_owned(),
+            mfr_version: env!("CARGO_PKG_VERSION").to_owned(),
+            tch: "0.24.0".to_owned(),
+            libtorch: "2.11.0".to_owned(),
+            device,
+        }
+    }
+}
+
+/// One line of stats.jsonl: the means over the steps since the previous line.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StatLine {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub v_loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    /// Wall-clock fields: they differ between a resumed run and an uninterrupted one.
+    pub img_per_s: f64,
+    pub wall_s: f64,
+}
+
+/// What the sample stage was made from (samples/inputs.json, and metrics.json's `inputs`): the
+/// evaluate stage is current when it names the same.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleInputs {
+    pub weights: String,
+    pub schedules: Vec<Vec<f64>>,
+    pub num_samples: i64,
+    pub seed: u64,
+    /// None for pixel-space data (nothing to decode).
+    pub vae: Option<String>,
+    /// The checkpoints of `eval.steps` sampled besides the final weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<u64>,
+}
+
+/// The ADM evaluator's five numbers for one sample batch, and what they were computed from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdmScores {
+    /// None: the Inception weights have no softmax layer (the bundled TorchScript network).
+    pub inception_score: Option<f64>,
+    pub fid: f64,
+    pub sfid: f64,
+    pub precision: f64,
+    pub recall: f64,
+    pub reference: String,
+    pub samples: String,
+    pub num_samples: usize,
+    pub num_reference: usize,
+    pub inception_weights: String,
+    pub device: String,
+    /// Inception throughput on the samples.
+    pub img_per_s: f64,
+}
+
+impl AdmScores {
+    /// The lines the ADM evaluator prints.
+    pub fn adm_lines(&self) -> String {
+        let is = self.inception_score.map_or_else(|| "unavailable (these Inception weights have no softmax layer: `mfr fetch pt_inception`, or pass --inception pt_inception-2015-12-05-6726825d.pth)".to_owned(), |v| v.to_string());
+        format!(
+            "Inception Score: {is}\nFID: {}\nsFID: {}\nPrecision: {}\nRecall: {}",
+            self.fid, self.sfid, self.precision, self.recall
+        )
+    }
+}
+
+/// One point of FID against training step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryPoint {
+    pub step: u64,
+    /// "1-NFE", "2-NFE", ...
+    pub nfe: String,
+    pub fid: f64,
+}
+
+/// samples/metrics.json: the evaluate stage's results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// FID of the final weights' samples per schedule ("1-NFE" -> FID).
+    pub fid: BTreeMap<String, f64>,
+    /// FID per evaluated training step (the final one and those of `eval.steps`).
+    pub history: Vec<HistoryPoint>,
+    /// ADM's five metrics per schedule (latent runs scored against a reference batch).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub adm: BTreeMap<String, AdmScores>,
+    pub num_samples: i64,
+    pub num_reference: usize,
+    pub note: String,
+    /// The reference batch; None: the training images (pixel-space data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    pub inputs: SampleInputs,
+    pub inception_weights: String,
+}
+
+impl Metrics {
+    /// FID per NFE, e.g. [(1, 61.2), (2, 55.0)].
+    pub fn fids(&self) -> Vec<(i64, f64)> {
+        let mut out: Vec<(i64, f64)> = self
+            .fid
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_suffix("-NFE")?.parse().ok()?, *v)))
+            .collect();
+        out.sort_by_key(|p| p.0);
+        out
+    }
+}
+
+/// results/<experiment>/runs.json: the runs of one `mfr run` and their FIDs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExperimentIndex {
+    pub experiment: String,
+    pub spec: String,
+    pub runs: BTreeMap<String, String>,
+    pub fid: BTreeMap<String, BTreeMap<String, f64>>,
+}
