@@ -23,6 +23,12 @@ HF_REFS := huggingface-hub==2.4.0 safetensors==0.8.0 packaging==26.3 pyyaml==6.0
 	requests==2.34.2 charset-normalizer==3.5.2 urllib3==2.8.0 certifi==2026.10.18 idna==3.20 \
 	httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 truststore==0.10.5
 PY_REFS := numpy==2.3.5 scipy==1.16.3 pillow==12.0.0
+# TensorBoard's own event-file reader, which tests/tensorboard.rs reads our event files with
+# (--no-deps: its server's dependencies are not needed for reading).
+TB_REFS := tensorboard==2.20.0 protobuf==6.33.1 absl-py==2.3.1 six==1.17.0
+# Another build of torch 2.11.0 (e.g. CUDA 12.6 for an older driver):
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cu126
+TORCH_INDEX ?=
 EVAL_FIXTURES := target/eval-fixtures
 VAE_FIXTURES := target/vae-fixtures
 IMPORT_FIXTURES := target/import-fixtures
@@ -40,7 +46,7 @@ CARGO_ENV := VIRTUAL_ENV=$(VENV) PATH="$(VENV)/bin:$$PATH" LIBTORCH_USE_PYTORCH=
 endif
 CARGO := $(CARGO_ENV) cargo
 
-.PHONY: setup build test lint demo reproduce-b4 bench bench-gpu devbin clean
+.PHONY: setup build test lint demo reproduce-b4 bench bench-gpu devbin flax-export clean
 
 setup: $(VENV)/.ready .cuda-headers/.ready
 
@@ -52,9 +58,11 @@ $(VENV)/.ready: Makefile
 	else \
 		$(PYTHON) -m venv $(VENV); \
 	fi; \
-	if [ -z "$(LIBTORCH)" ]; then $(VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH); fi; \
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps $(SKLEARN) $(TORCH_REFS) $(HF_REFS); \
+	if [ -z "$(LIBTORCH)" ]; then \
+		$(VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+	fi; \
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check $(PY_REFS); \
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps $(SKLEARN) $(TORCH_REFS) $(HF_REFS) $(TB_REFS); \
 	touch $@
 
 .cuda-headers/.ready: $(VENV)/.ready
@@ -119,6 +127,18 @@ devbin: build
 	mkdir -p .devbin
 	cp $(RELEASE) .devbin/mfr
 	cp ../shared/bench/reference_step.py ../shared/bench/reference_jax.py .devbin/
+
+# An orbax checkpoint stored as tensorstore (the official JAX release) -> one flax msgpack file
+# that `mfr import` reads: make flax-export CKPT=path/to/checkpoint_<step>. Its own venv, with
+# the versions that write and read that layout (tests/fixtures/flax/README.md).
+JAX_VENV := $(CURDIR)/.venv-jax
+JAX_REFS := jax==0.4.30 jaxlib==0.4.30 flax==0.8.5 orbax-checkpoint==0.6.4 tensorstore==0.1.86 \
+	ml-dtypes==0.6.0 numpy==2.3.5
+flax-export:
+	@test -n "$(CKPT)" || { echo "usage: make flax-export CKPT=path/to/checkpoint_<step>"; exit 2; }
+	test -x $(JAX_VENV)/bin/python || { $(PYTHON) -m venv $(JAX_VENV) && \
+		$(JAX_VENV)/bin/pip install --quiet --disable-pip-version-check $(JAX_REFS); }
+	$(JAX_VENV)/bin/python tools/export_orbax.py $(CKPT) $(CKPT:/=).msgpack
 
 clean:
 	cargo clean

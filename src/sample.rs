@@ -6,9 +6,9 @@
 use crate::data;
 use crate::meanflow::sampler;
 use crate::model::{vae, SiT};
+use crate::progress::Progress;
 use crate::rundir::samples::SampleParts;
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -26,6 +26,8 @@ pub struct SampleConfig {
     /// Images per batch (and per part file).
     pub batch: i64,
     pub num_samples: i64,
+    /// Labels drawn uniformly (from the seed, index by index) rather than balanced.
+    pub random_labels: bool,
 }
 
 /// What turns the network's output into uint8 NHWC images.
@@ -115,9 +117,21 @@ pub fn pixels_to_u8(images: &Tensor) -> Tensor {
         .contiguous()
 }
 
-/// The class label of global sample index `i`: balanced over the classes.
+/// The class labels of global sample indices start..start + n: balanced over the classes
+/// (index mod classes), or drawn uniformly, each from (seed, index) alone so that any batch
+/// can be drawn again by itself.
+pub fn class_labels(start: i64, n: i64, classes: i64, random: Option<u64>) -> Vec<i64> {
+    (start..start + n)
+        .map(|i| match random {
+            None => i % classes,
+            Some(seed) => (data::mix(seed, i as u64) % classes as u64) as i64,
+        })
+        .collect()
+}
+
+/// Balanced labels on `device` (sample grids: a column per class).
 pub fn labels(start: i64, n: i64, classes: i64, device: Device) -> Tensor {
-    (Tensor::arange(n, (Kind::Int64, device)) + start).remainder(classes)
+    Tensor::from_slice(&class_labels(start, n, classes, None)).to_device(device)
 }
 
 /// A network, the decoder of its outputs and the device they run on: what makes images.
@@ -138,12 +152,20 @@ impl Sampler<'_> {
         )
     }
 
+    /// The labels' own seed when they are drawn (apart from the noise's).
+    fn label_seed(&self) -> Option<u64> {
+        self.cfg
+            .random_labels
+            .then(|| data::mix(self.cfg.seed, u64::MAX - 1))
+    }
+
     /// Batch `b` of the sample batch (`n` images), uint8 NHWC: its noise is a function of the
-    /// seed and b only, its labels of its indices.
+    /// seed and b only, its labels of the seed and its indices.
     pub fn batch(&self, schedule: &[f64], b: u64, n: i64) -> Result<Tensor> {
         let noise = self.noise(data::mix(self.cfg.seed, 1 + b), n);
         let start = b as i64 * self.cfg.batch;
-        let y = labels(start, n, self.cfg.num_classes, self.device);
+        let y = class_labels(start, n, self.cfg.num_classes, self.label_seed());
+        let y = Tensor::from_slice(&y).to_device(self.device);
         self.generate(schedule, &noise, &y)
     }
 
@@ -170,9 +192,12 @@ impl Sampler<'_> {
 
     /// Every sample's class label, in order.
     pub fn all_labels(&self) -> Vec<i64> {
-        (0..self.cfg.num_samples)
-            .map(|i| i % self.cfg.num_classes)
-            .collect()
+        class_labels(
+            0,
+            self.cfg.num_samples,
+            self.cfg.num_classes,
+            self.label_seed(),
+        )
     }
 
     /// The `num_samples` samples for `schedule` as an ADM .npz at `path`, resuming from the
@@ -197,28 +222,31 @@ impl Sampler<'_> {
             .filter(|b| *b as usize % ranks == rank)
             .collect();
         let todo = parts.missing(mine.iter().copied());
-        let bar = ProgressBar::new(mine.iter().map(|&b| parts.size(b) as u64).sum()).with_style(
-            ProgressStyle::with_template(
-                "{prefix} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} images {per_sec}",
-            )
-            .expect("a valid template"),
-        );
-        if rank != 0 {
-            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-        }
-        bar.set_prefix(format!("{}-NFE", schedule.len() - 1));
-        bar.set_position(
+        let images: u64 = mine.iter().map(|&b| parts.size(b) as u64).sum();
+        let label = format!("{}-NFE samples", schedule.len() - 1);
+        let bar = match rank {
+            0 => Progress::new(&label, images, "images"),
+            _ => Progress::hidden(),
+        };
+        bar.start_at(
             mine.iter()
                 .filter(|b| !todo.contains(b))
                 .map(|&b| parts.size(b) as u64)
                 .sum(),
         );
-        for b in todo {
+        let total = todo.len();
+        for (i, b) in todo.into_iter().enumerate() {
+            crate::signals::check(|| {
+                format!(
+                    "after {i} of {total} {}-NFE sample batches",
+                    schedule.len() - 1
+                )
+            })?;
             let images = self.batch(schedule, b as u64, parts.size(b))?;
             parts.write(b, &images)?;
             bar.inc(parts.size(b) as u64);
         }
-        bar.finish_and_clear();
+        bar.finish();
         Ok(())
     }
 }

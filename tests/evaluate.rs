@@ -20,6 +20,7 @@ fn options(dir: &std::path::Path) -> Options {
     Options {
         batch: 8,
         device: Device::Cpu,
+        bootstrap: 0,
         cache: dir.join("cache"),
     }
 }
@@ -37,12 +38,11 @@ fn identical_inputs_give_fid_zero_and_full_precision_recall() {
         "FID of identical sets: {}",
         report.fid
     );
-    assert!(
-        report.sfid.abs() < 1e-3,
-        "sFID of identical sets: {}",
-        report.sfid
-    );
-    assert_eq!((report.precision, report.recall), (1.0, 1.0));
+    let sfid = report
+        .sfid
+        .expect("a reference of images has spatial features");
+    assert!(sfid.abs() < 1e-3, "sFID of identical sets: {sfid}");
+    assert_eq!((report.precision, report.recall), (Some(1.0), Some(1.0)));
     assert_eq!((report.num_samples, report.num_reference), (24, 24));
     assert!(
         report.inception_score.is_none(),
@@ -92,7 +92,8 @@ fn different_inputs_give_a_positive_fid_and_stored_statistics_win() {
         .starts_with("Inception Score: unavailable"));
     assert!(report.adm_lines().contains(&format!(
         "\nFID: {}\nsFID: {}\nPrecision: ",
-        report.fid, report.sfid
+        report.fid,
+        report.sfid.unwrap()
     )));
 }
 
@@ -119,4 +120,62 @@ fn truncated_and_malformed_files_are_named() {
     let mut npz = Npz::open(&good).unwrap();
     let err = format!("{:#}", npz.images("mu").err().unwrap());
     assert!(err.contains("has no array `mu`"), "{err}");
+}
+
+/// An .npz holding only float64 arrays (statistics), written as numpy would.
+fn stats_npz(path: &std::path::Path, arrays: &[(&str, &Tensor)]) {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let options =
+        zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, t) in arrays {
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        let values = Vec::<f64>::try_from(&t.reshape([-1])).unwrap();
+        let body: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        zip.start_file(format!("{name}.npy"), options).unwrap();
+        zip.write_all(&meanflow_repro::data::npy::encode("<f8", &shape, &body))
+            .unwrap();
+    }
+    zip.finish().unwrap();
+}
+
+#[test]
+fn a_reference_of_statistics_alone_gives_fid_and_says_what_it_cannot() {
+    let dir = temp_dir("stats-only");
+    let (reference, samples) = (dir.join("ref.npz"), dir.join("samples.npz"));
+    write_images(&reference, &images(24, 5)).unwrap();
+    write_images(&samples, &images(24, 6)).unwrap();
+    let full = evaluate_files(&reference, &samples, None, &options(&dir)).unwrap();
+    // The reference's own Inception statistics, from the features the evaluation cached.
+    let cached = std::fs::read_dir(dir.join("cache/reference-features"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let features: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&cached)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let stats = meanflow_repro::eval::Stats::of(&features["pool"]).unwrap();
+    for (mu, sigma) in [("mu", "sigma"), ("ref_mu", "ref_sigma")] {
+        let only = dir.join(format!("{mu}.npz"));
+        stats_npz(&only, &[(mu, &stats.mu), (sigma, &stats.sigma)]);
+        let scores = evaluate_files(&only, &samples, None, &options(&dir)).unwrap();
+        assert!(
+            (scores.fid - full.fid).abs() <= 1e-9 * full.fid.abs().max(1.0),
+            "{mu}: FID {} against {} from the images",
+            scores.fid,
+            full.fid
+        );
+        assert_eq!(
+            (scores.sfid, scores.precision, scores.recall),
+            (None, None, None)
+        );
+        let lines = scores.adm_lines();
+        assert!(
+            lines.contains("Precision: unavailable (the reference holds statistics"),
+            "{lines}"
+        );
+    }
 }

@@ -18,6 +18,8 @@ enum Behaviour {
     NotFound,
     /// Every response stops after this many bytes and then hangs.
     StallAt(usize),
+    /// No length; the body never ends.
+    Endless,
 }
 
 /// Serves `body` at any path, each connection on its own thread; returns its base URL and the
@@ -57,6 +59,12 @@ fn respond(
         .find_map(|l| l.strip_prefix("range: bytes="))
         .map(|r| r.trim().trim_end_matches('-').to_owned());
     seen.lock().unwrap().push(range.clone().unwrap_or_default());
+    if let Behaviour::Endless = behaviour {
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+        let chunk = vec![0x5au8; 1 << 16];
+        while stream.write_all(&chunk).is_ok() {}
+        return;
+    }
     if let Behaviour::NotFound = behaviour {
         let _ = stream
             .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
@@ -231,4 +239,70 @@ fn a_mirror_serves_the_same_file_names() {
     let (asset, mut opts, _) = setup("mirrored", "http://127.0.0.1:9", Pin::Sha256(sha(&data)));
     opts.mirror = Some(format!("{base}/mirror/"));
     assert_eq!(std::fs::read(fetch(&asset, &opts).unwrap()).unwrap(), data);
+}
+
+#[test]
+fn an_endless_body_stops_at_the_assets_size_and_leaves_nothing() {
+    let (base, _) = serve(Vec::new(), Behaviour::Endless, 4);
+    let (mut asset, opts, cache) = setup("endless", &base, Pin::Sha256("00".repeat(32)));
+    asset.size = Some(300_000);
+    let err = format!("{:#}", fetch(&asset, &opts).unwrap_err());
+    assert!(err.contains("more than the asset's 300000 bytes"), "{err}");
+    assert!(!cached_path(&asset, &cache).exists());
+    assert!(
+        !cache.join("assets/endless.bin.part").exists(),
+        "the oversized part is removed"
+    );
+}
+
+#[test]
+fn bad_arguments_are_refused_before_any_traffic() {
+    let data = body();
+    let (base, ranges) = serve(data, Behaviour::Serve, 4);
+    let (asset, mut opts, _) = setup("args", &base, Pin::Unpinned);
+    opts.sha256 = Some("nothex".to_owned());
+    let err = format!("{:#}", fetch(&asset, &opts).unwrap_err());
+    assert!(
+        err.contains("--sha256 nothex: expected 64 hex digits"),
+        "{err}"
+    );
+    opts.sha256 = Some("ab".repeat(32));
+    for mirror in ["not a url", "ftp://host/x", "http://"] {
+        opts.mirror = Some(mirror.to_owned());
+        let started = std::time::Instant::now();
+        let err = format!("{:#}", fetch(&asset, &opts).unwrap_err());
+        assert!(err.contains(&format!("mirror `{mirror}`")), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{mirror} was retried"
+        );
+    }
+    assert!(ranges.lock().unwrap().is_empty(), "a request went out");
+}
+
+#[test]
+fn a_marker_beside_a_wrong_file_is_not_trusted() {
+    let data = body();
+    let (base, ranges) = serve(data.clone(), Behaviour::Serve, 4);
+    let (asset, opts, cache) = setup("marked", &base, Pin::Sha256(sha(&data)));
+    // Garbage under the final name, with a marker naming the right hash.
+    std::fs::create_dir_all(cache.join("assets")).unwrap();
+    let dest = cached_path(&asset, &cache);
+    std::fs::write(&dest, b"garbage").unwrap();
+    std::fs::write(
+        cache.join("assets/marked.bin.sha256"),
+        format!("{}  marked.bin\n", sha(&data)),
+    )
+    .unwrap();
+    let path = fetch(&asset, &opts).unwrap();
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        data,
+        "the garbage was served"
+    );
+    assert!(cache.join("assets/marked.bin.rejected").exists());
+    assert_eq!(ranges.lock().unwrap().len(), 1);
+    // Verified now: a second fetch trusts the marker (same size and time), no traffic.
+    fetch(&asset, &opts).unwrap();
+    assert_eq!(ranges.lock().unwrap().len(), 1);
 }

@@ -368,6 +368,7 @@ fn evaluate_reports_adms_inception_score_with_pytorch_fid_weights() {
     let opts = Options {
         batch: 4,
         device: Device::Cpu,
+        bootstrap: 0,
         cache: dir.join("cache"),
     };
     let weights = fixture("pt_inception_random.pth");
@@ -423,4 +424,99 @@ fn mfr_import_prints_one_line() {
             && stderr.lines().count() == 1,
         "{stderr}"
     );
+}
+
+fn flax_fixture(rest: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/flax")
+        .join(rest)
+}
+
+#[test]
+fn an_official_flax_checkpoint_imports_and_computes_what_the_flax_network_computes() {
+    let dir = temp_dir("flax");
+    let out = dir.join("official.safetensors");
+    let summary = import_to(&flax_fixture("msgpack/checkpoint_1234"), &out, None).unwrap();
+    assert_eq!(summary.preset.as_deref(), Some("micro/2 (t,t-r)"));
+    assert!(
+        summary.details.contains("EMA from ema_params/net"),
+        "{summary}"
+    );
+    let state = checkpoint::read_state(&out).unwrap();
+    assert_eq!(state.step, 1234);
+    let got = checkpoint::read_tensors(&out).unwrap();
+    // Every EMA weight as the flax network holds it, through the name rule, bit for bit.
+    let want = expected_flax();
+    let mut n = 0;
+    for (key, t) in &want {
+        let Some(path) = key.strip_prefix("ema.") else {
+            continue;
+        };
+        let (torch, layout) = meanflow_repro::import::flax::torch_name(path, t.dim()).unwrap();
+        assert_same(&torch, &got[&format!("ema.{torch}")], &layout.apply(t));
+        n += 1;
+    }
+    assert_eq!(n, 35);
+    // The imported network on the generator's input: the flax network's u. The flax network
+    // computes its position table itself; ours is built for the fixture's 8 x 8 input.
+    let config = meanflow_repro::model::SiTConfig {
+        input_size: 8,
+        in_channels: 4,
+        num_classes: 10,
+        ..meanflow_repro::model::SiTConfig::preset("micro/2").unwrap()
+    };
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let net = meanflow_repro::model::SiT::new(&vs.root(), &config);
+    let mut weights: Vec<(String, Tensor)> = got
+        .iter()
+        .filter_map(|(k, t)| Some((k.strip_prefix("ema.")?.to_owned(), t.shallow_clone())))
+        .filter(|(k, _)| k != "pos_embed")
+        .collect();
+    weights.push((
+        "pos_embed".to_owned(),
+        vs.variables()["pos_embed"].shallow_clone(),
+    ));
+    meanflow_repro::model::load_state_dict(&vs, &weights, "", "the import").unwrap();
+    let nchw = |t: &Tensor| t.permute([0, 3, 1, 2]);
+    let (t, r) = (&want["t"], &want["r"]);
+    let u = tch::no_grad(|| {
+        net.forward(
+            &nchw(&want["x"]),
+            t,
+            r,
+            &want["y"],
+            meanflow_repro::model::AttentionKernel::Explicit,
+        )
+    });
+    // float32 on both sides, XLA's kernels against ATen's: rounding of ~1e-7 per operation
+    // through a two-block network; 1e-5 relative is ~20x what it gives and far below what a
+    // wrong name, layout or transposition does (the non-EMA weights differ by 1.26).
+    let err = rel_err(&u.permute([0, 2, 3, 1]), &want["u"]);
+    println!("imported network vs the flax network: {err:.2e} relative");
+    assert!(err < 1e-5, "u differs from the flax network's by {err:.3e}");
+    assert!(
+        rel_err(&want["u_params"], &want["u"]) > 0.1,
+        "the fixture tells EMA from model"
+    );
+}
+
+#[test]
+fn an_orbax_tensorstore_checkpoint_names_the_export_step() {
+    let dir = temp_dir("ocdbt");
+    let err = err_of(import_to(
+        &flax_fixture("ocdbt/checkpoint_1234"),
+        &dir.join("x.safetensors"),
+        None,
+    ));
+    assert!(
+        err.contains("OCDBT") && err.contains("make flax-export"),
+        "{err}"
+    );
+}
+
+fn expected_flax() -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(flax_fixture("expected.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect()
 }

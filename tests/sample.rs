@@ -35,8 +35,13 @@ batch = 10
 /// The spec's network with the weights a fresh run starts from.
 fn network(spec: &Spec) -> (tch::nn::VarStore, meanflow_repro::model::SiT) {
     tch::manual_seed(0);
-    meanflow_repro::train::network(&spec.model_config(), spec.train.precision, tch::Device::Cpu)
-        .unwrap()
+    meanflow_repro::train::network(
+        &spec.model_config(),
+        spec.train.precision,
+        tch::Device::Cpu,
+        1.0,
+    )
+    .unwrap()
 }
 
 fn read_all(path: &std::path::Path) -> Tensor {

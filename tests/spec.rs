@@ -95,7 +95,7 @@ fn an_out_of_range_value_names_the_key_and_the_range() {
     let err = parse_err(&format!("{MINIMAL}\n[meanflow]\ndata_proportion = 1.5\n"));
     assert_eq!(
         err,
-        "bad.toml:8:1: `meanflow.data_proportion`: expected a fraction in [0, 1]"
+        "bad.toml:8:1: `meanflow.data_proportion`: expected a number in [0, 1], got 1.5"
     );
 }
 

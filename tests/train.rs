@@ -266,6 +266,7 @@ fn an_existing_run_of_another_spec_is_refused_by_key() {
         only: Some(Stage::Train),
         reports: None,
         contention: Contention::Refuse,
+        point: None,
     };
     write_spec("1e-3");
     pipeline::run(&spec_path, &[], &opts).unwrap();

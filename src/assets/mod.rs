@@ -3,8 +3,8 @@
 //! hashing as they go, resume with an HTTP Range request after a cut, retry with backoff, and
 //! are renamed into the cache only once the hash matches; a mismatch is kept aside as
 //! `<file>.rejected` and reported, never used.
+use crate::progress::Progress;
 use anyhow::{anyhow, bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -211,15 +211,72 @@ fn check(pin: &Pin, digest: &str) -> Result<(), String> {
     }
 }
 
-/// The asset's path in the cache, downloading it first if needed.
-pub fn fetch(asset: &Asset, opts: &Options) -> Result<PathBuf> {
-    let dest = cached_path(asset, &opts.cache);
-    let verified = with_suffix(&dest, ".sha256");
-    if dest.exists() && verified.exists() {
-        return Ok(dest);
+/// The largest download of an asset whose size the manifest does not give (the largest public
+/// file the harness fetches, a SiT-XL/2 training checkpoint, is ~10 GB).
+pub const MAX_UNSIZED: u64 = 16 << 30;
+
+/// `--sha256 HEX` as a pin: 64 hex digits, checked before any traffic.
+pub fn parse_sha256(hex: &str) -> Result<Pin> {
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("--sha256 {hex}: expected 64 hex digits (a sha256 as `sha256sum` prints it)");
     }
+    Ok(Pin::Sha256(hex.to_ascii_lowercase()))
+}
+
+/// A mirror base URL, checked before any traffic: http or https, with a host.
+fn parse_mirror(base: &str) -> Result<reqwest::Url> {
+    let url = reqwest::Url::parse(base)
+        .map_err(|e| anyhow!("mirror `{base}` is not a URL ({e}): give e.g. https://host/path"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        bail!("mirror `{base}`: expected an http:// or https:// URL with a host");
+    }
+    Ok(url)
+}
+
+/// What `<file>.sha256` records when a file was verified: its hash, and its size and
+/// modification time then. A file whose size or time changed since is hashed again.
+fn marker_text(digest: &str, meta: &std::fs::Metadata, file: &str) -> String {
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{digest}  {file}  size={} mtime_ns={mtime}\n", meta.len())
+}
+
+/// Whether the cached `dest` is the verified file: its marker matches it and the pin, or else
+/// hashing it now does (then the marker is rewritten). A file that fails is moved aside.
+fn cached_and_verified(dest: &Path, marker: &Path, pin: &Pin, file: &str) -> Result<bool> {
+    let Ok(meta) = std::fs::metadata(dest) else {
+        return Ok(false);
+    };
+    let recorded = std::fs::read_to_string(marker).unwrap_or_default();
+    let digest = recorded.split_whitespace().next().unwrap_or_default();
+    if check(pin, digest).is_ok() && recorded == marker_text(digest, &meta, file) {
+        return Ok(true);
+    }
+    let digest = crate::files::sha256_file(dest)?;
+    if let Err(expected) = check(pin, &digest) {
+        let rejected = with_suffix(dest, ".rejected");
+        std::fs::rename(dest, &rejected)
+            .with_context(|| format!("{}: cannot move aside", dest.display()))?;
+        eprintln!(
+            "warning: {}: sha256 {digest}, {expected}: moved aside as {}, fetching it again",
+            dest.display(),
+            rejected.display()
+        );
+        return Ok(false);
+    }
+    crate::files::write_atomic(marker, marker_text(&digest, &meta, file).as_bytes())?;
+    Ok(true)
+}
+
+/// The asset's path in the cache, downloading it first if needed. Arguments are checked before
+/// any traffic; one process fetches an asset at a time (the others wait); the download lands
+/// under its final name only once its sha256 matches.
+pub fn fetch(asset: &Asset, opts: &Options) -> Result<PathBuf> {
     let pin = match (&opts.sha256, &asset.pin) {
-        (Some(h), _) => Pin::Sha256(h.clone()),
+        (Some(h), _) => parse_sha256(h)?,
         (None, Pin::Unpinned) => bail!(
             "{}: no sha256 is pinned for it ({}); pass --sha256 HEX",
             asset.name,
@@ -227,23 +284,44 @@ pub fn fetch(asset: &Asset, opts: &Options) -> Result<PathBuf> {
         ),
         (None, pin) => pin.clone(),
     };
+    let url = match &opts.mirror {
+        Some(base) => format!(
+            "{}/{}",
+            parse_mirror(base)?.as_str().trim_end_matches('/'),
+            asset.file
+        ),
+        None => asset.url.clone(),
+    };
+    let dest = cached_path(asset, &opts.cache);
+    let marker = with_suffix(&dest, ".sha256");
+    let dir = dest.parent().expect("assets live in a directory");
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let _lock = crate::files::Lock::acquire(
+        &with_suffix(&dest, ".lock"),
+        &dest,
+        "mfr fetch",
+        crate::files::Contention::Wait,
+    )?;
+    if cached_and_verified(&dest, &marker, &pin, &asset.file)? {
+        return Ok(dest);
+    }
     if opts.offline {
         bail!("{} is not in the cache ({}) and --offline is set: copy {} there, or fetch it where there is network", asset.name, dest.display(), asset.file);
     }
-    let dir = dest.parent().expect("assets live in a directory");
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let url = match &opts.mirror {
-        Some(base) => format!("{}/{}", base.trim_end_matches('/'), asset.file),
-        None => asset.url.clone(),
-    };
     let part = with_suffix(&dest, ".part");
+    let limit = asset.size.unwrap_or(MAX_UNSIZED);
     let mut attempt = 0;
     let digest = loop {
-        match download(&url, &part, asset.size, opts) {
+        match download(&url, &part, asset.size, limit, opts) {
             Ok(digest) => break digest,
-            Err(Failure::Final(e)) => return Err(e.context(format!("fetching {} from {url}", asset.name))),
+            Err(Failure::Final(e)) => {
+                if e.downcast_ref::<crate::signals::Stopped>().is_none() {
+                    std::fs::remove_file(&part).ok();
+                }
+                return Err(e.context(format!("fetching {} from {url}", asset.name)));
+            }
             Err(Failure::Retry(e)) if attempt >= opts.retries => {
-                return Err(e.context(format!("fetching {} from {url}: gave up after {} attempts; the partial download is kept for the next try", asset.name, attempt + 1)))
+                return Err(e.context(format!("fetching {} from {url}: gave up after {} attempts; {} is kept to resume from next time", asset.name, attempt + 1, part.display())))
             }
             Err(Failure::Retry(e)) => {
                 let wait = opts.backoff * 2u32.saturating_pow(attempt);
@@ -261,13 +339,16 @@ pub fn fetch(asset: &Asset, opts: &Options) -> Result<PathBuf> {
     std::fs::rename(&part, &dest)
         .with_context(|| format!("{}: cannot rename into place", dest.display()))?;
     crate::files::sync_parent(&dest);
-    crate::files::write_atomic(&verified, format!("{digest}  {}\n", asset.file).as_bytes())?;
+    let meta =
+        std::fs::metadata(&dest).with_context(|| format!("{}: cannot read", dest.display()))?;
+    crate::files::write_atomic(&marker, marker_text(&digest, &meta, &asset.file).as_bytes())?;
     Ok(dest)
 }
 
 enum Failure {
-    /// Worth another attempt (a cut, a stall, a 5xx).
+    /// Worth another attempt (a cut, a stall, a 5xx, a 408 or 429).
     Retry(anyhow::Error),
+    /// Not worth one (a refused URL, a 4xx, a full disk, a stop signal).
     Final(anyhow::Error),
 }
 
@@ -275,10 +356,28 @@ fn retry(e: impl Into<anyhow::Error>) -> Failure {
     Failure::Retry(e.into())
 }
 
-/// One attempt: continue `part` from where it stops (HTTP Range), hashing everything it holds;
-/// returns the hex sha256 of the complete file.
-fn download(url: &str, part: &Path, size: Option<u64>, opts: &Options) -> Result<String, Failure> {
+/// A local I/O error, naming the file: final (a full disk does not empty itself).
+fn on_disk<'a>(path: &'a Path, what: &'a str) -> impl FnOnce(std::io::Error) -> Failure + 'a {
+    move |e| Failure::Final(anyhow!("{}: cannot {what} ({e})", path.display()))
+}
+
+/// One attempt: continue `part` from where it stops (HTTP Range), hashing everything it holds,
+/// never beyond `limit` bytes; returns the hex sha256 of the complete file.
+fn download(
+    url: &str,
+    part: &Path,
+    size: Option<u64>,
+    limit: u64,
+    opts: &Options,
+) -> Result<String, Failure> {
     let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    if have > limit {
+        std::fs::remove_file(part).map_err(on_disk(part, "remove"))?;
+        return Err(retry(anyhow!(
+            "{} was longer than the asset: starting over",
+            part.display()
+        )));
+    }
     // The blocking client applies `timeout` to sending the request and to every read of the
     // body: a stalled server fails a read (and the attempt is retried), a slow one does not.
     let client = reqwest::blocking::Client::builder()
@@ -290,7 +389,10 @@ fn download(url: &str, part: &Path, size: Option<u64>, opts: &Options) -> Result
     if have > 0 {
         request = request.header(reqwest::header::RANGE, format!("bytes={have}-"));
     }
-    let response = request.send().map_err(retry)?;
+    let response = request.send().map_err(|e| match e.is_builder() {
+        true => Failure::Final(e.into()),
+        false => retry(e),
+    })?;
     let status = response.status();
     let resumed = status == reqwest::StatusCode::PARTIAL_CONTENT && have > 0;
     if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
@@ -299,19 +401,30 @@ fn download(url: &str, part: &Path, size: Option<u64>, opts: &Options) -> Result
             "the server refused to resume at byte {have}; starting over"
         )));
     }
-    if status.is_server_error() {
-        return Err(retry(anyhow!("server error {status}")));
+    let transient = status.is_server_error()
+        || status == reqwest::StatusCode::REQUEST_TIMEOUT
+        || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+    if transient {
+        return Err(retry(anyhow!("the server answered {status}")));
     }
     if !status.is_success() {
         return Err(Failure::Final(anyhow!("the server answered {status}")));
     }
+    let start = if resumed { have } else { 0 };
+    let total = response.content_length().map(|n| n + start).or(size);
+    if let Some(total) = total.filter(|&t| t > limit) {
+        return Err(Failure::Final(anyhow!(
+            "the server offers {total} bytes, more than the asset's {limit}"
+        )));
+    }
     let mut hasher = Sha256::new();
     let mut file = if resumed {
         // Hash what is already there, then append.
-        let mut existing = std::fs::File::open(part).map_err(retry)?;
+        let existing = std::fs::File::open(part).map_err(on_disk(part, "read"))?;
+        let mut existing = existing.take(have);
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = existing.read(&mut buf).map_err(retry)?;
+            let n = existing.read(&mut buf).map_err(on_disk(part, "read"))?;
             if n == 0 {
                 break;
             }
@@ -320,40 +433,42 @@ fn download(url: &str, part: &Path, size: Option<u64>, opts: &Options) -> Result
         std::fs::OpenOptions::new()
             .append(true)
             .open(part)
-            .map_err(retry)?
+            .map_err(on_disk(part, "append to"))?
     } else {
         // A fresh start, or a server that ignored the Range request and sends everything.
-        std::fs::File::create(part).map_err(retry)?
+        std::fs::File::create(part).map_err(on_disk(part, "create"))?
     };
-    let start = if resumed { have } else { 0 };
-    let total = response.content_length().map(|n| n + start).or(size);
-    let bar = if opts.progress {
-        ProgressBar::new(total.unwrap_or(0))
-    } else {
-        ProgressBar::hidden()
+    let bar = match opts.progress {
+        true => Progress::new(
+            &format!("fetch {}", part.display()),
+            total.unwrap_or(0),
+            "bytes",
+        ),
+        false => Progress::hidden(),
     };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bytes}/{total_bytes} [{elapsed_precise}<{eta_precise}] {bytes_per_sec} {wide_bar}",
-        )
-        .expect("template"),
-    );
-    bar.set_position(start);
+    bar.start_at(start);
     let mut reader = response;
     let mut buf = vec![0u8; 1 << 16];
     let mut got = start;
     loop {
+        crate::signals::check(|| format!("after {got} bytes of {}", part.display()))
+            .map_err(|e| Failure::Final(e.into()))?;
         let n = reader.read(&mut buf).map_err(retry)?;
         if n == 0 {
             break;
         }
-        file.write_all(&buf[..n]).map_err(retry)?;
+        if got + n as u64 > limit {
+            return Err(Failure::Final(anyhow!(
+                "the server sent more than the asset's {limit} bytes"
+            )));
+        }
+        file.write_all(&buf[..n]).map_err(on_disk(part, "write"))?;
         hasher.update(&buf[..n]);
         got += n as u64;
         bar.set_position(got);
     }
-    file.sync_all().map_err(retry)?;
-    bar.finish_and_clear();
+    file.sync_all().map_err(on_disk(part, "sync"))?;
+    bar.finish();
     if let Some(total) = total {
         if got != total {
             return Err(retry(anyhow!(
@@ -361,9 +476,5 @@ fn download(url: &str, part: &Path, size: Option<u64>, opts: &Options) -> Result
             )));
         }
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(crate::files::hex(&hasher.finalize()))
 }

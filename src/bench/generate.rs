@@ -70,9 +70,7 @@ fn sampling_network(
     dev: Device,
 ) -> Result<(nn::VarStore, SiT, Tensor, Tensor)> {
     let config = preset(model)?;
-    let mut vs = nn::VarStore::new(dev);
-    let net = SiT::new(&vs.root(), &config);
-    train::prepare_precision(&mut vs, precision, dev)?;
+    let (vs, net) = train::network(&config, precision, dev, 1.0)?;
     randomise(&vs, 0.02);
     let shape = [
         batch,

@@ -82,9 +82,7 @@ pub struct TrainBenchResult {
 /// The bench's network: the same random weights on every call.
 fn network(b: &TrainBench, config: &SiTConfig) -> Result<(nn::VarStore, SiT)> {
     tch::manual_seed(0);
-    let mut vs = nn::VarStore::new(b.device);
-    let net = SiT::new(&vs.root(), config);
-    train::prepare_precision(&mut vs, b.precision, b.device)?;
+    let (vs, net) = train::network(config, b.precision, b.device, 5.0)?;
     // Random weights everywhere: a freshly initialised SiT outputs exactly zero (adaLN-Zero),
     // which would make the agreement checks below trivially exact.
     randomise(&vs, 0.02);
@@ -101,7 +99,12 @@ fn trainer<'a>(
     let defaults = TrainSection::default();
     Ok(train::Trainer {
         net,
-        opt: train::optim::AdamW::new(train::trainable(vs), defaults.lr, defaults.betas, 0.0),
+        opt: train::optim::AdamW::new(
+            train::trainable(vs),
+            defaults.lr,
+            [defaults.betas[0], defaults.betas[1]],
+            0.0,
+        ),
         cfg: cfg.clone(),
         precision: b.precision,
         grad_clip: b.grad_clip,

@@ -19,43 +19,83 @@ pub fn read(path: &Path) -> Result<NpyArray> {
 }
 
 /// What an .npy header says: the dtype (e.g. `<f4`, `|u1`), the shape, and where data starts.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Header {
     pub descr: String,
     pub shape: Vec<usize>,
     pub data_offset: usize,
 }
 
-/// The bytes an .npy header needs before it can be parsed: its preamble (10 or 12 bytes), then
-/// the length this returns.
-pub fn header_len(preamble: &[u8]) -> Result<(usize, usize)> {
-    if preamble.len() < 10 || &preamble[..6] != b"\x93NUMPY" {
-        bail!("missing the .npy magic");
-    }
-    match preamble[6] {
-        1 => Ok((10, u16::from_le_bytes([preamble[8], preamble[9]]) as usize)),
-        2 | 3 if preamble.len() >= 12 => {
-            Ok((12, u32::from_le_bytes(preamble[8..12].try_into()?) as usize))
-        }
-        2 | 3 => Ok((12, 0)),
-        v => bail!("unsupported .npy version {v}"),
+impl Header {
+    /// The number of elements, or an error when the shape's product overflows.
+    pub fn count(&self) -> Result<usize> {
+        self.shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .with_context(|| {
+                format!(
+                    "shape {:?} has more elements than can be counted",
+                    self.shape
+                )
+            })
     }
 }
 
-pub fn parse_header(bytes: &[u8]) -> Result<Header> {
-    let (start, header_len) = header_len(bytes)?;
-    let end = start + header_len;
-    if bytes.len() < end {
-        bail!("truncated header");
+/// A header longer than this is not one numpy writes (it pads to 64 bytes; a few KB at most).
+const MAX_HEADER: usize = 1 << 16;
+
+/// Reads an .npy header from the start of `reader`, leaving it at the first data byte. Every
+/// length is checked before anything is allocated for it.
+pub fn read_header(mut reader: impl Read) -> Result<Header> {
+    let mut preamble = [0u8; 10];
+    reader
+        .read_exact(&mut preamble)
+        .context("truncated: no .npy preamble")?;
+    if &preamble[..6] != b"\x93NUMPY" {
+        bail!("missing the .npy magic");
     }
-    let header = std::str::from_utf8(&bytes[start..end])?;
+    let (start, len) = match preamble[6] {
+        1 => (10, u16::from_le_bytes([preamble[8], preamble[9]]) as usize),
+        2 | 3 => {
+            let mut rest = [0u8; 2];
+            reader
+                .read_exact(&mut rest)
+                .context("truncated .npy preamble")?;
+            let len = u32::from_le_bytes([preamble[8], preamble[9], rest[0], rest[1]]);
+            (12, len as usize)
+        }
+        v => bail!("unsupported .npy version {v}"),
+    };
+    if !(2..=MAX_HEADER).contains(&len) {
+        bail!("an .npy header of {len} bytes is not one numpy writes");
+    }
+    let mut text = vec![0u8; len];
+    reader
+        .read_exact(&mut text)
+        .context("truncated .npy header")?;
+    let mut header = parse_dict(&text)?;
+    header.data_offset = start + len;
+    Ok(header)
+}
+
+/// The header of a whole .npy file's bytes.
+pub fn parse_header(bytes: &[u8]) -> Result<Header> {
+    read_header(bytes)
+}
+
+/// The header's dict: `{'descr': ..., 'fortran_order': ..., 'shape': (...), }`.
+fn parse_dict(text: &[u8]) -> Result<Header> {
+    let header = std::str::from_utf8(text).context("the .npy header is not text")?;
     let descr = field(header, "descr").context("header has no descr")?;
     let descr = descr.trim_matches(|c| c == '\'' || c == '"').to_owned();
     if field(header, "fortran_order").is_some_and(|v| v.starts_with("True")) {
         bail!("Fortran-ordered arrays are not supported");
     }
     let shape_text = field(header, "shape").context("header has no shape")?;
-    let inner = shape_text.trim_start_matches('(');
-    let inner = &inner[..inner.find(')').context("malformed shape")?];
+    let inner = shape_text
+        .strip_prefix('(')
+        .and_then(|s| s.find(')').map(|end| &s[..end]))
+        .context("malformed shape")?;
     let shape = inner
         .split(',')
         .map(str::trim)
@@ -65,19 +105,24 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header> {
     Ok(Header {
         descr,
         shape,
-        data_offset: end,
+        data_offset: 0,
+    })
+}
+
+/// The bytes of one value of a little-endian float dtype.
+pub fn float_width(descr: &str) -> Result<usize> {
+    Ok(match descr {
+        "<f2" => 2,
+        "<f4" => 4,
+        "<f8" => 8,
+        other => bail!("dtype {other} is not a little-endian float"),
     })
 }
 
 /// Little-endian floats of any width, widened to f64.
 pub fn floats(descr: &str, body: &[u8], count: usize) -> Result<Vec<f64>> {
-    let width = match descr {
-        "<f2" => 2,
-        "<f4" => 4,
-        "<f8" => 8,
-        other => bail!("dtype {other} is not a little-endian float"),
-    };
-    if body.len() < count * width {
+    let width = float_width(descr)?;
+    if count.checked_mul(width).is_none_or(|n| body.len() < n) {
         bail!(
             "truncated data: {} bytes for {count} values of {width} bytes",
             body.len()
@@ -95,7 +140,7 @@ pub fn floats(descr: &str, body: &[u8], count: usize) -> Result<Vec<f64>> {
 
 pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
     let header = parse_header(bytes)?;
-    let count: usize = header.shape.iter().product();
+    let count = header.count()?;
     let data = floats(&header.descr, &bytes[header.data_offset..], count)?
         .into_iter()
         .map(|v| v as f32)

@@ -8,9 +8,9 @@
 //! dataset.json is written last.
 use super::npy;
 use crate::model::vae::AutoencoderKl;
+use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -21,6 +21,8 @@ pub struct Options {
     pub device: Device,
     /// Only the first N images (in label order): trials and tests.
     pub limit: Option<usize>,
+    /// Leave unreadable files out (listing them) instead of stopping at the first.
+    pub skip_bad: bool,
 }
 
 /// (relative file name in vae-sd/, label) of global index `idx`, as the REPA layout names it.
@@ -194,15 +196,109 @@ pub fn center_crop(mut img: RgbImage, size: u32) -> RgbImage {
     image::imageops::crop_imm(&img, (w - size) / 2, (h - size) / 2, size, size).to_image()
 }
 
+/// Pillow's CMYK -> RGB (libImaging/Convert.c, cmyk2rgb): each channel is
+/// (255 - k) - (255 - k) * c / 255, the product rounded as its MULDIV255 rounds.
+pub fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
+    let muldiv255 = |a: u32, b: u32| {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    };
+    cmyk.chunks_exact(4)
+        .flat_map(|p| {
+            let nk = 255 - u32::from(p[3]);
+            [0, 1, 2].map(|i| (nk - muldiv255(u32::from(p[i]), nk)) as u8)
+        })
+        .collect()
+}
+
+/// An image file's pixels as Pillow's `Image.open(f).convert("RGB")` gives them, which is what
+/// ADM's crop starts from: the format told by the content, not the name (ImageNet's train set
+/// has a PNG named .JPEG), CMYK JPEGs (22 in ImageNet) through Pillow's CMYK arithmetic (the
+/// decoder undoes Adobe's inversion as libjpeg's Pillow does), grey ones replicated to RGB.
+pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
+    let format = image::guess_format(bytes).context("not an image format this reads")?;
+    if format != image::ImageFormat::Jpeg {
+        return Ok(image::load_from_memory_with_format(bytes, format)?.to_rgb8());
+    }
+    let mut decoder = jpeg_decoder::Decoder::new(bytes);
+    let pixels = decoder.decode()?;
+    let info = decoder.info().context("a JPEG without a frame header")?;
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    let rgb = match info.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => pixels,
+        jpeg_decoder::PixelFormat::L8 => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
+        jpeg_decoder::PixelFormat::CMYK32 => cmyk_to_rgb(&pixels),
+        jpeg_decoder::PixelFormat::L16 => {
+            bail!("a 16-bit greyscale JPEG, which ImageNet has none of")
+        }
+    };
+    RgbImage::from_raw(w, h, rgb).context("a JPEG whose pixels do not fill its size")
+}
+
 fn load_crop(path: &Path, size: u32) -> Result<RgbImage> {
-    let img = image::open(path)
-        .with_context(|| format!("{}: not a readable image", path.display()))?
-        .to_rgb8();
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let img =
+        decode_rgb(&bytes).with_context(|| format!("{}: not a readable image", path.display()))?;
     Ok(center_crop(img, size))
 }
 
 /// Encodes every image of `train` not yet in `out`, then writes out/vae-sd/dataset.json.
-pub fn prepare(train: &Path, out: &Path, vae: &AutoencoderKl, opts: &Options) -> Result<usize> {
+/// What a prepare run did: images encoded here and in total, files left out, and where the time
+/// went (decoding runs on the CPU's cores while the encoder works on the batch before).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    /// Images in the dataset (dataset.json lists them).
+    pub images: usize,
+    /// Images encoded by this call.
+    pub encoded: usize,
+    /// Unreadable files left out (`skip_bad`), with why.
+    pub skipped: Vec<(PathBuf, String)>,
+    /// Seconds spent decoding and cropping (summed over batches, all threads together).
+    pub decode_s: f64,
+    /// Seconds the encoder spent (waiting included for nothing: decoding overlaps it).
+    pub encode_s: f64,
+    pub threads: usize,
+}
+
+/// A batch decoded and cropped: the global indices, their crops, and files that failed.
+type Decoded = (Vec<usize>, Vec<RgbImage>, Vec<(usize, anyhow::Error)>, f64);
+
+/// Decodes and crops `chunk` on `threads` threads, keeping each failure beside its index.
+fn decode_chunk(chunk: &[usize], images: &[(PathBuf, i64)], size: u32, threads: usize) -> Decoded {
+    let started = std::time::Instant::now();
+    let per = chunk.len().div_ceil(threads).max(1);
+    let results: Vec<(usize, Result<RgbImage>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = chunk
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|&i| (i, load_crop(&images[i].0, size)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let (mut kept, mut crops, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, r) in results {
+        match r {
+            Ok(c) => {
+                kept.push(i);
+                crops.push(c);
+            }
+            Err(e) => failed.push((i, e)),
+        }
+    }
+    (kept, crops, failed, started.elapsed().as_secs_f64())
+}
+
+/// Encodes every image of `train` not yet in `out`, then writes out/vae-sd/dataset.json. An
+/// unreadable file stops the run, naming it, or with `skip_bad` is left out and listed.
+pub fn prepare(train: &Path, out: &Path, vae: &AutoencoderKl, opts: &Options) -> Result<Prepared> {
     let mut images = list_images(train)?;
     if let Some(n) = opts.limit {
         images.truncate(n);
@@ -211,69 +307,141 @@ pub fn prepare(train: &Path, out: &Path, vae: &AutoencoderKl, opts: &Options) ->
     let todo: Vec<usize> = (0..images.len())
         .filter(|&i| !root.join(latent_name(i)).exists())
         .collect();
-    let bar = ProgressBar::new(images.len() as u64).with_style(
-        ProgressStyle::with_template(
-            "encode [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} images {per_sec}",
-        )
-        .expect("a valid template"),
-    );
-    bar.set_position((images.len() - todo.len()) as u64);
+    let bar = Progress::new("encode", images.len() as u64, "images");
+    bar.start_at((images.len() - todo.len()) as u64);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for chunk in todo.chunks(opts.batch.max(1)) {
-        // Decode and crop in parallel: on a GPU machine JPEG decoding is the slow part.
-        let per = chunk.len().div_ceil(threads);
-        let crops: Vec<Result<RgbImage>> = std::thread::scope(|s| {
-            let handles: Vec<_> = chunk
-                .chunks(per)
-                .map(|part| {
-                    let images = &images;
-                    s.spawn(move || {
-                        part.iter()
-                            .map(|&i| load_crop(&images[i].0, opts.size))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("a decoding thread panicked"))
-                .collect()
+    let mut done = Prepared {
+        images: 0,
+        encoded: 0,
+        skipped: Vec::new(),
+        decode_s: 0.0,
+        encode_s: 0.0,
+        threads,
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Decoded>(1);
+    std::thread::scope(|s| -> Result<()> {
+        let images = &images;
+        let todo = &todo;
+        // Decoding runs one batch ahead of the encoder.
+        s.spawn(move || {
+            for chunk in todo.chunks(opts.batch.max(1)) {
+                if tx
+                    .send(decode_chunk(chunk, images, opts.size, threads))
+                    .is_err()
+                {
+                    return;
+                }
+            }
         });
-        let crops = crops.into_iter().collect::<Result<Vec<_>>>()?;
-        let side = opts.size as i64;
-        let bytes: Vec<u8> = crops
-            .iter()
-            .flat_map(|c| c.as_raw().iter().copied())
-            .collect();
-        let x = Tensor::from_slice(&bytes)
-            .view([chunk.len() as i64, side, side, 3])
-            .to_device(opts.device)
-            .permute([0, 3, 1, 2])
-            .to_kind(Kind::Float)
-            / 127.5
-            - 1.0;
-        let (mean, std) = vae.encode(&x);
-        let moments = Tensor::cat(&[mean, std], 1)
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu)
-            .contiguous();
-        let shape: Vec<usize> = moments.size()[1..].iter().map(|&d| d as usize).collect();
-        for (k, &i) in chunk.iter().enumerate() {
-            let values = Vec::<f32>::try_from(moments.get(k as i64).reshape([-1]))?;
-            let file = root.join(latent_name(i));
-            std::fs::create_dir_all(file.parent().expect("a folder"))?;
-            npy::write_f32(&file, &shape, &values)?;
+        for (kept, crops, failed, seconds) in rx {
+            done.decode_s += seconds;
+            crate::signals::check(|| {
+                format!("after {} of {} images", bar.position(), images.len())
+            })?;
+            for (i, e) in failed {
+                if !opts.skip_bad {
+                    return Err(
+                        e.context("stopping (pass --skip-bad to leave unreadable files out)")
+                    );
+                }
+                eprintln!("skipping {e:#}");
+                done.skipped.push((images[i].0.clone(), format!("{e:#}")));
+                bar.inc(1);
+            }
+            if kept.is_empty() {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            encode_batch(vae, &crops, &kept, &root, opts)?;
+            done.encode_s += started.elapsed().as_secs_f64();
+            done.encoded += kept.len();
+            bar.inc(kept.len() as u64);
         }
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish_and_clear();
+        Ok(())
+    })?;
+    bar.finish();
     let labels: Vec<serde_json::Value> = images
         .iter()
         .enumerate()
+        .filter(|(i, _)| root.join(latent_name(*i)).exists())
         .map(|(i, (_, label))| serde_json::json!([latent_name(i), label]))
         .collect();
+    done.images = labels.len();
     let index = root.join("dataset.json");
     let text = serde_json::json!({ "labels": labels }).to_string();
     crate::files::write_atomic(&index, text.as_bytes())?;
-    Ok(images.len())
+    Ok(done)
+}
+
+/// Decoding and cropping alone, timed: what bounds `prepare` on a machine whose GPU encodes
+/// faster than its CPU decodes (`mfr bench prepare`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DecodeBench {
+    pub images: usize,
+    pub unreadable: usize,
+    pub threads: usize,
+    pub seconds: f64,
+    pub img_per_s: f64,
+    /// Hours for ImageNet's 1,281,167 training images at this rate on this machine.
+    pub imagenet_hours: f64,
+}
+
+/// Decodes and crops the first `limit` images of `train` on every core, `batch` at a time.
+pub fn decode_bench(train: &Path, size: u32, limit: usize, batch: usize) -> Result<DecodeBench> {
+    let mut images = list_images(train)?;
+    images.truncate(limit);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let started = std::time::Instant::now();
+    let mut unreadable = 0;
+    let all: Vec<usize> = (0..images.len()).collect();
+    for chunk in all.chunks(batch.max(1)) {
+        unreadable += decode_chunk(chunk, &images, size, threads).2.len();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let img_per_s = images.len() as f64 / seconds.max(1e-9);
+    Ok(DecodeBench {
+        images: images.len(),
+        unreadable,
+        threads,
+        seconds,
+        img_per_s,
+        imagenet_hours: 1_281_167.0 / img_per_s.max(1e-9) / 3600.0,
+    })
+}
+
+/// Encodes a batch of crops and writes each image's (mean, std) under its global index.
+fn encode_batch(
+    vae: &AutoencoderKl,
+    crops: &[RgbImage],
+    indices: &[usize],
+    root: &Path,
+    opts: &Options,
+) -> Result<()> {
+    let side = opts.size as i64;
+    let bytes: Vec<u8> = crops
+        .iter()
+        .flat_map(|c| c.as_raw().iter().copied())
+        .collect();
+    let x = Tensor::from_slice(&bytes)
+        .view([crops.len() as i64, side, side, 3])
+        .to_device(opts.device)
+        .permute([0, 3, 1, 2])
+        .to_kind(Kind::Float)
+        / 127.5
+        - 1.0;
+    let (mean, std) = tch::no_grad(|| vae.encode(&x));
+    let moments = Tensor::cat(&[mean, std], 1)
+        .to_kind(Kind::Float)
+        .to_device(Device::Cpu)
+        .contiguous();
+    let shape: Vec<usize> = moments.size()[1..].iter().map(|&d| d as usize).collect();
+    for (k, &i) in indices.iter().enumerate() {
+        let values = Vec::<f32>::try_from(moments.get(k as i64).reshape([-1]))?;
+        let file = root.join(latent_name(i));
+        let dir = file.parent().expect("a folder");
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        npy::write_f32(&file, &shape, &values)?;
+    }
+    Ok(())
 }

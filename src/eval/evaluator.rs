@@ -5,10 +5,10 @@
 use super::metrics::{frechet_distance, inception_score, precision_recall, Stats};
 use super::npz::Npz;
 use crate::files::{hex, sha256_file};
-use crate::model::inception::{Features, Inception};
+use crate::model::inception::{Features, Inception, POOL_FEATURES, SPATIAL_FEATURES};
+use crate::progress::Progress;
 use crate::rundir::AdmScores;
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -17,6 +17,8 @@ use tch::{Device, Kind, Tensor};
 pub struct Options {
     pub batch: usize,
     pub device: Device,
+    /// Bootstrap resamples of FID's 95% interval (0: none).
+    pub bootstrap: usize,
     /// Where reference features and file hashes are cached ($MFR_CACHE).
     pub cache: PathBuf,
 }
@@ -71,10 +73,20 @@ impl Source<'_> {
                         Ok(Tensor::from_slice(img.as_raw()).view([h as i64, w as i64, 3]))
                     })
                     .collect::<Result<_>>()?;
-                Ok(Some(
-                    Tensor::f_stack(&images, 0)
-                        .context("the PNGs do not all have the same size")?,
-                ))
+                if let Some((f, other)) = chunk
+                    .iter()
+                    .zip(&images)
+                    .find(|(_, t)| t.size() != images[0].size())
+                {
+                    bail!(
+                        "{}: {:?} pixels, where {} has {:?}: the PNGs of a folder must share one size",
+                        f.display(),
+                        &other.size()[..2],
+                        chunk[0].display(),
+                        &images[0].size()[..2]
+                    );
+                }
+                Ok(Some(Tensor::stack(&images, 0)))
             }
         }
     }
@@ -103,17 +115,13 @@ pub fn featurise(
     device: Device,
     label: &str,
 ) -> Result<(Tensor, Tensor, f64)> {
-    let bar = ProgressBar::new(source.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} images",
-        )
-        .expect("template"),
-    );
-    bar.set_prefix(label.to_owned());
+    let bar = Progress::new(&format!("Inception {label}"), source.len() as u64, "images");
     let (mut pools, mut spatials) = (Vec::new(), Vec::new());
     let start = Instant::now();
     while let Some(images) = source.next_batch(batch)? {
+        crate::signals::check(|| {
+            format!("while featurising {label} ({} images done)", bar.position())
+        })?;
         let n = images.size()[0] as u64;
         let Features { pool, spatial } =
             tch::no_grad(|| net.features_of_images(&images.to_device(device)));
@@ -121,7 +129,7 @@ pub fn featurise(
         spatials.push(spatial.to_device(Device::Cpu));
         bar.inc(n);
     }
-    bar.finish_and_clear();
+    bar.finish();
     if pools.is_empty() {
         bail!("{label}: no images");
     }
@@ -246,7 +254,102 @@ pub fn inception_score_of(net: &Inception, pool: &Tensor, device: Device) -> Opt
 /// ADM's split size for the Inception Score.
 const IS_SPLIT: i64 = 5000;
 
-/// ADM's five metrics of `samples` (an .npz or a folder of PNGs) against `reference`.
+/// Images a metric needs at least: two for a covariance, k + 1 = 4 for precision and recall
+/// (each point's third-nearest neighbour among the others).
+const MIN_IMAGES: usize = 4;
+
+/// What a reference batch holds, read and checked before any sample is featurised.
+struct Reference {
+    /// Stored pool_3 statistics (`mu`, `sigma`), when present.
+    pool: Option<Stats>,
+    /// Stored spatial statistics (`mu_s`, `sigma_s`), when present.
+    spatial: Option<Stats>,
+    /// Its images (`arr_0`), when present: needed for precision and recall.
+    images: Option<usize>,
+}
+
+/// Stored statistics `mu` (d,) and `sigma` (d, d), checked: finite, sigma symmetric and positive
+/// semi-definite. Tolerances: numpy's covariance is symmetric to rounding (~1e-16 relative) and
+/// its eigenvalues are >= 0 to rounding; 1e-6 of the largest leaves room for float32 storage
+/// and still refuses a matrix that is not a covariance.
+fn stored_stats(npz: &mut Npz, mu: &str, sigma: &str, d: i64) -> Result<Option<Stats>> {
+    let path = npz.path().display().to_string();
+    match (npz.has(mu), npz.has(sigma)) {
+        (false, false) => return Ok(None),
+        (true, true) => {}
+        _ => bail!("{path}: has one of `{mu}` and `{sigma}` without the other"),
+    }
+    let (m, s) = (
+        npz.floats(mu, d as usize)?,
+        npz.floats(sigma, (d * d) as usize)?,
+    );
+    if m.size() != [d] || s.size() != [d, d] {
+        bail!(
+            "{path}: `{mu}` is {:?} and `{sigma}` {:?}; Inception statistics are ({d},) and ({d}, {d})",
+            m.size(),
+            s.size()
+        );
+    }
+    if m.isfinite().all().int64_value(&[]) == 0 || s.isfinite().all().int64_value(&[]) == 0 {
+        bail!("{path}: `{mu}` or `{sigma}` holds NaN or infinity");
+    }
+    let scale = s.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
+    let asymmetry = (&s - s.transpose(0, 1)).abs().max().double_value(&[]);
+    if asymmetry > 1e-6 * scale {
+        bail!("{path}: `{sigma}` is not symmetric (off by {asymmetry:.3e}), so not a covariance");
+    }
+    let lowest = s.linalg_eigvalsh("L").min().double_value(&[]);
+    if lowest < -1e-6 * scale {
+        bail!("{path}: `{sigma}` has a negative eigenvalue ({lowest:.3e}), so not a covariance");
+    }
+    Ok(Some(Stats { mu: m, sigma: s }))
+}
+
+fn read_reference(path: &Path) -> Result<Reference> {
+    let mut npz = Npz::open(path)?;
+    // ADM's names (and pytorch-fid's --save-stats), or the official JAX code's FID statistics.
+    let pool = match stored_stats(&mut npz, "mu", "sigma", POOL_FEATURES)? {
+        Some(stats) => Some(stats),
+        None => stored_stats(&mut npz, "ref_mu", "ref_sigma", POOL_FEATURES)?,
+    };
+    let spatial = stored_stats(&mut npz, "mu_s", "sigma_s", SPATIAL_FEATURES)?;
+    let images = match npz.has("arr_0") {
+        true => Some(npz.images("arr_0")?.len()),
+        false => None,
+    };
+    match (images, &pool) {
+        (None, None) => bail!(
+            "{}: holds neither images (arr_0) nor Inception statistics (mu, sigma): not a reference batch",
+            path.display()
+        ),
+        (Some(n), _) if n < MIN_IMAGES => bail!(
+            "{}: {n} reference images; precision and recall need at least {MIN_IMAGES}",
+            path.display()
+        ),
+        _ => {}
+    }
+    Ok(Reference {
+        pool,
+        spatial,
+        images,
+    })
+}
+
+/// The images of `samples`: an .npz's arr_0 or a folder of PNGs.
+fn sample_source<'a>(samples: &Path, npz: &'a mut Option<Npz>) -> Result<Source<'a>> {
+    if samples.is_dir() {
+        return Ok(Source::Pngs {
+            files: png_folder(samples)?,
+            next: 0,
+        });
+    }
+    let npz = npz.insert(Npz::open(samples)?);
+    Ok(Source::Npz(Box::new(npz.images("arr_0")?)))
+}
+
+/// ADM's five metrics of `samples` (an .npz or a folder of PNGs) against `reference` (ADM's
+/// reference batch, or statistics alone: then FID, and sFID where its statistics are there).
+/// The reference is read and checked first.
 pub fn evaluate(
     scorer: &Scorer,
     reference: &Path,
@@ -254,48 +357,65 @@ pub fn evaluate(
     opts: &Options,
 ) -> Result<AdmScores> {
     let net = scorer.net;
+    let refs = read_reference(reference)?;
+    let mut sample_npz = None;
+    let mut source = sample_source(samples, &mut sample_npz)?;
+    if source.len() < MIN_IMAGES {
+        bail!(
+            "{}: {} images; the metrics need at least {MIN_IMAGES}",
+            samples.display(),
+            source.len()
+        );
+    }
     if opts.device.is_cuda() {
         // Full float32: libtorch lets cuDNN convolutions use TF32 (~1e-3 relative) by default.
         crate::device::set_tf32(false)?;
     }
-
-    let mut sample_npz;
-    let mut source = if samples.is_dir() {
-        Source::Pngs {
-            files: png_folder(samples)?,
-            next: 0,
-        }
-    } else {
-        sample_npz = Npz::open(samples)?;
-        Source::Npz(Box::new(sample_npz.images("arr_0")?))
-    };
     let (pool, spatial, img_per_s) =
         featurise(net, &mut source, opts.batch, opts.device, "samples")?;
-
-    let (ref_pool, ref_spatial) = reference_features(scorer, reference, opts)?;
-    let mut ref_npz = Npz::open(reference)?;
-    let stored = |npz: &mut Npz, mu: &str, sigma: &str, computed: &Tensor| -> Result<Stats> {
-        if npz.has(mu) && npz.has(sigma) {
-            Ok(Stats {
-                mu: npz.floats(mu)?,
-                sigma: npz.floats(sigma)?,
-            })
-        } else {
-            Stats::of(computed)
+    let features = match refs.images {
+        Some(_) => Some(reference_features(scorer, reference, opts)?),
+        None => None,
+    };
+    let ref_stats = |stored: Option<Stats>, computed: Option<&Tensor>| -> Result<Option<Stats>> {
+        match (stored, computed) {
+            (Some(s), _) => Ok(Some(s)),
+            (None, Some(c)) => Stats::of(c).map(Some),
+            (None, None) => Ok(None),
         }
     };
-    let ref_stats = stored(&mut ref_npz, "mu", "sigma", &ref_pool)?;
-    let ref_spatial_stats = stored(&mut ref_npz, "mu_s", "sigma_s", &ref_spatial)?;
-    let fid = frechet_distance(&ref_stats, &Stats::of(&pool)?)?;
-    let sfid = frechet_distance(&ref_spatial_stats, &Stats::of(&spatial)?)?;
-    let (precision, recall) = precision_recall(
-        &ref_pool.to_kind(Kind::Float),
-        &pool.to_kind(Kind::Float),
-        3,
-    );
-    let inception_score = inception_score_of(net, &pool, opts.device);
+    let pool_ref = ref_stats(refs.pool, features.as_ref().map(|f| &f.0))?
+        .expect("a reference has images or statistics");
+    let spatial_ref = ref_stats(refs.spatial, features.as_ref().map(|f| &f.1))?;
+    let fid = frechet_distance(&pool_ref, &Stats::of(&pool)?)?;
+    let fid_interval = match opts.bootstrap {
+        0 => None,
+        n => Some(super::bootstrap::fid_interval(
+            &pool_ref,
+            &pool,
+            n,
+            0,
+            0.95,
+            opts.device,
+        )?),
+    };
+    let sfid = match &spatial_ref {
+        Some(s) => Some(frechet_distance(s, &Stats::of(&spatial)?)?),
+        None => None,
+    };
+    let (precision, recall) = match &features {
+        Some((ref_pool, _)) => {
+            let (p, r) = precision_recall(
+                &ref_pool.to_kind(Kind::Float),
+                &pool.to_kind(Kind::Float),
+                3,
+            );
+            (Some(p), Some(r))
+        }
+        None => (None, None),
+    };
     Ok(AdmScores {
-        inception_score,
+        inception_score: inception_score_of(net, &pool, opts.device),
         fid,
         sfid,
         precision,
@@ -303,9 +423,10 @@ pub fn evaluate(
         reference: reference.display().to_string(),
         samples: samples.display().to_string(),
         num_samples: pool.size()[0] as usize,
-        num_reference: ref_pool.size()[0] as usize,
+        num_reference: refs.images.unwrap_or(0),
         inception_weights: scorer.weights.display().to_string(),
         device: crate::device::describe(opts.device),
         img_per_s,
+        fid_interval,
     })
 }

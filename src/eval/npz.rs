@@ -28,6 +28,10 @@ impl Npz {
         })
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.archive
             .file_names()
@@ -40,65 +44,93 @@ impl Npz {
             .archive
             .by_name(&format!("{name}.npy"))
             .with_context(|| format!("{path}: has no array `{name}`"))?;
-        let mut preamble = vec![0u8; 12];
-        member
-            .read_exact(&mut preamble)
-            .with_context(|| format!("{path}: `{name}` is truncated"))?;
-        let (start, len) = npy::header_len(&preamble)
-            .with_context(|| format!("{path}: `{name}` is not an .npy array"))?;
-        let mut bytes = preamble;
-        bytes.resize(start + len, 0);
-        member
-            .read_exact(&mut bytes[12..])
-            .with_context(|| format!("{path}: `{name}` is truncated"))?;
-        let header = npy::parse_header(&bytes)
-            .with_context(|| format!("{path}: `{name}` has a malformed header"))?;
+        let header = npy::read_header(&mut member)
+            .with_context(|| format!("{path}: `{name}` is not a readable .npy array"))?;
         Ok((member, header))
     }
 
-    /// A whole float array (statistics such as mu, sigma) as float64.
-    pub fn floats(&mut self, name: &str) -> Result<Tensor> {
+    /// A whole float array (statistics such as mu, sigma) as float64, of at most `max` values.
+    pub fn floats(&mut self, name: &str, max: usize) -> Result<Tensor> {
         let path = self.path.display().to_string();
-        let (mut member, header) = self.member(name)?;
-        let mut body = Vec::new();
+        let (member, header) = self.member(name)?;
+        let count = header
+            .count()
+            .with_context(|| format!("{path}: `{name}`"))?;
+        if count > max {
+            bail!(
+                "{path}: `{name}` is {:?}, more than the {max} values it can hold",
+                header.shape
+            );
+        }
+        let width = npy::float_width(&header.descr).with_context(|| format!("{path}: `{name}`"))?;
+        let mut body = Vec::with_capacity(count * width);
         member
+            .take((count * width) as u64)
             .read_to_end(&mut body)
             .with_context(|| format!("{path}: `{name}` is truncated or corrupt"))?;
-        let count: usize = header.shape.iter().product();
         let values = npy::floats(&header.descr, &body, count)
             .with_context(|| format!("{path}: `{name}`"))?;
         let shape: Vec<i64> = header.shape.iter().map(|&d| d as i64).collect();
         Ok(Tensor::from_slice(&values).view(shape.as_slice()))
     }
 
-    /// uint8 NHWC images (`arr_0`), read `batch` at a time.
+    /// uint8 NHWC images (`arr_0`; 1 or 3 channels, read as RGB), read a batch at a time.
     pub fn images(&mut self, name: &str) -> Result<Images<'_>> {
         let path = self.path.display().to_string();
         let (member, header) = self.member(name)?;
-        if header.descr != "|u1" {
+        if !matches!(header.descr.as_str(), "|u1" | "<u1") {
             bail!(
                 "{path}: `{name}` holds {}, expected uint8 images (|u1)",
                 header.descr
             );
         }
-        let [n, h, w, c] = header.shape[..] else {
+        let shape = image_shape(&header.shape).with_context(|| format!("{path}: `{name}`"))?;
+        let count = header
+            .count()
+            .with_context(|| format!("{path}: `{name}`"))?;
+        let held = member.size().saturating_sub(header.data_offset as u64);
+        if held < count as u64 {
             bail!(
-                "{path}: `{name}` is {:?}, expected (N, H, W, 3) images",
+                "{path}: `{name}` declares {:?} images ({count} bytes) but holds {held} bytes: truncated or crafted",
                 header.shape
             );
-        };
-        if c != 3 {
-            bail!("{path}: `{name}` has {c} channels, expected 3 (RGB, NHWC)");
         }
         Ok(Images {
             path,
             name: name.to_owned(),
             member,
-            shape: [n, h, w, c],
+            shape,
             read: 0,
         })
     }
 }
+
+/// The largest image side read (ADM's batches are 256 or 512; Inception sees 299).
+pub const MAX_SIDE: usize = 4096;
+
+/// (N, H, W, C) images, each side within [`MAX_SIDE`], 1 or 3 channels, checked not to be
+/// channel-first data (N, C, H, W) that happens to end in 3.
+pub fn image_shape(shape: &[usize]) -> Result<[usize; 4]> {
+    let [n, h, w, c] = shape[..] else {
+        bail!("is {shape:?}, expected (N, H, W, 3) images");
+    };
+    if n == 0 || h == 0 || w == 0 {
+        bail!("is {shape:?}: no images to read");
+    }
+    if h > MAX_SIDE || w > MAX_SIDE {
+        bail!("is {shape:?}: images larger than {MAX_SIDE} pixels a side are not read");
+    }
+    if c != 1 && c != 3 {
+        bail!("has {c} channels, expected 3 (RGB) or 1 (grey), channels last (NHWC)");
+    }
+    if h <= 3 && w > 4 * h {
+        bail!("is {shape:?}: {h}-pixel-high images look like channel-first (N, C, H, W) data; write NHWC");
+    }
+    Ok([n, h, w, c])
+}
+
+/// Bytes of images read at once, whatever batch is asked for.
+pub const MAX_BATCH_BYTES: usize = 1 << 30;
 
 pub struct Images<'a> {
     path: String,
@@ -117,9 +149,14 @@ impl Images<'_> {
         self.len() == 0
     }
 
-    /// The next (up to) `batch` images as a (B, H, W, 3) uint8 tensor; None at the end.
+    /// The next (up to) `batch` images as a (B, H, W, 3) uint8 tensor (grey images repeated to
+    /// RGB); None at the end. At most [`MAX_BATCH_BYTES`] are read at once.
     pub fn next_batch(&mut self, batch: usize) -> Result<Option<Tensor>> {
-        let take = batch.min(self.shape[0] - self.read);
+        let per_image = self.shape[1] * self.shape[2] * self.shape[3];
+        let take = batch
+            .min(MAX_BATCH_BYTES / per_image)
+            .max(1)
+            .min(self.shape[0] - self.read);
         if take == 0 {
             return Ok(None);
         }
@@ -132,12 +169,11 @@ impl Images<'_> {
             )
         })?;
         self.read += take;
-        Ok(Some(Tensor::from_slice(&bytes).view([
-            take as i64,
-            h as i64,
-            w as i64,
-            c as i64,
-        ])))
+        let images = Tensor::from_slice(&bytes).view([take as i64, h as i64, w as i64, c as i64]);
+        Ok(Some(match c {
+            1 => images.repeat([1, 1, 1, 3]),
+            _ => images,
+        }))
     }
 }
 

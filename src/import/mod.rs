@@ -6,6 +6,7 @@
 //!     'args' / 'steps') -> our checkpoint layout ([`sit`]), or pytorch-fid's FID Inception
 //!     (torchvision names, with the 1008-way softmax weights) -> our Inception layout
 //!     ([`pytorch_fid`]).
+pub mod flax;
 pub mod inception;
 pub mod pytorch_fid;
 pub mod sit;
@@ -26,10 +27,15 @@ pub enum FileKind {
     /// torch.jit.save.
     TorchScript,
     Safetensors,
+    /// A flax msgpack checkpoint, or an orbax checkpoint directory (the official JAX code's).
+    Flax,
     Other,
 }
 
 pub fn detect(path: &Path) -> Result<FileKind> {
+    if path.is_dir() {
+        return Ok(FileKind::Flax);
+    }
     let mut file =
         std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut head = [0u8; 9];
@@ -61,6 +67,9 @@ pub fn detect(path: &Path) -> Result<FileKind> {
         if len < file.metadata()?.len() {
             return Ok(FileKind::Safetensors);
         }
+    }
+    if flax::looks_like_msgpack(head) {
+        return Ok(FileKind::Flax);
     }
     Ok(FileKind::Other)
 }
@@ -159,6 +168,15 @@ pub fn import(file: &Path, opts: &Options) -> Result<Summary> {
             Err(e) => Err(e),
             Ok(_) => bail!("{name}: a legacy torch.save file"),
         },
+        FileKind::Flax => {
+            let out = opts.out.clone().unwrap_or_else(|| {
+                let stem = file
+                    .file_stem()
+                    .map_or("checkpoint".into(), |s| s.to_string_lossy().into_owned());
+                opts.cache.join("weights").join(format!("{stem}.safetensors"))
+            });
+            flax::import(file, opts.preset.as_deref(), &out)
+        }
         FileKind::Safetensors => bail!(
             "{name}: already a safetensors file; `mfr import` converts PyTorch files (torch.save checkpoints, TorchScript archives)"
         ),

@@ -93,8 +93,34 @@ pub fn infer_config(tensors: &[(String, Tensor)], what: &str) -> Result<(String,
             )
         })?;
     let mut config = SiTConfig::preset(name).expect("a preset of the table");
-    config.conditioning = conditioning(tensors, what)?;
+    fit_data(&mut config, tensors, what)?;
     Ok((name.to_owned(), config))
+}
+
+/// What a preset leaves to the data, read off the tensors: the conditioning (which time
+/// embedders exist), the latent channels (the patch kernel's), the classes (the label table's
+/// rows but the null one) and, when the file holds its position table, the input size.
+fn fit_data(config: &mut SiTConfig, tensors: &[(String, Tensor)], what: &str) -> Result<()> {
+    let find = |name: &str| {
+        tensors
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, t)| t.size())
+    };
+    config.conditioning = conditioning(tensors, what)?;
+    if let Some(&[_, channels, _, _]) = find("x_embedder.proj.weight").as_deref() {
+        config.in_channels = channels;
+    }
+    if let Some(&[rows, _]) = find("y_embedder.embedding_table.weight").as_deref() {
+        config.num_classes = (rows - 1).max(1);
+    }
+    if let Some(&[1, tokens, _]) = find("pos_embed").as_deref() {
+        let grid = (tokens as f64).sqrt().round() as i64;
+        if grid * grid == tokens {
+            config.input_size = grid * config.patch_size;
+        }
+    }
+    Ok(())
 }
 
 fn conditioning(tensors: &[(String, Tensor)], what: &str) -> Result<Conditioning> {
@@ -232,22 +258,6 @@ pub fn import(file: &Path, value: &Value, preset: Option<&str>, out: &Path) -> R
             (None, None) => bail!("{name}: neither 'model' nor 'ema' holds a state dict"),
         }
     };
-    let (preset, config) = match preset {
-        Some(p) => {
-            let mut config = SiTConfig::preset(p).ok_or_else(|| {
-                anyhow!(
-                    "unknown preset `{p}`, expected one of {}",
-                    SiTConfig::preset_names().join(", ")
-                )
-            })?;
-            config.conditioning = conditioning(&ema, &name)?;
-            (p.to_owned(), config)
-        }
-        None => infer_config(&ema, &name)?,
-    };
-    let model_vs = load_checked(&config, &model, &format!("{name} [{model_from}]"))?;
-    let ema_vs = load_checked(&config, &ema, &format!("{name} [{ema_from}]"))?;
-
     let (moments, optimizer, adam_step) = match value.get("opt") {
         None => (
             Vec::new(),
@@ -256,32 +266,97 @@ pub fn import(file: &Path, value: &Value, preset: Option<&str>, out: &Path) -> R
         ),
         Some(opt) => match optimizer_moments(opt, &model) {
             Ok((moments, step)) => {
-                let n = moments.len();
-                let moments: Vec<(String, Tensor, Tensor)> = moments
-                    .into_iter()
-                    .map(|(k, m, v)| (k, m.to_kind(Kind::Float), v.to_kind(Kind::Float)))
-                    .collect();
-                let what = format!("AdamW moments of {n} parameters at step {step}");
+                let what = format!(
+                    "AdamW moments of {} parameters at step {step}",
+                    moments.len()
+                );
                 (moments, what, step)
             }
             Err(why) => (Vec::new(), format!("'opt' left out: {why}"), 0),
         },
     };
-    let tensors = checkpoint::layout(
-        &model_vs,
-        &ema_vs,
-        moments.iter().map(|(k, m, v)| (k.as_str(), m, v)),
-    );
     let steps = ["steps", "step", "global_step", "train_steps"]
         .iter()
         .find_map(|k| value.get(k).and_then(Value::as_f64))
         .map(|s| s.max(0.0) as u64)
         .unwrap_or(adam_step.max(0) as u64);
-    let sha256 = crate::files::sha256_file(file)?;
-    let state = TrainState {
-        step: steps,
-        epoch: 0,
+    write(Imported {
+        file,
+        kind: "SiT checkpoint",
+        model: (model, model_from),
+        ema: (ema, ema_from),
+        moments,
+        optimizer,
         adam_step,
+        steps,
+        preset,
+        out,
+    })
+}
+
+/// A SiT read from another program's file, in our names: what [`write`] turns into our
+/// checkpoint.
+pub struct Imported<'a> {
+    pub file: &'a Path,
+    pub kind: &'static str,
+    /// The trained weights and where in the file they came from.
+    pub model: (Vec<(String, Tensor)>, &'a str),
+    pub ema: (Vec<(String, Tensor)>, &'a str),
+    pub moments: Moments,
+    /// What became of the optimizer state, for the summary.
+    pub optimizer: String,
+    pub adam_step: i64,
+    pub steps: u64,
+    pub preset: Option<&'a str>,
+    pub out: &'a Path,
+}
+
+/// Checks an imported SiT strictly against the preset (given, or inferred from its shapes) and
+/// writes it as our checkpoint at `out`, its source and sha256 in the metadata.
+pub fn write(i: Imported) -> Result<Summary> {
+    let name = i.file.display().to_string();
+    let (model, model_from) = i.model;
+    let (ema, ema_from) = i.ema;
+    let (preset, config) = match i.preset {
+        Some(p) => {
+            let mut config = SiTConfig::preset(p).ok_or_else(|| {
+                anyhow!(
+                    "unknown preset `{p}`, expected one of {}",
+                    SiTConfig::preset_names().join(", ")
+                )
+            })?;
+            fit_data(&mut config, &ema, &name)?;
+            (p.to_owned(), config)
+        }
+        None => infer_config(&ema, &name)?,
+    };
+    // The official flax network recomputes its fixed position table on every call and stores
+    // none: such a file gets the table the network computes itself.
+    let with_table = |mut tensors: Vec<(String, Tensor)>| {
+        if !tensors.iter().any(|(k, _)| k == "pos_embed") {
+            let table = crate::model::embed::sincos_pos_embed(config.hidden_size, config.grid());
+            tensors.push(("pos_embed".to_owned(), table.unsqueeze(0)));
+        }
+        tensors
+    };
+    let (model, ema) = (with_table(model), with_table(ema));
+    let model_vs = load_checked(&config, &model, &format!("{name} [{model_from}]"))?;
+    let ema_vs = load_checked(&config, &ema, &format!("{name} [{ema_from}]"))?;
+    let moments: Vec<(String, Tensor, Tensor)> = i
+        .moments
+        .into_iter()
+        .map(|(k, m, v)| (k, m.to_kind(Kind::Float), v.to_kind(Kind::Float)))
+        .collect();
+    let tensors = checkpoint::layout(
+        &model_vs,
+        &ema_vs,
+        moments.iter().map(|(k, m, v)| (k.as_str(), m, v)),
+    );
+    let sha256 = crate::files::sha256_file(i.file)?;
+    let state = TrainState {
+        step: i.steps,
+        epoch: 0,
+        adam_step: i.adam_step,
         seed: 0,
         spec_sha256: format!("imported:{sha256}"),
         wall_s: 0.0,
@@ -299,27 +374,28 @@ pub fn import(file: &Path, value: &Value, preset: Option<&str>, out: &Path) -> R
         ),
         ("model_from", model_from.to_owned()),
         ("ema_from", ema_from.to_owned()),
-        ("optimizer", optimizer.clone()),
-        ("steps", steps.to_string()),
+        ("optimizer", i.optimizer.clone()),
+        ("steps", i.steps.to_string()),
     ]);
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if let Some(dir) = i.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
     }
     checkpoint::write_with_metadata(
-        out,
+        i.out,
         &tensors,
         &state,
         &[("import", serde_json::to_string(&record)?)],
     )?;
     Ok(Summary {
-        source: file.to_owned(),
-        kind: "SiT checkpoint",
+        source: i.file.to_owned(),
+        kind: i.kind,
         tensors: tensors.len(),
         preset: Some(format!("{preset} ({})", record["conditioning"])),
         details: format!(
-            "model from {model_from}, EMA from {ema_from}, step {steps}; optimizer: {optimizer}"
+            "model from {model_from}, EMA from {ema_from}, step {}; optimizer: {}",
+            i.steps, i.optimizer
         ),
-        out: out.to_owned(),
+        out: i.out.to_owned(),
     })
 }

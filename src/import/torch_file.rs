@@ -132,12 +132,49 @@ pub fn tensor_dict(value: &Value, what: &str) -> Result<Vec<(String, Tensor)>> {
         .collect()
 }
 
+/// Every tensor of a module tree (a TorchScript archive's state) under its dotted attribute
+/// path (`net.layers.conv.weight`), as `named_parameters` and `named_buffers` would list them.
+pub fn module_tensors(value: &Value) -> Vec<(String, Tensor)> {
+    fn walk(value: &Value, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+        match value {
+            Value::Tensor(t) => out.push((prefix.to_owned(), t.shallow_clone())),
+            Value::Dict(items) => {
+                for (k, v) in items {
+                    if let Value::Str(k) = k {
+                        let name = match prefix {
+                            "" => k.clone(),
+                            p => format!("{p}.{k}"),
+                        };
+                        walk(v, &name, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(value, "", &mut out);
+    out
+}
+
 /// The first bytes of a legacy (PyTorch < 1.6, non-zip) torch.save file: pickle protocol 2, then
 /// its magic number 0x1950a86a20f9469cfc6c as a LONG1.
 const LEGACY_MAGIC: [u8; 4] = [0x80, 0x02, 0x8a, 0x0a];
 
 /// Reads a torch.save file into a [`Value`], tensors on the CPU.
 pub fn load(path: &Path) -> Result<Value> {
+    load_archive(path, false)
+}
+
+/// Reads a TorchScript archive's (torch.jit.save) module state into a [`Value`]: each module a
+/// dict of its attributes (submodules, parameters, buffers, flags), tensors on the CPU. Only
+/// the data pickle is read, by the same restricted machine: the archive's code (code/*.py,
+/// a `__setstate__` among it) is never looked at, let alone run.
+pub fn load_torchscript(path: &Path) -> Result<Value> {
+    load_archive(path, true)
+}
+
+fn load_archive(path: &Path, scripted: bool) -> Result<Value> {
     let name = path.display().to_string();
     let mut file = std::fs::File::open(path).with_context(|| format!("{name}: cannot open"))?;
     let mut head = [0u8; 4];
@@ -150,11 +187,15 @@ pub fn load(path: &Path) -> Result<Value> {
         anyhow!("{name}: not a readable zip archive ({e}): a torch.save file is a zip; is it truncated?")
     })?;
     let names: Vec<String> = archive.file_names().map(str::to_owned).collect();
-    if names
+    let is_script = names
         .iter()
-        .any(|n| n.ends_with("/constants.pkl") || n.contains("/code/"))
-    {
-        bail!("{name}: a TorchScript archive (torch.jit.save), not a torch.save file");
+        .any(|n| n.ends_with("/constants.pkl") || n.contains("/code/"));
+    match (is_script, scripted) {
+        (true, false) => {
+            bail!("{name}: a TorchScript archive (torch.jit.save), not a torch.save file")
+        }
+        (false, true) => bail!("{name}: a torch.save file, not a TorchScript archive"),
+        _ => {}
     }
     let pickles: Vec<&String> = names
         .iter()
@@ -185,9 +226,13 @@ pub fn load(path: &Path) -> Result<Value> {
         archive: &mut archive,
         archive_len,
         prefix: &prefix,
+        scripted,
     };
     let root = machine.run()?;
-    let mut budget = MAX_VALUES;
+    let mut budget = Budget {
+        values: MAX_VALUES,
+        bytes: MAX_BYTES,
+    };
     machine.value(root, 0, &mut budget)
 }
 
@@ -210,6 +255,15 @@ fn read_record(
 /// Values a pickle may expand to (shared references are expanded): a bound on what a small
 /// malicious pickle of nested shared lists could make us build.
 const MAX_VALUES: usize = 10_000_000;
+/// Bytes of strings and byte strings a pickle may expand to: counted per reference, so a large
+/// string referenced many times cannot exhaust memory.
+const MAX_BYTES: usize = 1 << 30;
+
+/// What is left of the values and bytes a pickle may expand to.
+struct Budget {
+    values: usize,
+    bytes: usize,
+}
 /// Nesting depth of the value tree (a self-referencing container never ends).
 const MAX_DEPTH: usize = 1000;
 
@@ -225,6 +279,11 @@ enum Global {
     Encode,
     NumpyDtype,
     NumpyScalar,
+    /// A TorchScript module class (`__torch__.<path> <Class>`): read as its attributes only.
+    ScriptModule,
+    /// TorchScript's typed list constructors (`torch.jit._pickle.build_intlist`, ...): the
+    /// list they are given.
+    ScriptList,
 }
 
 impl Global {
@@ -262,6 +321,8 @@ enum DictKind {
     Plain,
     Ordered,
     Namespace,
+    /// A TorchScript module's attributes.
+    Module,
 }
 
 type Id = usize;
@@ -297,6 +358,8 @@ struct Unpickler<'a> {
     archive: &'a mut zip::ZipArchive<std::fs::File>,
     archive_len: usize,
     prefix: &'a str,
+    /// A TorchScript archive: `__torch__.*` classes are module objects (attribute dicts).
+    scripted: bool,
 }
 
 /// Names of the opcodes this reader refuses, for the error message.
@@ -425,6 +488,20 @@ impl Unpickler<'_> {
     }
 
     fn global(&mut self, module: &str, name: &str) -> Result<Obj> {
+        if self.scripted && (module == "__torch__" || module.starts_with("__torch__.")) {
+            return Ok(Obj::Global(Global::ScriptModule));
+        }
+        let typed_list = matches!(
+            name,
+            "build_intlist"
+                | "build_doublelist"
+                | "build_boollist"
+                | "build_tensorlist"
+                | "build_stringlist"
+        );
+        if self.scripted && module == "torch.jit._pickle" && typed_list {
+            return Ok(Obj::Global(Global::ScriptList));
+        }
         match Global::resolve(module, name) {
             Some(g) => Ok(Obj::Global(g)),
             None => bail!(
@@ -855,6 +932,7 @@ impl Unpickler<'_> {
                 Ok(Obj::Dict(items, DictKind::Ordered))
             }
             (Global::Namespace, []) => Ok(Obj::Dict(Vec::new(), DictKind::Namespace)),
+            (Global::ScriptList, [Obj::List(items)]) => Ok(Obj::List(items.clone())),
             (Global::Encode, [Obj::Str(s), Obj::Str(enc)])
                 if matches!(enc.as_str(), "latin1" | "latin-1") =>
             {
@@ -894,6 +972,9 @@ impl Unpickler<'_> {
             Obj::Global(Global::OrderedDict) if args.is_empty() => {
                 Ok(Obj::Dict(Vec::new(), DictKind::Ordered))
             }
+            Obj::Global(Global::ScriptModule) if args.is_empty() => {
+                Ok(Obj::Dict(Vec::new(), DictKind::Module))
+            }
             Obj::Global(g) => bail!(
                 "{}: refusing to load: an instance of {g:?} made with NEWOBJ, which torch.save does not write",
                 self.file
@@ -906,7 +987,7 @@ impl Unpickler<'_> {
     /// dict's `_metadata`) are dropped; numpy dtypes take their byte order.
     fn build(&mut self, target: Id, state: Id) -> Result<()> {
         match (&self.arena[target], &self.arena[state]) {
-            (Obj::Dict(_, DictKind::Namespace), Obj::Dict(fields, _)) => {
+            (Obj::Dict(_, DictKind::Namespace | DictKind::Module), Obj::Dict(fields, _)) => {
                 let fields = fields.clone();
                 self.dict_of(target)?.extend(fields);
                 Ok(())
@@ -930,20 +1011,34 @@ impl Unpickler<'_> {
     }
 
     /// The plain value of heap object `id` (containers expanded).
-    fn value(&self, id: Id, depth: usize, budget: &mut usize) -> Result<Value> {
+    fn value(&self, id: Id, depth: usize, budget: &mut Budget) -> Result<Value> {
         if depth > MAX_DEPTH {
             bail!(
                 "{}: the pickle nests deeper than {MAX_DEPTH} levels (a self-referencing container?)",
                 self.file
             );
         }
-        *budget = budget.checked_sub(1).ok_or_else(|| {
+        budget.values = budget.values.checked_sub(1).ok_or_else(|| {
             anyhow!(
                 "{}: the pickle expands to more than {MAX_VALUES} values (shared references?)",
                 self.file
             )
         })?;
-        let many = |items: &[Id], budget: &mut usize| -> Result<Vec<Value>> {
+        let mut spend = |bytes: usize| -> Result<()> {
+            budget.bytes = budget.bytes.checked_sub(bytes).ok_or_else(|| {
+                anyhow!(
+                    "{}: the pickle's strings expand to more than {MAX_BYTES} bytes (a string referenced many times?)",
+                    self.file
+                )
+            })?;
+            Ok(())
+        };
+        match &self.arena[id] {
+            Obj::Str(s) => spend(s.len())?,
+            Obj::Bytes(b) => spend(b.len())?,
+            _ => {}
+        }
+        let many = |items: &[Id], budget: &mut Budget| -> Result<Vec<Value>> {
             items
                 .iter()
                 .map(|&i| self.value(i, depth + 1, budget))

@@ -4,8 +4,12 @@ use crate::model::{AttentionKernel, SiT};
 use anyhow::{bail, Result};
 use tch::Tensor;
 
-/// Checks that `schedule` starts at 1, ends at 0 and strictly decreases.
+/// Checks that `schedule` starts at 1, ends at 0 and strictly decreases (so every time is a
+/// finite number in [0, 1]).
 pub fn check_schedule(schedule: &[f64]) -> Result<()> {
+    if schedule.iter().any(|t| !t.is_finite()) {
+        bail!("a sampling schedule holds finite times, got {schedule:?}");
+    }
     if schedule.len() < 2 || schedule[0] != 1.0 || *schedule.last().unwrap() != 0.0 {
         bail!("a sampling schedule runs from 1.0 to 0.0 (e.g. [1.0, 0.0] for one step), got {schedule:?}");
     }

@@ -67,14 +67,15 @@ pub trait MaybeDual: Sized {
     fn unbind(&self) -> Vec<Self>;
     /// softmax(q k^T scale) v over (N, heads, T, head_dim).
     fn attention(q: &Self, k: &Self, v: &Self, scale: f64, fused: bool) -> Self;
-    /// [cos(t f), sin(t f)] of a (N,) time, computed in float32 as the reference does.
-    fn sinusoid(&self, dim: i64) -> Self;
+    /// [cos(t f), sin(t f)] of a (N,) time, computed in `kind` (float32 in both references;
+    /// float64 for the official code's float64 fixtures).
+    fn sinusoid(&self, dim: i64, kind: Kind) -> Self;
 }
 
-fn sinusoid_args(t: &Tensor, dim: i64) -> (Tensor, Tensor) {
+fn sinusoid_args(t: &Tensor, dim: i64, kind: Kind) -> (Tensor, Tensor) {
     let half = dim / 2;
-    let freqs = (Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64).ln()) / half).exp();
-    let args = t.to_kind(Kind::Float).unsqueeze(1) * &freqs.unsqueeze(0);
+    let freqs = (Tensor::arange(half, (kind, t.device())) * (-(10000f64).ln()) / half).exp();
+    let args = t.to_kind(kind).unsqueeze(1) * &freqs.unsqueeze(0);
     (args, freqs)
 }
 
@@ -135,8 +136,8 @@ impl MaybeDual for Tensor {
             explicit_attention(q, k, v, scale)
         }
     }
-    fn sinusoid(&self, dim: i64) -> Self {
-        let (args, _) = sinusoid_args(self, dim);
+    fn sinusoid(&self, dim: i64, kind: Kind) -> Self {
+        let (args, _) = sinusoid_args(self, dim, kind);
         Tensor::cat(&[args.cos(), args.sin()], -1).to_kind(self.kind())
     }
 }
@@ -421,13 +422,13 @@ impl MaybeDual for Dual {
             from,
         }
     }
-    fn sinusoid(&self, dim: i64) -> Self {
-        let primal = self.primal.sinusoid(dim);
+    fn sinusoid(&self, dim: i64, kind: Kind) -> Self {
+        let primal = self.primal.sinusoid(dim, kind);
         // libtorch's rules: mul -> dt * f, cos -> d * -sin, sin -> d * cos, casts -> casts.
         let rule = self.tangent.as_ref().map(|t| {
             move || {
-                let (args, freqs) = sinusoid_args(&self.rows(&self.primal), dim);
-                let dargs = t.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
+                let (args, freqs) = sinusoid_args(&self.rows(&self.primal), dim, kind);
+                let dargs = t.to_kind(kind).unsqueeze(1) * freqs.unsqueeze(0);
                 Tensor::cat(&[&dargs * -args.sin(), &dargs * args.cos()], -1).to_kind(t.kind())
             }
         });

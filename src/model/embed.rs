@@ -81,18 +81,19 @@ pub fn sincos_pos_embed(hidden: i64, grid: i64) -> Tensor {
 }
 
 /// `Linear(256 -> D) - SiLU - Linear(D -> D)` over a sinusoidal embedding of a scalar time
-/// (raw t in [0, 1], no x1000 scaling).
+/// (raw t in [0, 1], no x1000 scaling), the sinusoid computed in `kind`.
 #[derive(Debug)]
 pub struct TimestepEmbedder {
     fc0: nn::Linear,
     fc2: nn::Linear,
+    kind: Kind,
 }
 
 pub const FREQUENCY_DIM: i64 = 256;
 
 impl TimestepEmbedder {
     /// Weights from N(0, `stdev`), or Xavier-uniform where `stdev` is None.
-    pub fn new(p: nn::Path, hidden: i64, stdev: Option<f64>) -> Self {
+    pub fn new(p: nn::Path, hidden: i64, stdev: Option<f64>, kind: Kind) -> Self {
         let mlp = p / "mlp";
         let init = |fan_in, fan_out| match stdev {
             Some(stdev) => nn::Init::Randn { mean: 0.0, stdev },
@@ -106,11 +107,12 @@ impl TimestepEmbedder {
                 init(FREQUENCY_DIM, hidden),
             ),
             fc2: linear(&mlp / "2", hidden, hidden, init(hidden, hidden)),
+            kind,
         }
     }
 
     pub fn forward<V: MaybeDual>(&self, t: &V) -> V {
-        t.sinusoid(FREQUENCY_DIM)
+        t.sinusoid(FREQUENCY_DIM, self.kind)
             .linear(&self.fc0)
             .silu()
             .linear(&self.fc2)

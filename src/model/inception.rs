@@ -271,6 +271,8 @@ impl Block {
 
 /// Width of the pool_3 features.
 pub const POOL_FEATURES: i64 = 2048;
+/// Width of the spatial features (mixed_6/conv's first 7 channels at 17 x 17).
+pub const SPATIAL_FEATURES: i64 = 7 * 17 * 17;
 
 /// What the evaluator takes from one batch.
 pub struct Features {

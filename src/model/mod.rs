@@ -8,7 +8,7 @@ pub mod vae;
 
 pub use attention::AttentionKernel;
 pub use dual::{Dual, MaybeDual};
-pub use sit::{Conditioning, SiT, SiTConfig};
+pub use sit::{Conditioning, EmbedderInit, SiT, SiTConfig, TimeEmbedding};
 
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;

@@ -4,7 +4,7 @@ use super::attention::{Attention, AttentionKernel};
 use super::dual::{Dual, MaybeDual};
 use super::embed::{linear, xavier, LabelEmbedder, PatchEmbed, TimestepEmbedder};
 use serde::{Deserialize, Serialize};
-use tch::{nn, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// Which functions of (t, r) the network embeds (paper Table 1c). Each gets its own embedder:
 /// `t_embedder` for t, `h_embedder` for t - r (the official default), `r_embedder` for r.
@@ -32,6 +32,26 @@ impl Conditioning {
     }
 }
 
+/// The dtype the timestep sinusoid is computed in. Both references compute it in float32 (also
+/// in a float64 network); the official code's float64 golden steps computed it in float64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeEmbedding {
+    #[default]
+    Float32,
+    Float64,
+}
+
+/// How the time embedders start: as the PyTorch port (t_embedder N(0, 0.02), h_embedder
+/// Xavier-uniform) or as the official code (both N(0, 0.02)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbedderInit {
+    #[default]
+    Port,
+    Official,
+}
+
 /// The network's shape. `mlp_ratio` is 4 in every SiT.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SiTConfig {
@@ -43,6 +63,8 @@ pub struct SiTConfig {
     pub num_heads: i64,
     pub num_classes: i64,
     pub conditioning: Conditioning,
+    pub time_embedding: TimeEmbedding,
+    pub embedder_init: EmbedderInit,
 }
 
 /// (depth, hidden, heads, patch). Paper Table 4 for the SiT-* rows; the small ones are ours, for
@@ -53,6 +75,8 @@ pub const PRESETS: &[(&str, i64, i64, i64, i64)] = &[
     ("SiT-M/2", 16, 1024, 16, 2),
     ("SiT-L/2", 24, 1024, 16, 2),
     ("SiT-XL/2", 28, 1152, 16, 2),
+    // The network of XL/2, trained for 1000 epochs (Table 4's last row).
+    ("SiT-XL/2+", 28, 1152, 16, 2),
     ("tiny/2", 4, 128, 4, 2),
     ("micro/2", 2, 32, 2, 2),
 ];
@@ -71,6 +95,8 @@ impl SiTConfig {
             num_heads,
             num_classes: 1000,
             conditioning: Conditioning::THalf,
+            time_embedding: TimeEmbedding::Float32,
+            embedder_init: EmbedderInit::Port,
         })
     }
 
@@ -80,6 +106,33 @@ impl SiTConfig {
 
     pub fn grid(&self) -> i64 {
         self.input_size / self.patch_size
+    }
+
+    /// The network's parameter count (the fixed position table included), in f64 so that no
+    /// shape can overflow it: what memory checks estimate from before building the network.
+    pub fn parameters(&self) -> f64 {
+        let d = self.hidden_size as f64;
+        let patch_out = (self.patch_size * self.patch_size * self.in_channels) as f64;
+        let tokens = (self.grid() * self.grid()) as f64;
+        let embedders = [
+            self.conditioning.embeds_t(),
+            self.conditioning.embeds_h(),
+            self.conditioning.embeds_r(),
+        ]
+        .iter()
+        .filter(|&&on| on)
+        .count() as f64;
+        let block = 18.0 * d * d + 15.0 * d;
+        patch_out * d
+            + d
+            + tokens * d
+            + embedders * (256.0 * d + d * d + 2.0 * d)
+            + (self.num_classes + 1) as f64 * d
+            + self.depth as f64 * block
+            + 2.0 * d * d
+            + 2.0 * d
+            + d * patch_out
+            + patch_out
     }
 
     /// The null class of classifier-free guidance: index num_classes.
@@ -207,15 +260,25 @@ impl SiT {
         let grid = c.grid();
         let mut pos_embed = p.zeros_no_train("pos_embed", &[1, grid * grid, d]);
         tch::no_grad(|| pos_embed.copy_(&super::embed::sincos_pos_embed(d, grid).unsqueeze(0)));
-        // The reference draws t_embedder from N(0, 0.02) and leaves h_embedder Xavier-uniform.
-        let embedder =
-            |name: &str, on: bool, stdev| on.then(|| TimestepEmbedder::new(p / name, d, stdev));
+        // The PyTorch port draws t_embedder from N(0, 0.02) and leaves h_embedder (and r)
+        // Xavier-uniform; the official code draws both time embedders from N(0, 0.02).
+        let kind = match c.time_embedding {
+            TimeEmbedding::Float32 => Kind::Float,
+            TimeEmbedding::Float64 => Kind::Double,
+        };
+        let others = match c.embedder_init {
+            EmbedderInit::Port => None,
+            EmbedderInit::Official => Some(0.02),
+        };
+        let embedder = |name: &str, on: bool, stdev| {
+            on.then(|| TimestepEmbedder::new(p / name, d, stdev, kind))
+        };
         Self {
             x_embedder: PatchEmbed::new(p / "x_embedder", c.in_channels, d, c.patch_size),
             pos_embed,
             t_embedder: embedder("t_embedder", c.conditioning.embeds_t(), Some(0.02)),
-            h_embedder: embedder("h_embedder", c.conditioning.embeds_h(), None),
-            r_embedder: embedder("r_embedder", c.conditioning.embeds_r(), None),
+            h_embedder: embedder("h_embedder", c.conditioning.embeds_h(), others),
+            r_embedder: embedder("r_embedder", c.conditioning.embeds_r(), others),
             y_embedder: LabelEmbedder::new(p / "y_embedder", c.num_classes, d),
             blocks: (0..c.depth)
                 .map(|i| Block::new(p / "blocks" / i, d, c.num_heads))

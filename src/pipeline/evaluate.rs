@@ -3,6 +3,7 @@
 //! the demo), for the final weights and each checkpoint of `eval.steps`; into metrics.json.
 use super::{plan, Run};
 use crate::data::Dataset;
+use crate::eval::bootstrap::{fid_interval, Interval};
 use crate::eval::evaluator::{
     self, cached_features, featurise, weights_tag, Options, Scorer, Source,
 };
@@ -64,11 +65,22 @@ fn evaluated(run: &Run) -> Vec<(Option<u64>, Option<u64>)> {
 #[derive(Default)]
 struct Fids {
     last: BTreeMap<String, f64>,
+    intervals: BTreeMap<String, Interval>,
     history: Vec<HistoryPoint>,
 }
 
 impl Fids {
-    fn add(&mut self, step: Option<u64>, logged: Option<u64>, nfe: &str, fid: f64) {
+    fn add(
+        &mut self,
+        step: Option<u64>,
+        logged: Option<u64>,
+        nfe: &str,
+        fid: f64,
+        interval: Option<Interval>,
+    ) {
+        if let (None, Some(i)) = (step, interval) {
+            self.intervals.insert(nfe.to_owned(), i);
+        }
         if let Some(step) = logged {
             self.history.push(HistoryPoint {
                 step,
@@ -126,16 +138,24 @@ fn pixels(run: &Run, ds: &dyn Dataset, weights: &Path) -> Result<Metrics> {
             let mut source = Source::Npz(Box::new(npz.images("arr_0")?));
             let (pool, _, _) = featurise(&net, &mut source, batch, device, &nfe)?;
             let fid = frechet_distance(&ref_stats, &Stats::of(&pool)?)?;
+            let interval = match (step, spec.eval.bootstrap) {
+                (None, r) if r > 0 => Some(fid_interval(
+                    &ref_stats, &pool, r as usize, 0, 0.95, device,
+                )?),
+                _ => None,
+            };
             let at = step.map_or_else(String::new, |s| format!(", step {s}"));
+            let pm = interval.map_or_else(String::new, |i| format!(" +- {:.2}", i.half_width()));
             println!(
-                "  FID ({nfe}{at}, {n} samples vs {} training images): {fid:.2}",
+                "  FID ({nfe}{at}, {n} samples vs {} training images): {fid:.2}{pm}",
                 ds.len()
             );
-            fids.add(step, logged, &nfe, fid);
+            fids.add(step, logged, &nfe, fid, interval);
         }
     }
     Ok(Metrics {
         fid: fids.last,
+        fid_interval: fids.intervals,
         history: fids.history,
         adm: BTreeMap::new(),
         num_samples: n,
@@ -154,6 +174,7 @@ fn adm(run: &Run, weights: &Path) -> Result<Metrics> {
     let opts = Options {
         batch: spec.eval.batch as usize,
         device: crate::device::parse(&spec.train.device)?,
+        bootstrap: spec.eval.bootstrap as usize,
         cache: default_cache(),
     };
     let inception_weights = crate::import::inception::default_weights(None, &opts.cache)?;
@@ -173,7 +194,7 @@ fn adm(run: &Run, weights: &Path) -> Result<Metrics> {
                 "  {nfe}{at}:\n    {}",
                 scores.adm_lines().replace('\n', "\n    ")
             );
-            fids.add(step, logged, &nfe, scores.fid);
+            fids.add(step, logged, &nfe, scores.fid, scores.fid_interval);
             if step.is_none() {
                 all.insert(nfe, scores);
             }
@@ -182,6 +203,7 @@ fn adm(run: &Run, weights: &Path) -> Result<Metrics> {
     let num_reference = all.values().next().map_or(0, |s| s.num_reference);
     Ok(Metrics {
         fid: fids.last,
+        fid_interval: fids.intervals,
         history: fids.history,
         adm: all,
         num_samples: spec.sample.num_samples,

@@ -59,6 +59,9 @@ pub struct Options {
     pub reports: Option<PathBuf>,
     /// A run directory another process is writing: wait for it rather than refuse.
     pub contention: Contention,
+    /// Run one point of the spec only: its index in the plan (0, 1, ...; a SLURM array task's
+    /// `$SLURM_ARRAY_TASK_ID`) or its name.
+    pub point: Option<String>,
 }
 
 /// One run of a spec: its point of the sweep, its directory, and its length once known.
@@ -101,25 +104,58 @@ impl DataCache {
     }
 }
 
+/// The points `selector` picks: all of them, or the one of that index or name.
+fn select(
+    points: Vec<(String, Spec)>,
+    selector: Option<&str>,
+) -> Result<Vec<(usize, String, Spec)>> {
+    let all: Vec<(usize, String, Spec)> = points
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, spec))| (i, name, spec))
+        .collect();
+    let Some(selector) = selector else {
+        return Ok(all);
+    };
+    let n = all.len();
+    let names: Vec<String> = all.iter().map(|(_, name, _)| name.clone()).collect();
+    let chosen: Vec<(usize, String, Spec)> = all
+        .into_iter()
+        .filter(|(i, name, _)| selector == name || selector.parse::<usize>() == Ok(*i))
+        .collect();
+    if chosen.is_empty() {
+        bail!(
+            "--point {selector}: the spec has {n} run(s), 0 to {} by index (`mfr run SPEC --dry-run` lists them): {}",
+            n.saturating_sub(1),
+            names.join(", ")
+        );
+    }
+    Ok(chosen)
+}
+
 fn run_in(spec: &Spec, spec_path: &Path, opts: &Options, world: &World) -> Result<()> {
     let main = world.is_main();
-    let points = spec.points(&spec_path.display().to_string())?;
+    let all = spec.points(&spec_path.display().to_string())?;
+    let count = all.len();
+    let points = select(all, opts.point.as_deref())?;
     let exp_dir = opts.results.join(&spec.experiment.name);
     if main {
+        let selected = match opts.point {
+            Some(_) => format!(" (running 1 of {count})"),
+            None => String::new(),
+        };
         println!(
-            "{}: {} run(s) under {}",
+            "{}: {count} run(s) under {}{selected}",
             spec_path.display(),
-            points.len(),
             exp_dir.display()
         );
         if world.size > 1 {
             println!("{} processes (this is rank 0)", world.size);
         }
     }
-    let mut finished = BTreeMap::new();
     let mut data = DataCache::default();
     let mut blocked = Vec::new();
-    for (name, point) in &points {
+    for (index, name, point) in &points {
         // Given weights need data only for a pixel-space FID (its reference is the data).
         let needs_data = point.model.weights.is_none() || data::is_pixels(&point.train.data);
         let ds = needs_data.then(|| data.get(&point.train.data));
@@ -139,7 +175,7 @@ fn run_in(spec: &Spec, spec_path: &Path, opts: &Options, world: &World) -> Resul
         };
         // Rank 0 plans, locks and prepares; the others learn which stages run.
         let planned = if main {
-            plan_and_prepare(&run, &total, opts, &mut blocked)
+            plan_and_prepare(*index, &run, &total, opts, &mut blocked)
         } else {
             Ok((0, None))
         };
@@ -160,14 +196,14 @@ fn run_in(spec: &Spec, spec_path: &Path, opts: &Options, world: &World) -> Resul
         }
         let ds = ds.transpose().map_err(anyhow::Error::msg)?;
         for stage in Stage::ALL.into_iter().filter(|s| todo & s.bit() != 0) {
+            crate::signals::check(|| format!("before the {} stage of {name}", stage.name()))?;
             run_stage(stage, &run, ds.as_ref(), world)?;
         }
-        finished.insert(name.clone(), run.dir.path().to_owned());
     }
     if !main {
         return world.barrier("the end of the run");
     }
-    let out = summary::summarise(spec, spec_path, opts, &exp_dir, &finished, &blocked);
+    let out = summary::summarise(spec, spec_path, opts, &exp_dir, &blocked);
     world.barrier("the end of the run")?;
     out
 }
@@ -209,13 +245,18 @@ fn curves(run: &Run) -> Result<()> {
 /// Prints a run's plan; unless it is a dry run, takes the run's lock, prepares its directory and
 /// returns the stages to run as a bit set. Stages that cannot run are recorded in `blocked`.
 fn plan_and_prepare(
+    index: usize,
     run: &Run,
     total: &Result<u64, String>,
     opts: &Options,
     blocked: &mut Vec<String>,
 ) -> Result<(i64, Option<RunLock>)> {
     let stages = plan::plan(run, total);
-    println!("\n{} (spec sha256 {})", run.name, &run.spec.sha256()[..12]);
+    println!(
+        "\n[{index}] {} (spec sha256 {})",
+        run.name,
+        &run.spec.sha256()[..12]
+    );
     for (stage, status) in &stages {
         let (mark, what) = match status {
             Status::Done(w) => ("done", w),

@@ -55,6 +55,12 @@ pub fn sample_inputs(spec: &Spec, weights: &Path) -> SampleInputs {
         seed: spec.sample.seed,
         vae: (!data::is_pixels(&spec.train.data)).then(|| spec.sample.vae.clone()),
         steps: spec.eval.steps.clone(),
+        precision: serde_json::to_value(spec.sample.precision)
+            .map(|v| v.as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default(),
+        labels: serde_json::to_value(spec.sample.labels)
+            .map(|v| v.as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default(),
     }
 }
 

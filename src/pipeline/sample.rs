@@ -40,7 +40,7 @@ pub fn stage(run: &Run, world: &World) -> Result<()> {
     let main = world.is_main();
     let device = world.device(crate::device::parse(&spec.train.device)?);
     tch::manual_seed(data::mix(spec.train.seed, u64::MAX) as i64);
-    let (vs, net) = crate::train::network(&spec.model_config(), spec.train.precision, device)?;
+    let (vs, net) = crate::train::network(&spec.model_config(), spec.train.precision, device, 1.0)?;
     let load = |path: Option<&Path>| -> Result<()> {
         if main {
             let path = path.context("no finished training to sample from")?;

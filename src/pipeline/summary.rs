@@ -1,26 +1,33 @@
 //! Rank 0's end of `mfr run`: the runs side by side, runs.json, the report, blocked stages.
 use super::Options;
-use crate::rundir::{write_index, ExperimentIndex, Metrics, RunDir};
+use crate::rundir::{write_index, ExperimentIndex, Metrics};
 use crate::spec::Spec;
 use anyhow::{bail, Result};
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub fn summarise(
     spec: &Spec,
     spec_path: &Path,
     opts: &Options,
     exp_dir: &Path,
-    finished: &BTreeMap<String, PathBuf>,
     blocked: &[String],
 ) -> Result<()> {
     if opts.dry_run {
         println!("\n(dry run: nothing was run)");
         return Ok(());
     }
-    let evaluated: Vec<(String, Metrics)> = finished
+    // Every run of the experiment, not only this process's: array tasks each run one point, and
+    // the index and the report show all that exist. One summary is written at a time.
+    let _lock = crate::files::Lock::acquire(
+        &exp_dir.join("lock"),
+        exp_dir,
+        "mfr run (summary)",
+        crate::files::Contention::Wait,
+    )?;
+    let runs = crate::rundir::runs_of(exp_dir)?;
+    let evaluated: Vec<(String, Metrics)> = runs
         .iter()
-        .map(|(name, dir)| Ok(RunDir::new(dir).read_metrics()?.map(|m| (name.clone(), m))))
+        .map(|dir| Ok(dir.read_metrics()?.map(|m| (dir.name(), m))))
         .collect::<Result<Vec<_>>>()?
         .into_iter()
         .flatten()
@@ -29,9 +36,9 @@ pub fn summarise(
     let index = ExperimentIndex {
         experiment: spec.experiment.name.clone(),
         spec: spec_path.display().to_string(),
-        runs: finished
+        runs: runs
             .iter()
-            .map(|(k, v)| (k.clone(), v.display().to_string()))
+            .map(|d| (d.name(), d.path().display().to_string()))
             .collect(),
         fid: evaluated
             .iter()

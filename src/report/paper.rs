@@ -26,6 +26,9 @@ pub struct Recipe {
     pub source: String,
     #[serde(default)]
     pub port: BTreeMap<String, String>,
+    /// The official code's configuration key of each spec key.
+    #[serde(default)]
+    pub official: BTreeMap<String, String>,
     #[serde(flatten)]
     pub keys: BTreeMap<String, toml::Value>,
 }
@@ -37,10 +40,14 @@ impl Recipe {
     /// The recipe keys whose value in `spec` differs from the paper's.
     pub fn departures(&self, spec: &Spec) -> Vec<Departure> {
         let resolved = toml::Value::try_from(spec).expect("a spec serialises to TOML");
+        let implicit = crate::spec::implicit_defaults();
         self.keys
             .iter()
             .filter_map(|(key, want)| {
-                let got = key.split('.').try_fold(&resolved, |v, k| v.get(k));
+                let got = key
+                    .split('.')
+                    .try_fold(&resolved, |v, k| v.get(k))
+                    .or_else(|| implicit.iter().find(|(k, _)| k == key).map(|(_, v)| v));
                 (!got.is_some_and(|g| same_value(g, want)))
                     .then(|| (key.clone(), want.clone(), got.cloned()))
             })

@@ -13,16 +13,18 @@
 //!                                    samples-<n>nfe.npz (+ .parts/ while sampling),
 //!                                    step-<8 digits>/samples-<n>nfe.npz
 //!                            loss.png, loss.svg
+//!                            tensorboard/events.out.tfevents.0.mfr
 //! ```
 pub mod checkpoint;
-mod lock;
 mod records;
 pub mod samples;
 mod stats;
+mod tensorboard;
 
-pub use lock::{Contention, RunLock};
+pub use crate::files::{Contention, Lock as RunLock};
 pub use records::{AdmScores, Env, ExperimentIndex, HistoryPoint, Metrics, SampleInputs, StatLine};
 pub use stats::{read_stats, StatsLog};
+pub use tensorboard::Events;
 
 use crate::files::write_atomic;
 use crate::spec::Spec;
@@ -157,7 +159,12 @@ impl RunDir {
 
     /// The log to append to, continuing after step `resumed_at`.
     pub fn stats_log(&self, resumed_at: u64) -> Result<StatsLog> {
-        StatsLog::continue_after(&self.stats_file(), resumed_at)
+        StatsLog::continue_after(&self.stats_file(), resumed_at, self.events())
+    }
+
+    /// The run's TensorBoard event file.
+    pub fn events(&self) -> Events {
+        Events::of(&self.root)
     }
 
     pub fn read_sample_inputs(&self) -> Result<Option<SampleInputs>> {
@@ -172,15 +179,22 @@ impl RunDir {
         read_json(&self.metrics_file())
     }
 
+    /// Writes metrics.json, and the event file anew: the training scalars and the FID history.
     pub fn write_metrics(&self, metrics: &Metrics) -> Result<()> {
-        write_json(&self.metrics_file(), metrics)
+        write_json(&self.metrics_file(), metrics)?;
+        let events = self.events();
+        events.rewrite(&self.read_stats()?)?;
+        for point in &metrics.history {
+            events.fid(point.step, &point.nfe, point.fid)?;
+        }
+        Ok(())
     }
 
     /// Takes the run's lock for `command` (creating the directory if needed), and removes what
     /// killed writers of this host left behind.
     pub fn lock(&self, command: &str, contention: Contention) -> Result<RunLock> {
-        let lock = RunLock::acquire(&self.root, command, contention)?;
-        for dir in [self.checkpoints(), self.samples()] {
+        let lock = RunLock::acquire(&self.root.join("lock"), &self.root, command, contention)?;
+        for dir in [self.root.clone(), self.checkpoints(), self.samples()] {
             crate::files::remove_stale_temporaries(&dir);
         }
         Ok(lock)

@@ -34,6 +34,9 @@ pub struct StatLine {
     pub epoch: u64,
     pub loss: f64,
     pub v_loss: f64,
+    /// The batch mean of the adaptive weight (None in logs from before it was logged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_weight: Option<f64>,
     pub grad_norm: f64,
     pub lr: f64,
     /// Wall-clock fields: they differ between a resumed run and an uninterrupted one.
@@ -54,6 +57,12 @@ pub struct SampleInputs {
     /// The checkpoints of `eval.steps` sampled besides the final weights.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<u64>,
+    /// The network's precision and the labels ("float32", "balanced"): empty in files written
+    /// before they were recorded, which then no longer match (their samples are drawn again).
+    #[serde(default)]
+    pub precision: String,
+    #[serde(default)]
+    pub labels: String,
 }
 
 /// The ADM evaluator's five numbers for one sample batch, and what they were computed from.
@@ -62,9 +71,11 @@ pub struct AdmScores {
     /// None: the Inception weights have no softmax layer (the bundled TorchScript network).
     pub inception_score: Option<f64>,
     pub fid: f64,
-    pub sfid: f64,
-    pub precision: f64,
-    pub recall: f64,
+    /// None: a reference of statistics without the spatial ones.
+    pub sfid: Option<f64>,
+    /// None (with recall): a reference of statistics alone, without images.
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
     pub reference: String,
     pub samples: String,
     pub num_samples: usize,
@@ -73,15 +84,28 @@ pub struct AdmScores {
     pub device: String,
     /// Inception throughput on the samples.
     pub img_per_s: f64,
+    /// FID's bootstrap interval, when one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fid_interval: Option<crate::eval::bootstrap::Interval>,
 }
 
 impl AdmScores {
     /// The lines the ADM evaluator prints.
     pub fn adm_lines(&self) -> String {
         let is = self.inception_score.map_or_else(|| "unavailable (these Inception weights have no softmax layer: `mfr fetch pt_inception`, or pass --inception pt_inception-2015-12-05-6726825d.pth)".to_owned(), |v| v.to_string());
+        let or = |v: Option<f64>, why: &str| {
+            v.map_or_else(|| format!("unavailable ({why})"), |v| v.to_string())
+        };
+        let stats_only = "the reference holds statistics, not images";
         format!(
             "Inception Score: {is}\nFID: {}\nsFID: {}\nPrecision: {}\nRecall: {}",
-            self.fid, self.sfid, self.precision, self.recall
+            self.fid,
+            or(
+                self.sfid,
+                "the reference has no spatial statistics (mu_s, sigma_s)"
+            ),
+            or(self.precision, stats_only),
+            or(self.recall, stats_only)
         )
     }
 }
@@ -100,6 +124,9 @@ pub struct HistoryPoint {
 pub struct Metrics {
     /// FID of the final weights' samples per schedule ("1-NFE" -> FID).
     pub fid: BTreeMap<String, f64>,
+    /// Each of those FIDs' bootstrap interval (none in files from before intervals).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fid_interval: BTreeMap<String, crate::eval::bootstrap::Interval>,
     /// FID per evaluated training step (the final one and those of `eval.steps`).
     pub history: Vec<HistoryPoint>,
     /// ADM's five metrics per schedule (latent runs scored against a reference batch).

@@ -2,6 +2,7 @@
 //! write, so a kill leaves at most a partial last line; readers skip it, and a resumed run
 //! drops it with every line after its checkpoint, so its log reads as an uninterrupted run's.
 use super::records::StatLine;
+use super::tensorboard::Events;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,17 +35,18 @@ pub fn read_stats(path: &Path) -> Result<Vec<StatLine>> {
         .collect()
 }
 
-/// The log a training process appends to.
+/// The log a training process appends to, and its TensorBoard twin.
 pub struct StatsLog {
     path: PathBuf,
     file: std::fs::File,
+    events: Events,
 }
 
 impl StatsLog {
     /// Opens `path` to continue after step `resumed_at` (0: a fresh start): a partial last
     /// line, lines that do not parse (an older version's kill), and lines of later steps (logged
     /// after the checkpoint resumed from, and about to be logged again) are dropped first.
-    pub fn continue_after(path: &Path, resumed_at: u64) -> Result<StatsLog> {
+    pub fn continue_after(path: &Path, resumed_at: u64, events: Events) -> Result<StatsLog> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -71,9 +73,11 @@ impl StatsLog {
             .append(true)
             .open(path)
             .with_context(|| format!("{}: cannot open", path.display()))?;
+        events.rewrite(&read_stats(path)?)?;
         Ok(StatsLog {
             path: path.to_owned(),
             file,
+            events,
         })
     }
 
@@ -83,6 +87,7 @@ impl StatsLog {
         text.push('\n');
         self.file
             .write_all(text.as_bytes())
-            .with_context(|| format!("{}: cannot write", self.path.display()))
+            .with_context(|| format!("{}: cannot write", self.path.display()))?;
+        self.events.stat(line)
     }
 }

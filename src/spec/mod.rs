@@ -8,8 +8,8 @@ mod validate;
 
 pub use error::SpecError;
 pub use schema::{
-    EvalSection, ExperimentSection, MeanFlowSection, ModelSection, PaperSection, Precision,
-    SampleSection, Spec, TrainSection,
+    implicit_defaults, EvalSection, ExperimentSection, MeanFlowSection, ModelSection, PaperSection,
+    Precision, SampleLabels, SamplePrecision, SampleSection, Spec, TrainSection,
 };
 
 use sha2::{Digest, Sha256};
@@ -77,7 +77,17 @@ impl Spec {
         base.ablations.clear();
         match (self.sweep.is_empty(), self.ablations.is_empty()) {
             (true, true) => Ok(vec![("default".to_owned(), base)]),
-            (false, true) => grid(&base, &self.sweep, "sweep", file),
+            (false, true) => {
+                let points = grid(&base, &self.sweep, "sweep", file)?;
+                let mut names = std::collections::BTreeSet::new();
+                if let Some((name, _)) = points.iter().find(|(n, _)| !names.insert(n.clone())) {
+                    return Err(SpecError::whole(
+                        file,
+                        format!("two sweep points are both `{name}` (a value listed twice?): each point is a run directory of its own"),
+                    ));
+                }
+                Ok(points)
+            }
             (true, false) => {
                 let base_sha = base.sha256();
                 let mut seen = std::collections::BTreeSet::from([base_sha.clone()]);

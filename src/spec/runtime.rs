@@ -1,6 +1,6 @@
 //! The checked runtime configs a validated spec gives the other modules, each defined by the
 //! module that takes it (`SiTConfig` in model, `MeanFlowConfig` in meanflow, ...).
-use super::schema::{JvpTangent, MeanFlowSection, Precision, Spec, TimeSamplerName};
+use super::schema::{JvpTangent, MeanFlowSection, Spec, TimeSamplerName};
 use crate::meanflow::{Guidance, MeanFlowConfig, Tangent, TimeSampler};
 use crate::model::SiTConfig;
 
@@ -18,6 +18,8 @@ impl Spec {
             num_heads: get(m.num_heads),
             num_classes: m.num_classes,
             conditioning: self.meanflow.conditioning,
+            time_embedding: crate::model::TimeEmbedding::Float32,
+            embedder_init: m.embedder_init,
         }
     }
 
@@ -39,7 +41,7 @@ impl Spec {
             epochs: count(t.epochs),
             lr: t.lr,
             warmup_steps: count(t.warmup_steps),
-            betas: t.betas,
+            betas: [t.betas[0], t.betas[1]],
             weight_decay: t.weight_decay,
             grad_clip: t.grad_clip,
             ema_decay: t.ema_decay,
@@ -63,8 +65,9 @@ impl Spec {
             in_channels: m.in_channels,
             input_size: m.input_size,
             num_classes: m.num_classes,
-            bf16: self.train.precision == Precision::Bf16,
+            bf16: self.sample.precision == super::SamplePrecision::Bf16,
             input_kind: crate::train::input_kind(self.train.precision),
+            random_labels: self.sample.labels == super::SampleLabels::Random,
             seed: self.sample.seed,
             batch: self.sample.batch,
             num_samples: self.sample.num_samples,

@@ -1,7 +1,7 @@
 //! The spec file's sections. Defaults are the paper's SiT-B/4 setting (facts: Sec. 4, Table 4,
 //! Appendix A); every section rejects keys it does not know.
 use crate::meanflow::JvpMethod;
-use crate::model::Conditioning;
+use crate::model::{Conditioning, EmbedderInit};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -59,6 +59,63 @@ pub struct ModelSection {
     pub in_channels: i64,
     #[serde(default = "d::num_classes")]
     pub num_classes: i64,
+    /// The time embedders' init: "port" (the PyTorch port: t N(0, 0.02), h Xavier-uniform) or
+    /// "official" (the official JAX code: both N(0, 0.02)). Left out of the TOML at its default,
+    /// so the specs written before it keep their hashes.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub embedder_init: EmbedderInit,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// The keys a resolved spec leaves out of its TOML (and hash) while they hold their defaults,
+/// with those defaults: added after the specs that predate them, which keep their hashes.
+pub fn implicit_defaults() -> Vec<(&'static str, toml::Value)> {
+    let text = |v: &dyn erased::AsText| toml::Value::String(v.text());
+    vec![
+        ("model.embedder_init", text(&EmbedderInit::default())),
+        ("sample.precision", text(&SamplePrecision::default())),
+        ("sample.labels", text(&SampleLabels::default())),
+        ("train.cuda_graph", toml::Value::Boolean(false)),
+        ("eval.bootstrap", toml::Value::Integer(DEFAULT_BOOTSTRAP)),
+    ]
+}
+
+mod erased {
+    /// A unit enum's name as serde writes it.
+    pub trait AsText {
+        fn text(&self) -> String;
+    }
+    impl<T: serde::Serialize> AsText for T {
+        fn text(&self) -> String {
+            toml::Value::try_from(self)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        }
+    }
+}
+
+/// How the sample stage's network runs: float32 (both references sample in float32) or under
+/// bf16 autocast (faster, not what the paper's numbers were made with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SamplePrecision {
+    #[default]
+    Float32,
+    Bf16,
+}
+
+/// The class labels of the sample batch: "balanced" (index mod num_classes, the PyTorch
+/// port's) or "random" (uniform draws, as the official code samples for FID).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleLabels {
+    #[default]
+    Balanced,
+    Random,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,7 +203,8 @@ pub struct TrainSection {
     pub batch: i64,
     pub epochs: i64,
     pub lr: f64,
-    pub betas: [f64; 2],
+    /// (beta1, beta2); a list so that a wrong length is named, not cut.
+    pub betas: Vec<f64>,
     pub weight_decay: f64,
     pub warmup_steps: i64,
     /// Gradient-norm clip; 0 disables it (the official code does not clip, the port clips at 1).
@@ -177,7 +235,7 @@ impl Default for TrainSection {
             batch: 256,
             epochs: 80,
             lr: 1e-4,
-            betas: [0.9, 0.95],
+            betas: vec![0.9, 0.95],
             weight_decay: 0.0,
             warmup_steps: 0,
             grad_clip: 0.0,
@@ -204,6 +262,11 @@ pub struct SampleSection {
     pub batch: i64,
     pub seed: u64,
     pub vae: String,
+    /// The network's precision while sampling (the decoder runs as it always does).
+    #[serde(skip_serializing_if = "is_default")]
+    pub precision: SamplePrecision,
+    #[serde(skip_serializing_if = "is_default")]
+    pub labels: SampleLabels,
 }
 
 impl Default for SampleSection {
@@ -214,6 +277,8 @@ impl Default for SampleSection {
             batch: 250,
             seed: 0,
             vae: "sd-vae-ft-ema".to_owned(),
+            precision: SamplePrecision::Float32,
+            labels: SampleLabels::Balanced,
         }
     }
 }
@@ -228,6 +293,16 @@ pub struct EvalSection {
     /// final one: the report's FID against training step.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<u64>,
+    /// Bootstrap resamples of each FID's 95% interval (0: none).
+    #[serde(skip_serializing_if = "is_default_bootstrap")]
+    pub bootstrap: i64,
+}
+
+/// Resamples of an FID's bootstrap interval unless a spec says otherwise.
+pub const DEFAULT_BOOTSTRAP: i64 = 200;
+
+fn is_default_bootstrap(v: &i64) -> bool {
+    *v == DEFAULT_BOOTSTRAP
 }
 
 impl Default for EvalSection {
@@ -236,6 +311,7 @@ impl Default for EvalSection {
             reference: "VIRTUAL_imagenet256_labeled".to_owned(),
             batch: 250,
             steps: Vec::new(),
+            bootstrap: DEFAULT_BOOTSTRAP,
         }
     }
 }

@@ -55,25 +55,40 @@ impl Spec {
     }
 
     pub(super) fn validate(&self) -> Checked {
+        self.validate_experiment()?;
         self.validate_model()?;
         self.validate_meanflow()?;
         self.validate_train()?;
         self.validate_sample()
     }
 
-    /// The network's shape.
+    /// The name is a folder of results/ and reports/: one plain path component.
+    fn validate_experiment(&self) -> Checked {
+        let name = &self.experiment.name;
+        let plain = name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        require(
+            plain && !name.is_empty() && name.len() <= 100 && !name.starts_with('.'),
+            "experiment.name",
+            "expected a plain folder name (letters, digits, '.', '_', '-'; not starting with '.')",
+        )
+    }
+
+    /// The network's shape. The bounds keep every size computed from it far from overflow;
+    /// whether a device can hold the network is checked when it is built.
     fn validate_model(&self) -> Checked {
         let c = self.model_config();
-        for (key, v) in [
-            ("model.depth", c.depth),
-            ("model.hidden_size", c.hidden_size),
-            ("model.num_heads", c.num_heads),
-            ("model.patch_size", c.patch_size),
-            ("model.input_size", c.input_size),
-            ("model.in_channels", c.in_channels),
-            ("model.num_classes", c.num_classes),
+        for (key, v, max) in [
+            ("model.depth", c.depth, 1024),
+            ("model.hidden_size", c.hidden_size, 65_536),
+            ("model.num_heads", c.num_heads, 1024),
+            ("model.patch_size", c.patch_size, 64),
+            ("model.input_size", c.input_size, 4096),
+            ("model.in_channels", c.in_channels, 1024),
+            ("model.num_classes", c.num_classes, 1 << 24),
         ] {
-            require(v > 0, key, &format!("expected a positive integer, got {v}"))?;
+            count(key, v, 1, max)?;
         }
         require(
             c.hidden_size % c.num_heads == 0,
@@ -89,115 +104,57 @@ impl Spec {
             c.input_size % c.patch_size == 0,
             "model.patch_size",
             "must divide model.input_size",
-        )?;
-        Ok(())
+        )
     }
 
     /// The objective's settings.
     fn validate_meanflow(&self) -> Checked {
         let m = &self.meanflow;
-        let unit = |v: f64| (0.0..=1.0).contains(&v);
-        require(
-            m.p_std > 0.0,
-            "meanflow.P_std",
-            "expected a positive number",
-        )?;
-        require(
-            m.p_mean.is_finite(),
-            "meanflow.P_mean",
-            "expected a finite number",
-        )?;
-        require(
-            unit(m.data_proportion),
-            "meanflow.data_proportion",
-            "expected a fraction in [0, 1]",
-        )?;
-        require(
-            m.omega > 0.0 && m.omega.is_finite(),
-            "meanflow.omega",
-            "expected a positive number (1.0 = no guidance)",
-        )?;
-        require(
-            (0.0..1.0).contains(&m.kappa),
-            "meanflow.kappa",
-            "expected a number in [0, 1)",
-        )?;
-        require(
-            unit(m.t_start),
-            "meanflow.t_start",
-            "expected a time in [0, 1]",
-        )?;
-        require(unit(m.t_end), "meanflow.t_end", "expected a time in [0, 1]")?;
+        number("meanflow.P_mean", m.p_mean, f64::MIN, f64::MAX)?;
+        positive("meanflow.P_std", m.p_std)?;
+        number("meanflow.data_proportion", m.data_proportion, 0.0, 1.0)?;
+        positive("meanflow.omega", m.omega)?;
+        below_one("meanflow.kappa", m.kappa)?;
+        number("meanflow.t_start", m.t_start, 0.0, 1.0)?;
+        number("meanflow.t_end", m.t_end, 0.0, 1.0)?;
         require(
             m.t_start <= m.t_end,
             "meanflow.t_end",
             "must not be below meanflow.t_start",
         )?;
-        require(m.norm_p >= 0.0, "meanflow.norm_p", "expected a number >= 0")?;
-        require(
-            m.norm_eps > 0.0,
-            "meanflow.norm_eps",
-            "expected a positive number",
-        )?;
-        require(
-            (0.0..1.0).contains(&m.class_dropout),
-            "meanflow.class_dropout",
-            "expected a probability in [0, 1)",
-        )?;
-        Ok(())
+        number("meanflow.norm_p", m.norm_p, 0.0, f64::MAX)?;
+        positive("meanflow.norm_eps", m.norm_eps)?;
+        below_one("meanflow.class_dropout", m.class_dropout)
     }
 
     /// The training loop's settings.
     fn validate_train(&self) -> Checked {
         let t = &self.train;
-        require(t.batch > 0, "train.batch", "expected a positive integer")?;
-        require(t.epochs > 0, "train.epochs", "expected a positive integer")?;
-        require(t.lr > 0.0, "train.lr", "expected a positive number")?;
+        count("train.batch", t.batch, 1, 1 << 24)?;
+        // Bounded so that steps per epoch x epochs cannot overflow (checked again at the start).
+        count("train.epochs", t.epochs, 1, 1_000_000)?;
+        positive("train.lr", t.lr)?;
         require(
-            t.betas.iter().all(|b| (0.0..1.0).contains(b)),
+            t.betas.len() == 2,
             "train.betas",
-            "expected two numbers in [0, 1)",
+            &format!("expected two numbers (beta1, beta2), got {}", t.betas.len()),
         )?;
+        for &b in &t.betas {
+            below_one("train.betas", b)?;
+        }
+        number("train.weight_decay", t.weight_decay, 0.0, f64::MAX)?;
+        count("train.warmup_steps", t.warmup_steps, 0, 1 << 40)?;
+        number("train.grad_clip", t.grad_clip, 0.0, f64::MAX)?;
+        below_one("train.ema_decay", t.ema_decay)?;
+        count("train.grad_accumulation", t.grad_accumulation, 1, t.batch)?;
         require(
-            t.weight_decay >= 0.0,
-            "train.weight_decay",
-            "expected a number >= 0",
-        )?;
-        require(
-            t.warmup_steps >= 0,
-            "train.warmup_steps",
-            "expected an integer >= 0",
-        )?;
-        require(
-            t.grad_clip >= 0.0,
-            "train.grad_clip",
-            "expected a number >= 0 (0 disables clipping)",
-        )?;
-        require(
-            (0.0..1.0).contains(&t.ema_decay),
-            "train.ema_decay",
-            "expected a number in [0, 1)",
-        )?;
-        require(
-            t.grad_accumulation > 0 && t.batch % t.grad_accumulation == 0,
+            t.batch % t.grad_accumulation == 0,
             "train.grad_accumulation",
-            "expected a positive integer that divides train.batch",
+            "must divide train.batch (the micro-batches are equal)",
         )?;
-        require(
-            t.log_every > 0,
-            "train.log_every",
-            "expected a positive integer",
-        )?;
-        require(
-            t.checkpoint_every > 0,
-            "train.checkpoint_every",
-            "expected a positive integer",
-        )?;
-        require(
-            t.keep_checkpoints > 0,
-            "train.keep_checkpoints",
-            "expected a positive integer",
-        )?;
+        count("train.log_every", t.log_every, 1, i64::MAX)?;
+        count("train.checkpoint_every", t.checkpoint_every, 1, i64::MAX)?;
+        count("train.keep_checkpoints", t.keep_checkpoints, 1, 1 << 20)?;
         if let Err(e) = crate::device::parse_name(&t.device) {
             return fail("train.device", e.to_string());
         }
@@ -212,27 +169,81 @@ impl Spec {
             "sample.schedules",
             "expected at least one schedule, e.g. [[1.0, 0.0]]",
         )?;
+        let mut steps = std::collections::BTreeSet::new();
         for schedule in &s.schedules {
             if let Err(e) = sampler::check_schedule(schedule) {
                 return fail("sample.schedules", e.to_string());
             }
+            // Samples are filed by their number of steps.
+            require(
+                steps.insert(schedule.len()),
+                "sample.schedules",
+                &format!(
+                    "two schedules take {} steps: give each number of steps one schedule",
+                    schedule.len() - 1
+                ),
+            )?;
         }
+        count("sample.num_samples", s.num_samples, 1, 100_000_000)?;
+        count("sample.batch", s.batch, 1, 1 << 20)?;
         require(
-            s.num_samples > 0,
-            "sample.num_samples",
-            "expected a positive integer",
+            !s.vae.is_empty(),
+            "sample.vae",
+            "expected an asset name or a file",
         )?;
-        require(s.batch > 0, "sample.batch", "expected a positive integer")?;
+        count("eval.batch", self.eval.batch, 1, 1 << 20)?;
         require(
-            self.eval.batch > 0,
-            "eval.batch",
-            "expected a positive integer",
+            self.eval.bootstrap == 0 || (2..=100_000).contains(&self.eval.bootstrap),
+            "eval.bootstrap",
+            &format!(
+                "expected 0 (no intervals) or an integer in [2, 100000], got {}",
+                self.eval.bootstrap
+            ),
         )?;
-        require(
-            self.paper.tolerance > 0.0,
-            "paper.tolerance",
-            "expected a positive number",
-        )?;
-        Ok(())
+        positive("paper.tolerance", self.paper.tolerance)
     }
+}
+
+/// An integer in [min, max].
+fn count(key: &str, v: i64, min: i64, max: i64) -> Checked {
+    require(
+        (min..=max).contains(&v),
+        key,
+        &match (min, max) {
+            (_, i64::MAX) => format!("expected an integer >= {min}, got {v}"),
+            _ => format!("expected an integer in [{min}, {max}], got {v}"),
+        },
+    )
+}
+
+/// A finite number in [min, max].
+fn number(key: &str, v: f64, min: f64, max: f64) -> Checked {
+    let range = match (min, max) {
+        (f64::MIN, f64::MAX) => "a finite number".to_owned(),
+        (_, f64::MAX) => format!("a finite number >= {min}"),
+        _ => format!("a number in [{min}, {max}]"),
+    };
+    require(
+        v.is_finite() && (min..=max).contains(&v),
+        key,
+        &format!("expected {range}, got {v}"),
+    )
+}
+
+/// A finite number > 0.
+fn positive(key: &str, v: f64) -> Checked {
+    require(
+        v.is_finite() && v > 0.0,
+        key,
+        &format!("expected a finite positive number, got {v}"),
+    )
+}
+
+/// A number in [0, 1).
+fn below_one(key: &str, v: f64) -> Checked {
+    require(
+        (0.0..1.0).contains(&v),
+        key,
+        &format!("expected a number in [0, 1), got {v}"),
+    )
 }

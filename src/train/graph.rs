@@ -108,6 +108,7 @@ impl StepGraph {
         Ok(StepStats {
             loss: r.stats.loss.copy(),
             v_loss: r.stats.v_loss.copy(),
+            adaptive_weight: r.stats.adaptive_weight.copy(),
             grad_norm: r.stats.grad_norm.copy(),
         })
     }

@@ -1,9 +1,9 @@
 //! What training reports as it goes: the steps' numbers summed on the device between log lines,
 //! stats.jsonl (on the rank that writes it) and the progress bar.
 use super::{StepStats, TrainConfig};
+use crate::progress::Progress;
 use crate::rundir::{StatLine, StatsLog};
 use anyhow::Result;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
@@ -12,6 +12,7 @@ use tch::{Kind, Tensor};
 pub(super) struct StepLog {
     loss: Tensor,
     v_loss: Tensor,
+    adaptive_weight: Tensor,
     grad_norm: Tensor,
     /// The first step with a non-finite loss or gradient norm, -1 while there is none.
     first_bad: Tensor,
@@ -20,7 +21,7 @@ pub(super) struct StepLog {
     started: Instant,
     wall_before: f64,
     file: Option<StatsLog>,
-    bar: ProgressBar,
+    bar: Progress,
 }
 
 impl StepLog {
@@ -34,20 +35,15 @@ impl StepLog {
         shown: bool,
     ) -> StepLog {
         let bar = match shown {
-            true => ProgressBar::new(total).with_position(start),
-            false => ProgressBar::hidden(),
+            true => Progress::new(&format!("{} train", cfg.label), total, "steps"),
+            false => Progress::hidden(),
         };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} {msg}",
-            )
-            .expect("a valid template"),
-        );
-        bar.set_prefix(cfg.label.clone());
+        bar.start_at(start);
         let zero = || Tensor::zeros([], (Kind::Float, device));
         StepLog {
             loss: zero(),
             v_loss: zero(),
+            adaptive_weight: zero(),
             grad_norm: zero(),
             first_bad: Tensor::full([], -1i64, (Kind::Int64, device)),
             window: (Instant::now(), 0),
@@ -71,6 +67,7 @@ impl StepLog {
             .where_self(&(self.first_bad.ge(0).logical_or(&bad.logical_not())), &at);
         self.loss += &s.loss;
         self.v_loss += &s.v_loss;
+        self.adaptive_weight += &s.adaptive_weight;
         self.grad_norm += s.grad_norm.to_kind(Kind::Float);
         self.window.1 += 1;
     }
@@ -93,6 +90,7 @@ impl StepLog {
             epoch,
             loss: self.loss.double_value(&[]) / n,
             v_loss: self.v_loss.double_value(&[]) / n,
+            adaptive_weight: Some(self.adaptive_weight.double_value(&[]) / n),
             grad_norm: self.grad_norm.double_value(&[]) / n,
             lr,
             img_per_s: n * self.batch as f64 / elapsed.max(1e-9),
@@ -103,7 +101,12 @@ impl StepLog {
         }
         self.bar
             .set_message(format!("loss {:.4} v_loss {:.4}", line.loss, line.v_loss));
-        for sum in [&mut self.loss, &mut self.v_loss, &mut self.grad_norm] {
+        for sum in [
+            &mut self.loss,
+            &mut self.v_loss,
+            &mut self.adaptive_weight,
+            &mut self.grad_norm,
+        ] {
             let _ = sum.zero_();
         }
         self.window = (Instant::now(), 0);

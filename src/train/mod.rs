@@ -61,12 +61,20 @@ impl TrainConfig {
 }
 
 /// A SiT of `config` on `device` in `precision`, initialised from torch's generator as it
-/// stands (seed it first).
+/// stands (seed it first). Refused, with the numbers, when `copies` of its weights (the model,
+/// an EMA, gradients, optimizer moments) cannot fit the device.
 pub fn network(
     config: &SiTConfig,
     precision: Precision,
     device: Device,
+    copies: f64,
 ) -> Result<(nn::VarStore, SiT)> {
+    let bytes = config.parameters() * input_kind(precision).elt_size_in_bytes() as f64;
+    crate::device::ensure_fits(
+        bytes * copies,
+        device,
+        &format!("a network of {:.3e} parameters", config.parameters()),
+    )?;
     let mut vs = nn::VarStore::new(device);
     let net = SiT::new(&vs.root(), config);
     prepare_precision(&mut vs, precision, device)?;
@@ -84,10 +92,11 @@ impl Networks {
     /// The model initialised from `seed`, and an EMA copy of it when `with_ema`.
     pub fn on(cfg: &TrainConfig, device: Device, with_ema: bool) -> Result<Networks> {
         tch::manual_seed(crate::data::mix(cfg.seed, u64::MAX) as i64);
-        let (vs, net) = network(&cfg.model, cfg.precision, device)?;
+        // The weights, their gradients, AdamW's two moments and the EMA.
+        let (vs, net) = network(&cfg.model, cfg.precision, device, 5.0)?;
         let ema = match with_ema {
             true => {
-                let (mut ema_vs, ema) = network(&cfg.model, cfg.precision, device)?;
+                let (mut ema_vs, ema) = network(&cfg.model, cfg.precision, device, 1.0)?;
                 ema_vs.freeze();
                 ema::copy(&ema_vs, &vs);
                 Some((ema_vs, ema))
@@ -136,6 +145,9 @@ pub fn trainable(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 pub struct StepStats {
     pub loss: Tensor,
     pub v_loss: Tensor,
+    /// The batch mean of the adaptive weight (||u - u_tgt||^2 + eps)^p: the weighted loss sits
+    /// near 1 with p = 1, so this is what shows the scale of the error.
+    pub adaptive_weight: Tensor,
     pub grad_norm: Tensor,
 }
 
@@ -228,10 +240,8 @@ impl Trainer<'_> {
         let (rank, world) = self
             .sync
             .map_or((0, 1), |g| (g.rank() as i64, g.size() as i64));
-        let (mut loss, mut v_loss) = (
-            Tensor::zeros([], (Kind::Float, x.device())),
-            Tensor::zeros([], (Kind::Float, x.device())),
-        );
+        let zero = || Tensor::zeros([], (Kind::Float, x.device()));
+        let (mut loss, mut v_loss, mut weight) = (zero(), zero(), zero());
         for (x, labels) in x
             .chunk(chunks, 0)
             .iter()
@@ -246,11 +256,17 @@ impl Trainer<'_> {
             (terms.loss.shallow_clone() / chunks as f64).backward();
             loss += terms.loss.detach().to_kind(Kind::Float) / chunks as f64;
             v_loss += terms.v_loss.to_kind(Kind::Float) / chunks as f64;
+            weight += terms
+                .adaptive_weight
+                .detach()
+                .to_kind(Kind::Float)
+                .mean(Kind::Float)
+                / chunks as f64;
         }
         if let Some(group) = self.sync {
-            // One all-reduce for the gradients and the step's two numbers (the loss terms of
-            // the whole global batch, as one process would log them).
-            let numbers = Tensor::stack(&[&loss, &v_loss], 0);
+            // One all-reduce for the gradients and the step's numbers (the loss terms of the
+            // whole global batch, as one process would log them).
+            let numbers = Tensor::stack(&[&loss, &v_loss, &weight], 0);
             let mut list: Vec<Tensor> = self
                 .opt
                 .params
@@ -260,13 +276,14 @@ impl Trainer<'_> {
                 .collect();
             list.push(numbers.shallow_clone());
             group.all_reduce(&list, true, "the gradients")?;
-            (loss, v_loss) = (numbers.get(0), numbers.get(1));
+            (loss, v_loss, weight) = (numbers.get(0), numbers.get(1), numbers.get(2));
         }
         let grad_norm = optim::clip_grad_norm(&self.opt.params, self.grad_clip)?;
         self.opt.update(lr)?;
         Ok(StepStats {
             loss,
             v_loss,
+            adaptive_weight: weight,
             grad_norm,
         })
     }

@@ -1,6 +1,7 @@
 //! The training loop of one run: resumes from the newest checkpoint that verifies, logs to an
-//! append-only stats.jsonl and a progress bar, checkpoints atomically, stops cleanly on Ctrl-C
-//! and at the first non-finite loss or gradient.
+//! append-only stats.jsonl and a progress bar, checkpoints atomically, stops cleanly on a stop
+//! signal (SIGINT, SIGTERM, SIGUSR1: see [`crate::signals`]) after checkpointing, and at the
+//! first non-finite loss or gradient.
 use super::log::StepLog;
 use super::state::{broadcast_start, resume, save_checkpoint};
 use super::{ema, input_kind, optim::AdamW, trainable, Networks, Part, TrainConfig, Trainer};
@@ -11,29 +12,10 @@ use crate::rundir::checkpoint::{self, TrainState};
 use crate::rundir::RunDir;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tch::Tensor;
 
 pub use super::state::{load_ema, restore};
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-    // SAFETY: signal() is async-signal-safe; the next Ctrl-C then kills at once.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_DFL);
-    }
-}
-
-/// Ctrl-C finishes the current step, writes a checkpoint and stops; a second Ctrl-C kills.
-fn install_interrupt_handler() {
-    // SAFETY: the handler only stores to an atomic and calls signal(), both async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
-    }
-}
 
 pub struct Trained {
     pub steps: u64,
@@ -153,7 +135,7 @@ pub fn train_in(
         false => None,
     };
     let mut log = StepLog::new(cfg, stats, length.total, start, wall_before, device, main);
-    install_interrupt_handler();
+    crate::signals::install();
     let mut stop = AgreedStop::default();
     let mut last_saved = None;
     let kind = input_kind(cfg.precision);
@@ -175,10 +157,10 @@ pub fn train_in(
         log.add(step, &s);
         let done = step + 1;
         let interrupted = stop.now(world, done)?;
-        let write_log = done % cfg.log_every == 0 || done == length.total || interrupted;
+        let write_log = done % cfg.log_every == 0 || done == length.total || interrupted.is_some();
         let save = done % cfg.checkpoint_every == 0
             || done == length.total
-            || interrupted
+            || interrupted.is_some()
             || cfg.eval_steps.contains(&done);
         if write_log || save {
             // The loss and gradients were averaged over the group: every rank stops here alike.
@@ -214,9 +196,18 @@ pub fn train_in(
                 &state,
             )?);
         }
-        if interrupted {
+        if let Some(signal) = interrupted {
             log.abandon();
-            bail!("interrupted at step {done}; the checkpoint is saved: continue with `mfr run SPEC --resume`");
+            let path = last_saved.as_ref().expect("a stop saves");
+            return Err(crate::signals::Stopped {
+                signal,
+                at: format!(
+                    "at step {done} of {} (checkpoint {} written)",
+                    length.total,
+                    path.display()
+                ),
+            }
+            .into());
         }
     }
     log.finish();
@@ -247,24 +238,26 @@ fn note_late_eval_steps(cfg: &TrainConfig, total: u64) {
     }
 }
 
-/// Whether the run stops after step `done`: Ctrl-C seen here, or, in a group, by any rank.
+/// Whether the run stops after step `done`, and on which signal: one seen here, or, in a group,
+/// by any rank (the others stop on SIGTERM's number).
 #[derive(Default)]
 struct AgreedStop {
     asked: bool,
 }
 
 impl AgreedStop {
-    fn now(&mut self, world: &World, done: u64) -> Result<bool> {
-        let seen = INTERRUPTED.load(Ordering::SeqCst);
+    fn now(&mut self, world: &World, done: u64) -> Result<Option<i32>> {
+        let seen = crate::signals::received();
         let Some(group) = world.group() else {
             return Ok(seen);
         };
-        // Ranks may see Ctrl-C at different steps: the first to see it asks the group to stop
+        // Ranks may see a signal at different steps: the first to see it asks the group to stop
         // after the next step, which no rank can have finished yet.
-        let ask = seen && !self.asked;
+        let ask = seen.is_some() && !self.asked;
         self.asked |= ask;
-        Ok(group
+        let stop = group
             .stop_step(ask.then_some(done + 1))?
-            .is_some_and(|at| done >= at))
+            .is_some_and(|at| done >= at);
+        Ok(stop.then(|| seen.unwrap_or(libc::SIGTERM)))
     }
 }

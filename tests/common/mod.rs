@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 use meanflow_repro::data::npy;
-use meanflow_repro::model::{Conditioning, SiT, SiTConfig};
+use meanflow_repro::model::{Conditioning, EmbedderInit, SiT, SiTConfig, TimeEmbedding};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
@@ -24,6 +24,8 @@ pub fn small_config(conditioning: Conditioning) -> SiTConfig {
         num_heads: 3,
         num_classes: 5,
         conditioning,
+        time_embedding: TimeEmbedding::Float32,
+        embedder_init: EmbedderInit::Port,
     }
 }
 
