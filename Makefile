@@ -46,7 +46,7 @@ CARGO_ENV := VIRTUAL_ENV=$(VENV) PATH="$(VENV)/bin:$$PATH" LIBTORCH_USE_PYTORCH=
 endif
 CARGO := $(CARGO_ENV) cargo
 
-.PHONY: setup build test lint demo reproduce-b4 bench bench-gpu devbin flax-export clean
+.PHONY: setup build test lint demo report-check reproduce-b4 bench bench-gpu devbin flax-export clean
 
 setup: $(VENV)/.ready .cuda-headers/.ready
 
@@ -97,6 +97,12 @@ lint: setup
 # Trains, samples and scores the four demo runs, then renders reports/demo-digits/.
 demo: build
 	$(RELEASE) run experiments/demo-digits.toml --resume
+
+# Opens a rendered report in headless Chromium (Debian's `chromium`): fails if an image does
+# not load, a table is empty or a link is broken. REPORT=reports/<experiment> picks another.
+REPORT ?= reports/demo-digits
+report-check:
+	$(PYTHON) tools/report_check.py $(REPORT)
 
 # The headline job on a GPU machine: experiments/b4.toml (Table 1's default row and omega = 3).
 # With CKPT=meanflow-B4.pth: import the public checkpoint and evaluate it instead of training.

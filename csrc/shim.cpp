@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/forward_grad.h>
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_foreach_norm.h>
@@ -185,6 +186,11 @@ int mfr_cuda_device_facts(int device, int64_t* total_bytes, int* driver_version,
     TORCH_CHECK(version(driver_version) == 0, "cuDriverGetVersion failed");
     *total_bytes = static_cast<int64_t>(bytes);
   });
+}
+
+// The CUDA runtime version libtorch was built against (e.g. 13000 for 13.0), from its own hooks.
+int mfr_cuda_runtime_version(int64_t* version, char* err, size_t len) {
+  return guarded(err, len, [&] { *version = at::detail::getCUDAHooks().versionCUDART(); });
 }
 
 // Autocast to bfloat16 on CUDA or on the CPU (tch's own helper leaves the dtype at the default

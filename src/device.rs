@@ -2,7 +2,8 @@
 //! TF32), read through the C++ shim.
 use crate::ffi::{
     mfr_autocast_pop, mfr_autocast_push, mfr_cuda_device_facts, mfr_cuda_device_name,
-    mfr_cuda_peak_allocated, mfr_cuda_reset_peak, mfr_set_tf32, mfr_swap_tf32,
+    mfr_cuda_peak_allocated, mfr_cuda_reset_peak, mfr_cuda_runtime_version, mfr_set_tf32,
+    mfr_swap_tf32,
 };
 use anyhow::{bail, Result};
 use std::ffi::{c_void, CStr};
@@ -115,6 +116,20 @@ pub fn cuda_facts(device: usize) -> Result<(u64, String)> {
         total as u64,
         format!("{}.{}", version / 1000, (version % 1000) / 10),
     ))
+}
+
+/// The CUDA runtime version libtorch was built with ("13.0"), where CUDA is available.
+pub fn cuda_runtime() -> Option<String> {
+    if !tch::Cuda::is_available() {
+        return None;
+    }
+    let mut version = 0i64;
+    shim_call("read the CUDA runtime version", |e, l| {
+        // SAFETY: the shim writes one integer and at most `l` bytes of error message.
+        unsafe { mfr_cuda_runtime_version(&mut version, e, l) }
+    })
+    .ok()?;
+    Some(format!("{}.{}", version / 1000, (version % 1000) / 10))
 }
 
 /// Refuses, with the numbers, work that needs more than `device` can hold: `bytes` estimated

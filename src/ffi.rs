@@ -36,6 +36,11 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> c_int;
+    pub(crate) fn mfr_cuda_runtime_version(
+        version: *mut i64,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
     pub(crate) fn mfr_autocast_push(
         cuda: c_int,
         enabled: c_int,

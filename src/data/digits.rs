@@ -47,7 +47,7 @@ impl Digits {
 }
 
 /// $MFR_DIGITS, else scikit-learn's copy in the project venv or python3's site-packages.
-fn locate() -> Result<PathBuf> {
+pub(super) fn locate() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("MFR_DIGITS") {
         return Ok(PathBuf::from(p));
     }

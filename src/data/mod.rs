@@ -35,6 +35,11 @@ pub fn is_pixels(data: &str) -> bool {
     data == "digits"
 }
 
+/// The file the digits are read from (reports give its hash).
+pub fn digits_file() -> Result<std::path::PathBuf> {
+    digits::locate()
+}
+
 /// `digits` is the bundled demo data; anything else is a directory in the REPA latent layout.
 pub fn open(data: &str) -> Result<Arc<dyn Dataset>> {
     let ds: Arc<dyn Dataset> = match data {

@@ -2,6 +2,7 @@
 //! Inception port. The reference's stored statistics (mu, sigma, mu_s, sigma_s) are used when
 //! present; its images' features (needed for precision and recall, or for missing statistics)
 //! are cached by the file's sha256.
+use super::bootstrap::{fid_interval, Interval};
 use super::metrics::{frechet_distance, inception_score, precision_recall, Stats};
 use super::npz::Npz;
 use crate::files::{hex, sha256_file};
@@ -384,42 +385,19 @@ pub fn evaluate(
             (None, None) => Ok(None),
         }
     };
-    let pool_ref = ref_stats(refs.pool, features.as_ref().map(|f| &f.0))?
-        .expect("a reference has images or statistics");
-    let spatial_ref = ref_stats(refs.spatial, features.as_ref().map(|f| &f.1))?;
-    let fid = frechet_distance(&pool_ref, &Stats::of(&pool)?)?;
-    let fid_interval = match opts.bootstrap {
-        0 => None,
-        n => Some(super::bootstrap::fid_interval(
-            &pool_ref,
-            &pool,
-            n,
-            0,
-            0.95,
-            opts.device,
-        )?),
+    let against = Against {
+        pool: ref_stats(refs.pool, features.as_ref().map(|f| &f.0))?
+            .expect("a reference has images or statistics"),
+        spatial: ref_stats(refs.spatial, features.as_ref().map(|f| &f.1))?,
+        pool_features: features.as_ref().map(|f| &f.0),
     };
-    let sfid = match &spatial_ref {
-        Some(s) => Some(frechet_distance(s, &Stats::of(&spatial)?)?),
-        None => None,
-    };
-    let (precision, recall) = match &features {
-        Some((ref_pool, _)) => {
-            let (p, r) = precision_recall(
-                &ref_pool.to_kind(Kind::Float),
-                &pool.to_kind(Kind::Float),
-                3,
-            );
-            (Some(p), Some(r))
-        }
-        None => (None, None),
-    };
+    let s = score(net, &against, &pool, &spatial, opts.bootstrap, opts.device)?;
     Ok(AdmScores {
-        inception_score: inception_score_of(net, &pool, opts.device),
-        fid,
-        sfid,
-        precision,
-        recall,
+        inception_score: s.inception_score,
+        fid: s.fid,
+        sfid: s.sfid,
+        precision: s.precision,
+        recall: s.recall,
         reference: reference.display().to_string(),
         samples: samples.display().to_string(),
         num_samples: pool.size()[0] as usize,
@@ -427,6 +405,64 @@ pub fn evaluate(
         inception_weights: scorer.weights.display().to_string(),
         device: crate::device::describe(opts.device),
         img_per_s,
+        fid_interval: s.fid_interval,
+    })
+}
+
+/// The reference side of the metrics: its statistics, and its pool features where it has
+/// images (precision and recall need them).
+pub struct Against<'a> {
+    pub pool: Stats,
+    pub spatial: Option<Stats>,
+    pub pool_features: Option<&'a Tensor>,
+}
+
+/// What can be computed of ADM's metrics for one sample's features.
+pub struct Scores {
+    pub inception_score: Option<f64>,
+    pub fid: f64,
+    pub fid_interval: Option<Interval>,
+    pub sfid: Option<f64>,
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+}
+
+/// ADM's metrics of a sample's `pool` and `spatial` features against a reference, with FID's
+/// 95% bootstrap interval from `bootstrap` resamples (0: none).
+pub fn score(
+    net: &Inception,
+    against: &Against,
+    pool: &Tensor,
+    spatial: &Tensor,
+    bootstrap: usize,
+    device: Device,
+) -> Result<Scores> {
+    let fid = frechet_distance(&against.pool, &Stats::of(pool)?)?;
+    let fid_interval = match bootstrap {
+        0 => None,
+        n => Some(fid_interval(&against.pool, pool, n, 0, 0.95, device)?),
+    };
+    let sfid = match &against.spatial {
+        Some(s) => Some(frechet_distance(s, &Stats::of(spatial)?)?),
+        None => None,
+    };
+    let (precision, recall) = match against.pool_features {
+        Some(reference) => {
+            let (p, r) = precision_recall(
+                &reference.to_kind(Kind::Float),
+                &pool.to_kind(Kind::Float),
+                3,
+            );
+            (Some(p), Some(r))
+        }
+        None => (None, None),
+    };
+    Ok(Scores {
+        inception_score: inception_score_of(net, pool, device),
+        fid,
         fid_interval,
+        sfid,
+        precision,
+        recall,
     })
 }

@@ -3,12 +3,12 @@
 //! the demo), for the final weights and each checkpoint of `eval.steps`; into metrics.json.
 use super::{plan, Run};
 use crate::data::Dataset;
-use crate::eval::bootstrap::{fid_interval, Interval};
+use crate::eval::bootstrap::Interval;
 use crate::eval::evaluator::{
-    self, cached_features, featurise, weights_tag, Options, Scorer, Source,
+    self, cached_features, featurise, score, weights_tag, Against, Options, Scorer, Source,
 };
 use crate::eval::npz::Npz;
-use crate::eval::{frechet_distance, Stats};
+use crate::eval::Stats;
 use crate::files::hex;
 use crate::paths::default_cache;
 use crate::rundir::{AdmScores, HistoryPoint, Metrics};
@@ -108,9 +108,11 @@ fn pixels(run: &Run, ds: &dyn Dataset, weights: &Path) -> Result<Metrics> {
     let [c, h, w] = ds.stored_shape();
     let size = (c * h * w) as usize;
     let mut values = vec![0f32; ds.len() * size];
-    for (i, out) in values.chunks_exact_mut(size).enumerate() {
-        ds.read(i, out)?;
-    }
+    let labels = values
+        .chunks_exact_mut(size)
+        .enumerate()
+        .map(|(i, out)| ds.read(i, out))
+        .collect::<Result<Vec<i64>>>()?;
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let hash = hex(&sha2::Sha256::digest(&bytes)[..8]);
     let key = format!(
@@ -118,46 +120,76 @@ fn pixels(run: &Run, ds: &dyn Dataset, weights: &Path) -> Result<Metrics> {
         spec.train.data,
         weights_tag(&inception_weights)
     );
-    let reference = Tensor::from_slice(&values).view([ds.len() as i64, c, h, w]);
-    let (ref_pool, _) = cached_features(&default_cache(), &key, || {
+    let reference =
+        crate::sample::pixels_to_u8(&Tensor::from_slice(&values).view([ds.len() as i64, c, h, w]));
+    real_grid(run, &reference, &labels)?;
+    let (ref_pool, ref_spatial) = cached_features(&default_cache(), &key, || {
         let mut source = Source::Memory {
-            images: crate::sample::pixels_to_u8(&reference),
+            images: reference.shallow_clone(),
             next: 0,
         };
         let (pool, spatial, _) = featurise(&net, &mut source, batch, device, "training images")?;
         Ok((pool, spatial))
     })?;
-    let ref_stats = Stats::of(&ref_pool)?;
+    let against = Against {
+        pool: Stats::of(&ref_pool)?,
+        spatial: Some(Stats::of(&ref_spatial)?),
+        pool_features: Some(&ref_pool),
+    };
 
     let n = spec.sample.num_samples;
-    let mut fids = Fids::default();
+    let (mut fids, mut all) = (Fids::default(), BTreeMap::new());
     for (step, logged) in evaluated(run) {
         for schedule in &spec.sample.schedules {
             let nfe = format!("{}-NFE", schedule.len() - 1);
-            let mut npz = Npz::open(&run.dir.samples_npz(step, schedule.len() - 1))?;
+            let npz_path = run.dir.samples_npz(step, schedule.len() - 1);
+            let mut npz = Npz::open(&npz_path)?;
             let mut source = Source::Npz(Box::new(npz.images("arr_0")?));
-            let (pool, _, _) = featurise(&net, &mut source, batch, device, &nfe)?;
-            let fid = frechet_distance(&ref_stats, &Stats::of(&pool)?)?;
-            let interval = match (step, spec.eval.bootstrap) {
-                (None, r) if r > 0 => Some(fid_interval(
-                    &ref_stats, &pool, r as usize, 0, 0.95, device,
-                )?),
-                _ => None,
+            let (pool, spatial, img_per_s) = featurise(&net, &mut source, batch, device, &nfe)?;
+            // The bootstrap only for the final weights: the history plots FIDs alone.
+            let resamples = if step.is_none() {
+                spec.eval.bootstrap
+            } else {
+                0
             };
+            let s = score(&net, &against, &pool, &spatial, resamples as usize, device)?;
             let at = step.map_or_else(String::new, |s| format!(", step {s}"));
-            let pm = interval.map_or_else(String::new, |i| format!(" +- {:.2}", i.half_width()));
+            let pm = s
+                .fid_interval
+                .map_or_else(String::new, |i| format!(" +- {:.2}", i.half_width()));
             println!(
-                "  FID ({nfe}{at}, {n} samples vs {} training images): {fid:.2}{pm}",
-                ds.len()
+                "  FID ({nfe}{at}, {n} samples vs {} training images): {:.2}{pm}",
+                ds.len(),
+                s.fid
             );
-            fids.add(step, logged, &nfe, fid, interval);
+            fids.add(step, logged, &nfe, s.fid, s.fid_interval);
+            if step.is_none() {
+                all.insert(
+                    nfe,
+                    AdmScores {
+                        inception_score: s.inception_score,
+                        fid: s.fid,
+                        sfid: s.sfid,
+                        precision: s.precision,
+                        recall: s.recall,
+                        reference: format!("{} training images", spec.train.data),
+                        samples: npz_path.display().to_string(),
+                        num_samples: pool.size()[0] as usize,
+                        num_reference: ds.len(),
+                        inception_weights: inception_weights.display().to_string(),
+                        device: crate::device::describe(device),
+                        img_per_s,
+                        fid_interval: s.fid_interval,
+                    },
+                );
+            }
         }
     }
     Ok(Metrics {
         fid: fids.last,
         fid_interval: fids.intervals,
         history: fids.history,
-        adm: BTreeMap::new(),
+        adm: all,
         num_samples: n,
         num_reference: ds.len(),
         note: "small-sample FID of pixel-space samples (Inception features of upscaled images): compare runs of one spec, not FID-50K numbers".to_owned(),
@@ -167,10 +199,64 @@ fn pixels(run: &Run, ds: &dyn Dataset, weights: &Path) -> Result<Metrics> {
     })
 }
 
+/// samples/grid-real.png for latent runs: the reference batch's first images (4 rows of 10),
+/// where it holds images.
+fn reference_grid(run: &Run, reference: &Path) -> Result<()> {
+    let mut npz = Npz::open(reference)?;
+    if !npz.has("arr_0") {
+        return Ok(());
+    }
+    let mut images = npz.images("arr_0")?;
+    let Some(first) = images.next_batch(40)? else {
+        return Ok(());
+    };
+    let cols = first.size()[0].min(10);
+    crate::report::sample_grid(
+        &first.narrow(0, 0, cols * (first.size()[0] / cols)),
+        cols,
+        1,
+        &run.dir.real_grid(),
+    )
+}
+
+/// samples/grid-real.png: real images in the sample grids' layout (a column per class, as many
+/// rows as the grids have), to look at beside them. `labels` holds each image's class.
+fn real_grid(run: &Run, images: &Tensor, labels: &[i64]) -> Result<()> {
+    let classes = run.spec.model.num_classes.min(10);
+    let rows = crate::pipeline::sample::GRID_ROWS_PIXELS;
+    let mut picked = Vec::new();
+    for row in 0..rows {
+        for class in 0..classes {
+            let Some(i) = labels
+                .iter()
+                .enumerate()
+                .filter(|(_, &l)| l == class)
+                .nth(row as usize)
+                .map(|(i, _)| i as i64)
+            else {
+                continue;
+            };
+            picked.push(i);
+        }
+    }
+    if picked.len() as i64 != rows * classes {
+        // A class with fewer images than the grid has rows: no grid rather than a ragged one.
+        return Ok(());
+    }
+    let grid = images.index_select(0, &Tensor::from_slice(&picked));
+    crate::report::sample_grid(
+        &grid,
+        classes,
+        crate::pipeline::sample::ZOOM_PIXELS,
+        &run.dir.real_grid(),
+    )
+}
+
 /// ADM's five metrics of each schedule's samples against the reference batch.
 fn adm(run: &Run, weights: &Path) -> Result<Metrics> {
     let spec = run.spec;
     let reference = plan::reference_batch(spec)?;
+    reference_grid(run, &reference)?;
     let opts = Options {
         batch: spec.eval.batch as usize,
         device: crate::device::parse(&spec.train.device)?,

@@ -5,7 +5,7 @@
 mod evaluate;
 mod plan;
 mod preflight;
-mod sample;
+pub(crate) mod sample;
 mod summary;
 
 pub use evaluate::evaluate_files;
@@ -175,7 +175,7 @@ fn run_in(spec: &Spec, spec_path: &Path, opts: &Options, world: &World) -> Resul
         };
         // Rank 0 plans, locks and prepares; the others learn which stages run.
         let planned = if main {
-            plan_and_prepare(*index, &run, &total, opts, &mut blocked)
+            plan_and_prepare(*index, world.size, &run, &total, opts, &mut blocked)
         } else {
             Ok((0, None))
         };
@@ -246,6 +246,7 @@ fn curves(run: &Run) -> Result<()> {
 /// returns the stages to run as a bit set. Stages that cannot run are recorded in `blocked`.
 fn plan_and_prepare(
     index: usize,
+    world_size: usize,
     run: &Run,
     total: &Result<u64, String>,
     opts: &Options,
@@ -274,11 +275,7 @@ fn plan_and_prepare(
         Some(stage) => format!("mfr {}", stage.name()),
     };
     let lock = run.dir.lock(&command, opts.contention)?;
-    let env = Env::current(
-        crate::device::parse(&run.spec.train.device)
-            .map(crate::device::describe)
-            .unwrap_or_else(|e| e.to_string()),
-    );
+    let env = Env::current(crate::device::parse(&run.spec.train.device), world_size);
     run.dir.prepare(run.spec, &env, &lock)?;
     let unfinished = run.spec.model.weights.is_none()
         && run.dir.has_checkpoints()

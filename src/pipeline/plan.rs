@@ -122,7 +122,7 @@ pub fn plan(run: &Run, total: &Result<u64, String>) -> Vec<(Stage, Status)> {
     if spec.model.weights.is_none() {
         stages.push((
             Stage::Curves,
-            Status::Todo("loss and v loss curves (PNG, SVG)".to_owned()),
+            Status::Todo("v loss and adaptive weight curves (PNG, SVG)".to_owned()),
         ));
     }
     stages

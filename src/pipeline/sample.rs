@@ -35,6 +35,10 @@ fn targets(run: &Run, world: &World) -> Result<Vec<(Option<u64>, Option<PathBuf>
     Ok(targets)
 }
 
+/// Rows of a pixel-space grid (images per class), and how much each pixel is enlarged.
+pub const GRID_ROWS_PIXELS: i64 = 10;
+pub const ZOOM_PIXELS: u32 = 6;
+
 pub fn stage(run: &Run, world: &World) -> Result<()> {
     let spec = run.spec;
     let main = world.is_main();
@@ -74,7 +78,10 @@ pub fn stage(run: &Run, world: &World) -> Result<()> {
             std::fs::create_dir_all(run.dir.samples())
                 .with_context(|| format!("{}: cannot create", run.dir.samples().display()))?;
             let classes = spec.model.num_classes.min(10);
-            let (per_class, zoom) = if pixels { (10, 6) } else { (4, 1) };
+            let (per_class, zoom) = match pixels {
+                true => (GRID_ROWS_PIXELS, ZOOM_PIXELS),
+                false => (4, 1),
+            };
             for schedule in &spec.sample.schedules {
                 let images = sampler.grid(schedule, classes, per_class)?;
                 let path = run.dir.grid(schedule.len() - 1);

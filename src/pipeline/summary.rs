@@ -57,22 +57,37 @@ pub fn summarise(
     Ok(())
 }
 
-/// The runs' FIDs side by side: the sweep's table (paper Table 1a in the demo's case).
+/// The runs' FIDs side by side (the sweep's table: paper Table 1a in the demo's case), each
+/// with the half-width of its 95% bootstrap interval.
 fn print_fids(evaluated: &[(String, Metrics)]) {
     let Some((_, first)) = evaluated.first() else {
         return;
     };
     let columns: Vec<&String> = first.fid.keys().collect();
+    let against = match &first.reference {
+        None => format!(
+            "{} training images; small-sample, not FID-50K",
+            first.num_reference
+        ),
+        Some(r) => r.rsplit('/').next().unwrap_or(r).to_owned(),
+    };
     println!(
-        "\nFID ({} samples per run vs {} training images; small-sample, not FID-50K)",
-        first.num_samples, first.num_reference
+        "\nFID ({} samples per run vs {against}; +- half the 95% interval)",
+        first.num_samples
     );
-    let header: String = columns.iter().map(|c| format!("{c:>10}")).collect();
+    let header: String = columns.iter().map(|c| format!("{c:>16}")).collect();
     println!("  {:<32} {header}", "run");
     for (name, m) in evaluated {
         let cells: String = columns
             .iter()
-            .map(|c| format!("{:>10.2}", m.fid.get(*c).copied().unwrap_or(f64::NAN)))
+            .map(|c| {
+                let fid = m.fid.get(*c).copied().unwrap_or(f64::NAN);
+                let cell = match m.fid_interval.get(*c) {
+                    Some(i) => format!("{fid:.2} +- {:.2}", i.half_width()),
+                    None => format!("{fid:.2}"),
+                };
+                format!("{cell:>16}")
+            })
             .collect();
         println!("  {name:<32} {cells}");
     }

@@ -1,32 +1,96 @@
-//! `mfr discrepancy RUN`: reports/<experiment>/discrepancy-<run>.md, ready to paste into an issue
-//! when a number misses the paper: the gap, the configuration against the paper's recipe and
-//! Table 4, the training actually done, the environment, and the known causes, each ticked
-//! where this run's files show it applies.
-use super::paper::Paper;
+//! `mfr discrepancy RUN`: reports/<experiment>/discrepancy-<run>.md, a GitHub issue body an
+//! upstream maintainer can act on: the gap with its interval, a control (the released weights
+//! scored through the same pipeline), the configuration against the paper's recipe with the
+//! official code's key for each departure, the training done, the environment with the hashes
+//! of the files scored, and the known causes, each decided from the run's files. Paths are
+//! printed relative to $MFR_CACHE or as file names with hashes, never one machine's folders.
+use super::paper::{Departure, Paper, Row};
 use super::tables::{self, RunResult};
-use anyhow::{bail, Context, Result};
+use crate::eval::evaluator::content_sha256;
+use crate::paths::default_cache;
+use anyhow::{bail, Result};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+/// `mfr discrepancy RUN`: renders the run's report under `root`/<experiment>.
 pub fn discrepancy(run_dir: &Path, root: &Path) -> Result<PathBuf> {
-    let dir = crate::rundir::RunDir::new(run_dir);
-    if !dir.exists() {
+    if !crate::rundir::RunDir::new(run_dir).exists() {
         bail!(
             "{}: not a run directory (no spec.toml): give results/<experiment>/<run>",
             run_dir.display()
         );
     }
-    let run = RunResult::read(&dir)?;
-    let paper = Paper::bundled();
-    let text = render(&run, &paper)?;
-    let out = root.join(&run.spec.experiment.name);
-    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let (experiment, runs) = tables::collect(run_dir)?;
+    let results = run_dir
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
+    write(
+        &runs[0],
+        &controls(results),
+        &Paper::bundled(),
+        &root.join(experiment),
+    )
+}
+
+/// Writes the report of `run` into the folder `out`; returns its path.
+pub fn write(
+    run: &RunResult,
+    controls: &[RunResult],
+    paper: &Paper,
+    out: &Path,
+) -> Result<PathBuf> {
+    let text = render(run, controls, paper)?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", out.display()))?;
     let path = out.join(format!(
         "discrepancy-{}.md",
-        run.name.replace(['=', ','], "_")
+        run.name.replace(['=', ',', '/'], "_")
     ));
     crate::files::write_atomic(&path, text.as_bytes())?;
     Ok(path)
+}
+
+/// Every evaluated run under `results` (results/<experiment>/<run>) that scored imported
+/// weights: the candidates for a control. Runs that cannot be read are passed over.
+pub fn controls(results: &Path) -> Vec<RunResult> {
+    let Ok(experiments) = std::fs::read_dir(results) else {
+        return Vec::new();
+    };
+    let mut out: Vec<RunResult> = experiments
+        .flatten()
+        .filter_map(|e| crate::rundir::runs_of(&e.path()).ok())
+        .flatten()
+        .filter_map(|d| RunResult::read(&d).ok())
+        .filter(|r| r.spec.model.weights.is_some() && r.metrics.is_some())
+        .collect();
+    out.sort_by(|a, b| a.dir.path().cmp(b.dir.path()));
+    out
+}
+
+/// What must agree for two runs' FIDs to differ only by their weights: the reference, the
+/// number of samples and their labels, the decoder and the Inception weights.
+fn evaluation_settings(run: &RunResult) -> Option<(String, i64, Option<String>, String, String)> {
+    let m = run.metrics.as_ref()?;
+    Some((
+        m.reference.as_deref().map(file_name).unwrap_or_default(),
+        m.num_samples,
+        m.inputs.vae.clone(),
+        file_name(&m.inception_weights),
+        m.inputs.labels.clone(),
+    ))
+}
+
+/// The control of `run` at `nfe`: released weights of the same network, scored with the same
+/// evaluation settings.
+fn control<'a>(run: &RunResult, controls: &'a [RunResult], nfe: i64) -> Option<&'a RunResult> {
+    let settings = evaluation_settings(run)?;
+    controls.iter().find(|c| {
+        c.dir.path() != run.dir.path()
+            && c.spec.model.preset == run.spec.model.preset
+            && c.fid(nfe).is_some()
+            && evaluation_settings(c).as_ref() == Some(&settings)
+    })
 }
 
 fn value_text(v: &toml::Value) -> String {
@@ -36,39 +100,118 @@ fn value_text(v: &toml::Value) -> String {
     }
 }
 
-/// The report's Markdown.
-pub fn render(run: &RunResult, paper: &Paper) -> Result<String> {
+fn file_name(path: &str) -> String {
+    Path::new(path)
+        .file_name()
+        .map_or_else(|| path.to_owned(), |f| f.to_string_lossy().into_owned())
+}
+
+/// A file as a report names it: relative to $MFR_CACHE when it lies there, else its name;
+/// with its sha256 where it can be read.
+fn shown(path: &Path) -> String {
+    let cache = default_cache();
+    let name = match path.strip_prefix(&cache) {
+        Ok(rel) => format!("$MFR_CACHE/{}", rel.display()),
+        Err(_) => file_name(&path.to_string_lossy()),
+    };
+    match content_sha256(path, &cache) {
+        Ok(sha) => format!("`{name}` (sha256 `{sha}`)"),
+        Err(_) => format!("`{name}` (not on this machine)"),
+    }
+}
+
+/// The report's heading, from the verdicts of the run's rows.
+fn headline(verdicts: &[String]) -> &'static str {
+    let any = |p: &str| verdicts.iter().any(|v| v.starts_with(p));
+    if verdicts.is_empty() {
+        "names no paper row"
+    } else if any("missed") {
+        "misses the paper"
+    } else if any("not evaluated") {
+        "is not evaluated yet"
+    } else if verdicts.iter().all(|v| v.starts_with("not comparable")) {
+        "cannot be held to the paper's numbers"
+    } else if any("not comparable") {
+        "matches the paper where comparable"
+    } else {
+        "matches the paper"
+    }
+}
+
+/// The report's Markdown: a GitHub issue body.
+pub fn render(run: &RunResult, controls: &[RunResult], paper: &Paper) -> Result<String> {
     let spec = &run.spec;
     let rows = paper.rows_for(&spec.paper.rows, spec)?;
+    let verdicts: Vec<String> = rows
+        .iter()
+        .map(|row| {
+            let nfe = row.nfe.unwrap_or(1);
+            let why = row.incomparable(spec);
+            tables::verdict(
+                row.value,
+                run.fid(nfe),
+                spec.paper.tolerance,
+                why.as_deref(),
+            )
+        })
+        .collect();
+    let title = match run.label == run.name {
+        true => format!("`{}/{}`", spec.experiment.name, run.name),
+        false => format!("{} (`{}/{}`)", run.label, spec.experiment.name, run.name),
+    };
     let mut s = format!(
-        "### MeanFlow reproduction: `{}/{}` does not match the paper\n\n{}\n\n",
-        spec.experiment.name, run.name, spec.experiment.description
+        "### MeanFlow reproduction: {title} {}\n\n{}\n\n",
+        headline(&verdicts),
+        spec.experiment.description
     );
+    gap(&mut s, run, controls, paper, &rows, &verdicts);
+    let departures = departures(run, paper, &rows);
+    s += "\n#### Known causes (each decided from this run's files)\n\n";
+    for (applies, text) in causes(run, paper, &departures) {
+        let _ = writeln!(s, "- [{}] {text}", if applies { "x" } else { " " });
+    }
+    configuration(&mut s, run, paper, &rows, &departures);
+    training(&mut s, run);
+    environment(&mut s, run);
+    s += "\n<details><summary>Resolved spec</summary>\n\n```toml\n";
+    s += &spec.to_toml();
+    s += "```\n</details>\n";
+    Ok(s)
+}
 
-    s += "#### The gap\n\n| paper row | NFE | paper | ours | delta | relative | verdict |\n|---|---|---|---|---|---|---|\n";
+/// The gap table, a control row per NFE where the results hold one, and what it tells.
+fn gap(
+    s: &mut String,
+    run: &RunResult,
+    controls: &[RunResult],
+    paper: &Paper,
+    rows: &[&Row],
+    verdicts: &[String],
+) {
+    let spec = &run.spec;
+    *s += "#### The gap\n\n| | NFE | paper | ours (± 95% CI) | delta | relative | verdict |\n|---|---|---|---|---|---|---|\n";
     if rows.is_empty() {
-        s +=
+        *s +=
             "| (the spec names no paper row matching this run: set `[paper] rows`) | | | | | | |\n";
     }
-    for row in &rows {
+    let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+    let relative = |o: Option<f64>, p: f64| {
+        o.map_or("-".to_owned(), |o| format!("{:+.1}%", 100.0 * (o - p) / p))
+    };
+    let mut found = Vec::new();
+    for (row, verdict) in rows.iter().zip(verdicts) {
         let nfe = row.nfe.unwrap_or(1);
         let ours = run.fid(nfe);
-        let why = row.incomparable(spec);
-        let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
         let _ = writeln!(
             s,
-            "| {} (`{}`, {}) | {nfe} | {:.2} | {} | {} | {} | {} |",
+            "| {} (`{}`, {}) | {nfe} | {:.2} | {} | {} | {} | {verdict} |",
             row.label,
             row.id,
             paper.source(&row.source),
             row.value,
-            fmt(ours),
+            run.fid_text(nfe).unwrap_or_else(|| "-".to_owned()),
             fmt(ours.map(|o| o - row.value)),
-            ours.map_or("-".to_owned(), |o| format!(
-                "{:+.1}%",
-                100.0 * (o - row.value) / row.value
-            )),
-            tables::verdict(row.value, ours, spec.paper.tolerance, why.as_deref()),
+            relative(ours, row.value),
         );
         for also in &row.also {
             let _ = writeln!(
@@ -81,12 +224,67 @@ pub fn render(run: &RunResult, paper: &Paper) -> Result<String> {
                 also.value
             );
         }
+        if spec.model.weights.is_some() {
+            continue;
+        }
+        if let Some(c) = control(run, controls, nfe) {
+            // The control is held to its own paper row (the released weights' number).
+            let own = paper
+                .rows_for(&c.spec.paper.rows, &c.spec)
+                .ok()
+                .and_then(|rows| rows.into_iter().find(|r| r.nfe.unwrap_or(1) == nfe));
+            let fid = c.fid(nfe);
+            let (value, v) = match own {
+                Some(r) => {
+                    let why = r.incomparable(&c.spec);
+                    let v = tables::verdict(r.value, fid, c.spec.paper.tolerance, why.as_deref());
+                    (Some(r.value), v)
+                }
+                None => (None, "no paper row for the control".to_owned()),
+            };
+            let _ = writeln!(
+                s,
+                "| control: released weights `{}` through this pipeline (`{}/{}`{}) | {nfe} | {} | {} | {} | {} | {v} |",
+                file_name(c.spec.model.weights.as_deref().unwrap_or_default()),
+                c.spec.experiment.name,
+                c.name,
+                own.map_or_else(String::new, |r| format!(", row `{}`", r.id)),
+                fmt(value),
+                c.fid_text(nfe).unwrap_or_else(|| "-".to_owned()),
+                fmt(fid.zip(value).map(|(f, p)| f - p)),
+                value.map_or("-".to_owned(), |p| relative(fid, p)),
+            );
+            found.push(v);
+        }
     }
+    *s += "\n";
     if run.small_sample() {
-        s += "\nThese are small-sample FIDs of the demo data, not FID-50K on ImageNet: no gap to the paper can be read from them.\n";
+        *s += "These are small-sample FIDs of the demo data, not FID-50K on ImageNet: no gap to the paper can be read from them, and no released weights exist for this data to serve as a control.\n";
+    } else if spec.model.weights.is_some() {
+        *s += "This run scores released weights: it is itself the control for runs trained with the same evaluation settings.\n";
+    } else if found.is_empty() {
+        *s += "No control in the results: score the released checkpoint with the same evaluation settings (`make reproduce-b4 CKPT=path/to/checkpoint`), then render this report again.\n";
+    } else if found
+        .iter()
+        .all(|v| v.starts_with("reproduced") || v.starts_with("better"))
+    {
+        *s += "The control reproduces the paper through this pipeline: the gap lies in training, not in sampling or evaluation.\n";
+    } else {
+        *s += "The control misses the paper too: look at sampling and evaluation (VAE, reference batch, Inception) before training.\n";
     }
+}
 
-    s += "\n#### Configuration against the paper (Table 4 and the training recipe)\n\n";
+/// Table 4 against this run's network, and the recipe keys it departs in, with the official
+/// code's key for each.
+fn configuration(
+    s: &mut String,
+    run: &RunResult,
+    paper: &Paper,
+    rows: &[&Row],
+    departures: &[Departure],
+) {
+    let spec = &run.spec;
+    *s += "\n<details><summary>Configuration against the paper (Table 4 and the training recipe)</summary>\n\n";
     let cfg = spec.model_config();
     // The network the paper row used (a demo's tiny network is compared with it too).
     let preset = rows
@@ -116,34 +314,43 @@ pub fn render(run: &RunResult, paper: &Paper) -> Result<String> {
             let _ = writeln!(s, "The network `{preset}` is not in the paper's Table 4.");
         }
     }
-    let departures = departures(run, paper, &rows);
     if departures.is_empty() {
-        s += "\nEvery key of the paper's recipe (paper/meanflow.toml `[recipe]`) has the paper's value.\n";
+        *s += "\nEvery key of the paper's recipe (paper/meanflow.toml `[recipe]`) has the paper's value.\n";
     } else {
-        s += "\n| spec key | paper | this run | note |\n|---|---|---|---|\n";
-        for (key, want, got) in &departures {
+        *s += "\n| spec key | official config key | paper | this run | note |\n|---|---|---|---|---|\n";
+        for (key, want, got) in departures {
             let _ = writeln!(
                 s,
-                "| `{key}` | {} | {} | {} |",
+                "| `{key}` | {} | {} | {} | {} |",
+                paper
+                    .recipe
+                    .official
+                    .get(key)
+                    .map_or("-".to_owned(), |k| format!("`{k}`")),
                 value_text(want),
                 got.as_ref().map_or("-".to_owned(), value_text),
                 paper.recipe.port.get(key).map_or("", String::as_str)
             );
         }
     }
+    *s += "</details>\n";
+}
 
-    s += "\n#### Training actually done\n\n";
+fn training(s: &mut String, run: &RunResult) {
+    let spec = &run.spec;
+    *s += "\n#### Training actually done\n\n";
     match (&spec.model.weights, &run.state) {
         (Some(w), _) => {
             let _ = writeln!(
                 s,
-                "None here: the weights were imported from `{w}` (their training is the publisher's)."
+                "None here: the weights were imported from {} (their training is the publisher's).",
+                shown(Path::new(w))
             );
         }
         (None, Some(state)) => {
             let _ = writeln!(
                 s,
-                "{} steps, {} of {} epochs, {:.1} h of training (global batch {}).",
+                "{} steps, {} of {} epochs, {:.2} h of training (global batch {}).",
                 state.step,
                 state.epoch,
                 spec.train.epochs,
@@ -151,59 +358,76 @@ pub fn render(run: &RunResult, paper: &Paper) -> Result<String> {
                 spec.train.batch
             );
         }
-        (None, None) => s += "No checkpoint: the run has not trained yet.\n",
+        (None, None) => *s += "No checkpoint: the run has not trained yet.\n",
     }
     if let Some(last) = run.stats.last() {
+        let weight = last
+            .adaptive_weight
+            .map_or_else(String::new, |w| format!(", mean adaptive weight {w:.4}"));
         let _ = writeln!(
             s,
-            "Last logged step {}: loss {:.4}, v loss {:.4}.",
-            last.step, last.loss, last.v_loss
+            "Last logged step {}: v loss {:.4}{weight}.",
+            last.step, last.v_loss
         );
     }
+}
 
-    s += "\n#### Environment\n\n";
+/// What ran (device, driver, CUDA, libtorch, processes, command) and the files scored.
+fn environment(s: &mut String, run: &RunResult) {
+    *s += "\n<details><summary>Environment and the files scored</summary>\n\n";
     match &run.env {
         Some(env) => {
+            let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "- (no GPU)".to_owned());
             for (key, value) in [
-                ("code_commit", &env.code_commit),
-                ("mfr_version", &env.mfr_version),
-                ("tch", &env.tch),
-                ("libtorch", &env.libtorch),
-                ("device", &env.device),
+                ("device", env.device.clone()),
+                ("NVIDIA driver (CUDA version)", or_none(&env.cuda_driver)),
+                ("CUDA runtime of libtorch", or_none(&env.cuda_runtime)),
+                ("libtorch", env.libtorch.clone()),
+                ("tch", env.tch.clone()),
+                ("processes (world size)", env.world_size.to_string()),
+                ("command", format!("`{}`", env.command)),
+                ("code commit", env.code_commit.clone()),
+                ("mfr version", env.mfr_version.clone()),
             ] {
                 let _ = writeln!(s, "- {key}: {value}");
             }
         }
-        None => s += "- (not recorded: the run has no env.json)\n",
+        None => *s += "- (not recorded: the run has no env.json)\n",
     }
     if let Some(m) = &run.metrics {
         let _ = writeln!(
             s,
-            "- evaluation: {} samples per schedule, Inception weights `{}`, reference `{}`",
+            "- evaluation: {} samples per schedule (labels {}), Inception weights {}",
             m.num_samples,
-            m.inception_weights,
-            m.reference.as_deref().unwrap_or("training images")
+            match m.inputs.labels.as_str() {
+                "" => "not recorded",
+                l => l,
+            },
+            shown(Path::new(&m.inception_weights))
         );
+        let reference = match &m.reference {
+            Some(r) => shown(Path::new(r)),
+            None => match crate::data::digits_file() {
+                Ok(f) if run.small_sample() => {
+                    format!("the {} training images of {}", m.num_reference, shown(&f))
+                }
+                _ => "the training images".to_owned(),
+            },
+        };
+        let _ = writeln!(s, "- reference: {reference}");
+        for schedule in &m.inputs.schedules {
+            let nfe = schedule.len() - 1;
+            let npz = run.dir.samples_npz(None, nfe);
+            let _ = writeln!(s, "- {nfe}-NFE samples: {}", shown(&npz));
+        }
     }
-    let _ = writeln!(s, "- spec sha256: {}", spec.sha256());
-
-    s += "\n#### Known causes (ticked where this run's files show it applies)\n\n";
-    for (applies, text) in causes(run, paper, &departures) {
-        let _ = writeln!(s, "- [{}] {text}", if applies { "x" } else { " " });
-    }
-    s += "\n<details><summary>resolved spec</summary>\n\n```toml\n";
-    s += &spec.to_toml();
-    s += "```\n</details>\n";
-    Ok(s)
+    let _ = writeln!(s, "- spec sha256: `{}`", run.spec.sha256());
+    *s += "</details>\n";
 }
 
 /// The recipe keys where the run departs from the paper, leaving out those its paper rows set
 /// on purpose (an ablation's factor) and the VAE of pixel-space data (no VAE is used).
-fn departures(
-    run: &RunResult,
-    paper: &Paper,
-    rows: &[&super::paper::Row],
-) -> Vec<super::paper::Departure> {
+fn departures(run: &RunResult, paper: &Paper, rows: &[&Row]) -> Vec<Departure> {
     paper
         .recipe
         .departures(&run.spec)
@@ -215,11 +439,7 @@ fn departures(
 
 /// The causes users of the public code found behind FID gaps, and whether each applies here
 /// (`departed`: the run's departures from the paper's recipe).
-fn causes(
-    run: &RunResult,
-    paper: &Paper,
-    departed: &[super::paper::Departure],
-) -> Vec<(bool, String)> {
+fn causes(run: &RunResult, paper: &Paper, departed: &[Departure]) -> Vec<(bool, String)> {
     let spec = &run.spec;
     let recipe = |key: &str| {
         paper
@@ -230,8 +450,21 @@ fn causes(
             .unwrap_or_default()
     };
     let differs = |key: &str| departed.iter().any(|d| d.0 == key);
+    let trained_here = spec.model.weights.is_none();
     let planned = spec.train.epochs;
     let done = run.state.as_ref().map(|s| s.epoch as i64);
+    // Guidance is trained in (omega, kappa): a row the run is held to pins both (and then
+    // agrees, or it would not match), or leaves ours unchecked against its number.
+    let unpinned = paper
+        .rows_for(&spec.paper.rows, spec)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|r| {
+            !["meanflow.omega", "meanflow.kappa"]
+                .iter()
+                .all(|k| r.settings.contains_key(*k))
+        })
+        .map(|r| r.id.clone());
     vec![
         (
             differs("sample.vae"),
@@ -251,8 +484,8 @@ fn causes(
             ),
         ),
         (
-            false,
-            "Cached vs online latents: this harness trains on cached posterior moments and draws a latent each step (REPA layout); online encoding with augmentation differs.".to_owned(),
+            trained_here && !run.small_sample(),
+            "Cached vs online latents: this run trained on cached posterior moments, drawing a latent each step (REPA layout); online encoding with augmentation differs.".to_owned(),
         ),
         (
             differs("train.ema_decay"),
@@ -285,7 +518,7 @@ fn causes(
             ),
         ),
         (
-            spec.model.weights.is_none() && done.is_none_or(|d| d < planned),
+            trained_here && done.is_none_or(|d| d < planned),
             format!(
                 "Not fully trained: {} of {planned} epochs.",
                 done.map_or("0".to_owned(), |d| d.to_string())
@@ -299,8 +532,16 @@ fn causes(
             ),
         ),
         (
-            false,
-            "Sampling-time CFG: guidance is trained in (omega, kappa); this harness samples with scale 1, as it should.".to_owned(),
+            unpinned.is_some(),
+            format!(
+                "Guidance: trained in with omega = {} and kappa = {}, sampled at scale 1 (trained-in guidance takes no CFG at sampling){}.",
+                spec.meanflow.omega,
+                spec.meanflow.kappa,
+                unpinned.map_or_else(
+                    || "; the paper rows pin the same values".to_owned(),
+                    |id| format!("; the paper row `{id}` does not pin omega and kappa, so its number may rest on other guidance")
+                )
+            ),
         ),
     ]
 }

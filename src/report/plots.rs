@@ -19,7 +19,7 @@ fn register_font() {
     });
 }
 
-type Pick = fn(&StatLine) -> f64;
+type Pick = fn(&StatLine) -> Option<f64>;
 
 /// Distinct, print-safe colours for up to ten series (then they repeat).
 const PALETTE: [RGBColor; 10] = [
@@ -67,7 +67,9 @@ fn padded_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-/// Loss and v loss against step, side by side, one line per run, as `<stem>.png` and `.svg`.
+/// The v loss and the batch mean of the adaptive weight against step, side by side, one line
+/// per run, as `<stem>.png` and `.svg` (the weighted loss is left out: it sits near 1 by
+/// construction with p = 1). Logs from before the weight was logged get the v loss alone.
 pub fn loss_curves(runs: &[(&str, &[StatLine])], title: &str, stem: &Path) -> Result<()> {
     if runs.iter().all(|(_, s)| s.is_empty()) {
         bail!("no statistics to plot for {title}");
@@ -84,15 +86,15 @@ where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE).map_err(plot_err)?;
-    let panels = root.split_evenly((1, 2));
     let all = || runs.iter().flat_map(|(_, s)| s.iter());
     let max_step = all().map(|s| s.step as f64).fold(1.0, f64::max);
-    let series: [(&str, Pick); 2] = [
-        ("weighted loss (sits near 1 with p = 1)", |s| s.loss),
-        ("v loss: mean ||u - v||^2", |s| s.v_loss),
-    ];
+    let mut series: Vec<(&str, Pick)> = vec![("v loss: mean ||u - v||^2", |s| Some(s.v_loss))];
+    if all().any(|s| s.adaptive_weight.is_some()) {
+        series.push(("mean adaptive weight", |s| s.adaptive_weight));
+    }
+    let panels = root.split_evenly((1, series.len()));
     for (panel, (label, pick)) in panels.iter().zip(series) {
-        let (lo, hi) = padded_range(all().map(pick));
+        let (lo, hi) = padded_range(all().filter_map(pick));
         let mut chart = ChartBuilder::on(panel)
             .caption(format!("{title}: {label}"), ("sans-serif", 16))
             .margin(12)
@@ -110,7 +112,7 @@ where
             let color = PALETTE[i % PALETTE.len()];
             let drawn = chart
                 .draw_series(LineSeries::new(
-                    stats.iter().map(|s| (s.step as f64, pick(s))),
+                    stats.iter().filter_map(|s| Some((s.step as f64, pick(s)?))),
                     &color,
                 ))
                 .map_err(plot_err)?;
@@ -134,27 +136,22 @@ where
     Ok(())
 }
 
-/// FID against the number of network evaluations, one line per run.
-pub fn fid_by_nfe(runs: &[(String, Vec<(i64, f64)>)], title: &str, stem: &Path) -> Result<()> {
-    let series: Vec<(String, Vec<(f64, f64)>)> = runs
-        .iter()
-        .map(|(name, p)| {
-            (
-                name.clone(),
-                p.iter().map(|&(n, f)| (n as f64, f)).collect(),
-            )
-        })
-        .collect();
+/// A point of a FID chart: x, the FID, and its 95% interval where there is one.
+pub type FidPoint = (f64, f64, Option<(f64, f64)>);
+
+/// FID against the number of network evaluations, one line per run, with error bars where the
+/// FIDs have intervals.
+pub fn fid_by_nfe(runs: &[(String, Vec<FidPoint>)], title: &str, stem: &Path) -> Result<()> {
     let axis = Axis {
-        caption: "FID by NFE",
+        caption: "FID by NFE (95% bootstrap intervals)",
         desc: "network evaluations (NFE)",
         whole_numbers: true,
     };
-    png_and_svg!(stem, (760, 460), draw_fid_lines(&series, title, &axis))
+    png_and_svg!(stem, (760, 460), draw_fid_lines(runs, title, &axis))
 }
 
 /// FID against training step, one line per (run, NFE).
-pub fn fid_by_step(series: &[(String, Vec<(f64, f64)>)], title: &str, stem: &Path) -> Result<()> {
+pub fn fid_by_step(series: &[(String, Vec<FidPoint>)], title: &str, stem: &Path) -> Result<()> {
     let axis = Axis {
         caption: "FID against training step",
         desc: "step",
@@ -173,7 +170,7 @@ struct Axis {
 
 fn draw_fid_lines<DB: DrawingBackend>(
     root: Area<DB>,
-    series: &[(String, Vec<(f64, f64)>)],
+    series: &[(String, Vec<FidPoint>)],
     title: &str,
     axis: &Axis,
 ) -> Result<()>
@@ -186,12 +183,16 @@ where
     root.fill(&WHITE).map_err(plot_err)?;
     let points = || series.iter().flat_map(|(_, p)| p.iter());
     let max_x = points().map(|p| p.0).fold(1.0, f64::max);
+    // Whole numbers (NFE) leave room on the right for the legend.
     let x_range = if axis.whole_numbers {
-        0.5..max_x.max(2.0) + 0.5
+        0.5..max_x.max(2.0) + 1.2
     } else {
         0.0..max_x * 1.05
     };
-    let (lo, hi) = padded_range(points().map(|p| p.1));
+    let (lo, hi) = padded_range(points().flat_map(|p| {
+        let (l, h) = p.2.unwrap_or((p.1, p.1));
+        [p.1, l, h]
+    }));
     let mut chart = ChartBuilder::on(&root)
         .caption(format!("{title}: {}", axis.caption), ("sans-serif", 16))
         .margin(12)
@@ -203,28 +204,152 @@ where
     mesh.x_desc(axis.desc)
         .y_desc("FID")
         .label_style(("sans-serif", 12));
+    let whole = |x: &f64| match x.fract() == 0.0 && *x >= 1.0 && *x <= max_x.max(2.0) {
+        true => format!("{x:.0}"),
+        false => String::new(),
+    };
     if axis.whole_numbers {
-        mesh.x_labels(max_x.max(2.0) as usize)
-            .x_label_formatter(&|x| format!("{x:.0}"));
+        mesh.x_labels(max_x.max(2.0) as usize + 2)
+            .x_label_formatter(&whole);
     }
     mesh.draw().map_err(plot_err)?;
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
+        // Runs at one NFE would hide each other's bars: each is nudged a little sideways.
+        let nudge = match axis.whole_numbers {
+            true => (i as f64 - (series.len() - 1) as f64 / 2.0) * 0.04,
+            false => 0.0,
+        };
         chart
-            .draw_series(LineSeries::new(pts.clone(), &color))
+            .draw_series(LineSeries::new(
+                pts.iter().map(|p| (p.0 + nudge, p.1)),
+                &color,
+            ))
             .map_err(plot_err)?
             .label(name.as_str())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
         chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+            .draw_series(
+                pts.iter()
+                    .map(|p| Circle::new((p.0 + nudge, p.1), 4, color.filled())),
+            )
+            .map_err(plot_err)?;
+        chart
+            .draw_series(pts.iter().filter_map(|p| {
+                let (l, h) = p.2?;
+                Some(ErrorBar::new_vertical(
+                    p.0 + nudge,
+                    l,
+                    p.1,
+                    h,
+                    color.stroke_width(2),
+                    8,
+                ))
+            }))
             .map_err(plot_err)?;
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 11))
         .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// A row of an ordering chart: its label, the paper's FID, ours with its interval.
+pub struct Ranked {
+    pub label: String,
+    pub paper: f64,
+    pub ours: f64,
+    pub interval: Option<(f64, f64)>,
+}
+
+/// Rows the runs cannot be held to in value, in the paper's order (its best FID on the left):
+/// our FID of each with its 95% interval. Where our order matches the paper's, the points rise
+/// from left to right.
+pub fn ordering(rows: &[Ranked], title: &str, stem: &Path) -> Result<()> {
+    if rows.len() < 2 {
+        bail!("an ordering needs two rows, {title} has {}", rows.len());
+    }
+    let width = (200 + 150 * rows.len() as u32).max(640);
+    png_and_svg!(stem, (width, 480), draw_ordering(rows, title))
+}
+
+fn draw_ordering<DB: DrawingBackend>(root: Area<DB>, rows: &[Ranked], title: &str) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(plot_err)?;
+    let (lo, hi) = padded_range(rows.iter().flat_map(|r| {
+        let (l, h) = r.interval.unwrap_or((r.ours, r.ours));
+        [r.ours, l, h]
+    }));
+    let n = rows.len();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{title}: our FID, rows in the paper's order (best left)"),
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(60)
+        .y_label_area_size(56)
+        .build_cartesian_2d(-0.5..n as f64 - 0.5, lo.min(0.0)..hi)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            match (i - x).abs() < 1e-6 && i >= 0.0 && (i as usize) < n {
+                true => rows[i as usize].label.clone(),
+                false => String::new(),
+            }
+        })
+        .x_desc("paper row, from the paper's best FID to its worst")
+        .y_desc("our FID")
+        .label_style(("sans-serif", 12))
+        .draw()
+        .map_err(plot_err)?;
+    let color = PALETTE[0];
+    chart
+        .draw_series(LineSeries::new(
+            rows.iter().enumerate().map(|(i, r)| (i as f64, r.ours)),
+            color.mix(0.4),
+        ))
+        .map_err(plot_err)?;
+    chart
+        .draw_series(rows.iter().enumerate().filter_map(|(i, r)| {
+            let (l, h) = r.interval?;
+            Some(ErrorBar::new_vertical(
+                i as f64,
+                l,
+                r.ours,
+                h,
+                color.stroke_width(2),
+                10,
+            ))
+        }))
+        .map_err(plot_err)?;
+    chart
+        .draw_series(
+            rows.iter()
+                .enumerate()
+                .map(|(i, r)| Circle::new((i as f64, r.ours), 5, color.filled())),
+        )
+        .map_err(plot_err)?;
+    chart
+        .draw_series(rows.iter().enumerate().map(|(i, r)| {
+            Text::new(
+                format!("paper {:.2}", r.paper),
+                (i as f64 + 0.06, r.ours),
+                ("sans-serif", 11).into_font(),
+            )
+        }))
         .map_err(plot_err)?;
     root.present().map_err(plot_err)?;
     Ok(())

@@ -1,30 +1,63 @@
-//! `mfr report RUN_OR_EXPERIMENT`: reports/<experiment>/report.md and index.html with the
-//! paper / ours table, training and metric tables, plots (PNG and SVG) and sample grids, and
-//! where every number came from.
+//! `mfr report RUN_OR_EXPERIMENT`: reports/<experiment>/index.html and report.md with the
+//! runs in the paper's terms, paper / ours (or, across scales, the two orderings), the metrics
+//! with their bootstrap intervals, training, plots (PNG and SVG), real and sampled images, each
+//! run's discrepancy report and where every number came from. Every table also stands alone as
+//! Markdown in tables/.
+use super::discrepancy;
 use super::paper::Paper;
-use super::plots::{self, Bar};
-use super::tables::{self, cells, RunResult};
+use super::plots::{self, Bar, FidPoint, Ranked};
+use super::tables::{self, cells, Compared, Ordering, RunResult};
 use crate::files::write_atomic;
 use anyhow::{Context, Result};
 use polars::prelude::*;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-/// A table as rendered: a caption, its header and its rows of text.
+/// A table as rendered: a caption, its header and its rows of text. A cell "[text](href)" is
+/// a link; a first cell naming a run by its paper label carries the run's sweep point.
 struct Table {
+    /// The Markdown twin's file name under tables/.
+    slug: &'static str,
     caption: String,
     header: Vec<String>,
     rows: Vec<Vec<String>>,
+    /// Per row, the hover text of its first cell (the spec key a paper label stands for).
+    hover: Vec<Option<String>>,
 }
 
 impl Table {
-    fn from_frame(caption: &str, df: &DataFrame, decimals: usize) -> Table {
-        let (header, rows) = cells(df, decimals);
+    fn new(
+        slug: &'static str,
+        caption: String,
+        header: Vec<String>,
+        rows: Vec<Vec<String>>,
+    ) -> Self {
+        let hover = vec![None; rows.len()];
         Table {
-            caption: caption.to_owned(),
+            slug,
+            caption,
             header,
             rows,
+            hover,
         }
+    }
+
+    fn from_frame(slug: &'static str, caption: &str, df: &DataFrame, decimals: usize) -> Table {
+        let (header, rows) = cells(df, decimals);
+        Table::new(slug, caption.to_owned(), header, rows)
+    }
+
+    /// Hover text on first cells that are a run's paper label: the run's sweep point.
+    fn with_run_keys(mut self, runs: &[RunResult]) -> Table {
+        self.hover = self
+            .rows
+            .iter()
+            .map(|row| {
+                let run = runs.iter().find(|r| Some(&r.label) == row.first())?;
+                (run.label != run.name).then(|| format!("spec: {}", run.name))
+            })
+            .collect();
+        self
     }
 
     fn markdown(&self) -> String {
@@ -37,24 +70,45 @@ impl Table {
     }
 
     fn html(&self) -> String {
-        let mut s = format!("<table>\n<caption>{}</caption>\n<tr>", esc(&self.caption));
+        let mut s = format!(
+            "<table>\n<caption>{} <a class=\"twin\" href=\"tables/{}.md\">Markdown</a></caption>\n<tr>",
+            esc(&self.caption),
+            self.slug
+        );
         for h in &self.header {
             let _ = write!(s, "<th>{}</th>", esc(h));
         }
         s += "</tr>\n";
-        for row in &self.rows {
+        for (row, hover) in self.rows.iter().zip(&self.hover) {
             s += "<tr>";
             for (i, c) in row.iter().enumerate() {
-                let class = if self.header[i] == "verdict" {
-                    verdict_class(c)
-                } else {
-                    ""
+                let class = match self.header[i].as_str() {
+                    "verdict" => verdict_class(c),
+                    _ => "",
                 };
-                let _ = write!(s, "<td class=\"{class}\">{}</td>", esc(c));
+                let title = match (i, hover) {
+                    (0, Some(h)) => format!(" title=\"{}\"", esc(h)),
+                    _ => String::new(),
+                };
+                let _ = write!(s, "<td class=\"{class}\"{title}>{}</td>", cell_html(c));
             }
             s += "</tr>\n";
         }
         s + "</table>\n"
+    }
+}
+
+/// A cell's HTML: "[text](href)" as a link, anything else as text.
+fn cell_html(cell: &str) -> String {
+    let link = cell
+        .strip_prefix('[')
+        .and_then(|c| c.strip_suffix(')'))
+        .and_then(|c| c.split_once("]("));
+    match link {
+        Some((text, href)) if !href.contains(char::is_whitespace) => {
+            format!("<a href=\"{}\">{}</a>", esc(href), esc(text))
+        }
+        _ => esc(cell),
     }
 }
 
@@ -75,213 +129,297 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The comparison as the official README shows it: "paper / ours" in one cell.
-fn comparison_table(df: &DataFrame) -> Result<Table> {
-    let (_, rows) = cells(df, 2);
-    let header = [
-        "run",
-        "paper row",
-        "NFE",
-        "paper / ours",
-        "delta",
-        "verdict",
-    ];
-    let rows = rows
-        .into_iter()
-        .map(|r| {
-            // Columns of tables::comparison: run, row, label, nfe, paper, ours, delta, verdict.
-            vec![
-                r[0].clone(),
-                format!("{} ({})", r[2], r[1]),
-                r[3].clone(),
-                format!("{} / {}", r[4], r[5]),
-                r[6].clone(),
-                r[7].clone(),
-            ]
-        })
-        .collect();
-    Ok(Table {
-        caption: "Paper / ours (FID; lower is better)".to_owned(),
-        header: header.iter().map(|s| s.to_string()).collect(),
-        rows,
-    })
-}
-
-/// A picture of the report: its file (relative to the report) and caption.
+/// A picture of the report: its file (relative to the report), caption, and whether it is an
+/// image grid (grids sit side by side).
 struct Figure {
     file: String,
     caption: String,
+    grid: bool,
 }
 
-/// Renders the report of `path` (results/<experiment> or one run directory) under `root`.
+/// Renders the report of `path` (results/<experiment> or one run directory) under `root`,
+/// with each run's discrepancy report beside it.
 pub fn report(path: &Path, root: &Path) -> Result<PathBuf> {
     let (experiment, runs) = tables::collect(path)?;
     let paper = Paper::bundled();
     let out = root.join(&experiment);
-    std::fs::create_dir_all(out.join("plots"))
-        .with_context(|| format!("{}: cannot create", out.display()))?;
-    std::fs::create_dir_all(out.join("grids"))?;
+    for sub in ["plots", "grids", "tables"] {
+        std::fs::create_dir_all(out.join(sub))
+            .with_context(|| format!("{}: cannot create", out.join(sub).display()))?;
+    }
+    let compared = tables::comparisons(&runs, &paper)?;
+    let orderings = tables::orderings(&compared);
 
-    let comparison = tables::comparison(&runs, &paper)?;
-    let adm = tables::adm_metrics(&runs)?;
-    let training = tables::training(&runs)?;
-    let mut tables = Vec::new();
-    if comparison.height() > 0 {
-        tables.push(comparison_table(&comparison)?);
+    let controls = discrepancy::controls(&results_root(&runs));
+    let mut reports = Vec::new();
+    for run in &runs {
+        reports.push(discrepancy::write(run, &controls, &paper, &out)?);
     }
-    let fids = fid_frame(&runs)?;
-    if fids.height() > 0 {
-        tables.push(Table::from_frame(&fid_caption(&runs), &fids, 2));
+    let mut tables = vec![runs_table(&runs, &reports)];
+    if !compared.is_empty() {
+        tables.push(comparison_table(&compared, &orderings)?);
     }
-    if adm.height() > 0 {
-        let reference = runs
-            .iter()
-            .find_map(|r| r.metrics.as_ref()?.reference.clone())
-            .map_or_else(String::new, |p| {
-                Path::new(&p)
-                    .file_name()
-                    .map_or(p.clone(), |f| f.to_string_lossy().into_owned())
-            });
+    let metrics = tables::metrics(&runs)?;
+    if metrics.height() > 0 {
         tables.push(Table::from_frame(
-            &format!("ADM evaluator metrics (against {reference})"),
-            &adm,
-            4,
+            "metrics",
+            &metrics_caption(&runs),
+            &metrics,
+            3,
         ));
     }
-    tables.push(Table::from_frame("Training", &training, 4));
+    tables.push(Table::from_frame(
+        "training",
+        "Training",
+        &tables::training(&runs)?,
+        4,
+    ));
+    tables.push(provenance(&runs));
+    let tables: Vec<Table> = tables.into_iter().map(|t| t.with_run_keys(&runs)).collect();
+    for t in &tables {
+        write_atomic(
+            &out.join("tables").join(format!("{}.md", t.slug)),
+            t.markdown().as_bytes(),
+        )?;
+    }
 
-    let figures = figures(&runs, &comparison, &paper, &experiment, &out)?;
-    let notes = notes(&runs);
-    let provenance = provenance(&runs)?;
-
-    let md = markdown(&experiment, &runs, &tables, &figures, &notes, &provenance);
-    let html = html(&experiment, &runs, &tables, &figures, &notes, &provenance);
+    let figures = figures(&runs, &compared, &orderings, &experiment, &out)?;
+    let notes = notes(&runs, &orderings);
+    let md = markdown(&experiment, &runs, &tables, &figures, &notes);
+    let html = html(&experiment, &runs, &tables, &figures, &notes);
     write_atomic(&out.join("report.md"), md.as_bytes())?;
     write_atomic(&out.join("index.html"), html.as_bytes())?;
     Ok(out)
 }
 
-/// FID per run and NFE, wide: a column per NFE.
-fn fid_frame(runs: &[RunResult]) -> Result<DataFrame> {
-    let nfes: std::collections::BTreeSet<i64> =
-        runs.iter().flat_map(|r| r.fids()).map(|p| p.0).collect();
-    let evaluated: Vec<&RunResult> = runs.iter().filter(|r| !r.fids().is_empty()).collect();
-    let mut columns = vec![Column::new(
-        "run".into(),
-        evaluated.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
-    )];
-    for nfe in nfes {
-        columns.push(Column::new(
-            format!("FID {nfe}-NFE").into(),
-            evaluated.iter().map(|r| r.fid(nfe)).collect::<Vec<_>>(),
-        ));
-    }
-    Ok(DataFrame::new_infer_height(columns)?)
+/// The results folder the runs live in (results/, above results/<experiment>/<run>).
+fn results_root(runs: &[RunResult]) -> PathBuf {
+    runs[0]
+        .dir
+        .path()
+        .parent()
+        .and_then(Path::parent)
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-fn fid_caption(runs: &[RunResult]) -> String {
-    match runs.iter().find(|r| r.metrics.is_some()) {
+/// Each run: its label, the sweep point it stands for, its paper row and discrepancy report.
+fn runs_table(runs: &[RunResult], reports: &[PathBuf]) -> Table {
+    let rows = runs
+        .iter()
+        .zip(reports)
+        .map(|(r, report)| {
+            let file = report
+                .file_name()
+                .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+            vec![
+                r.label.clone(),
+                format!("`{}`", r.name),
+                r.spec.paper.rows.join(", "),
+                format!("[{file}]({file})"),
+            ]
+        })
+        .collect();
+    Table::new(
+        "runs",
+        "Runs (labels in the paper's terms; the spec's sweep point beside each)".to_owned(),
+        ["run", "sweep point", "paper rows", "discrepancy report"]
+            .map(String::from)
+            .to_vec(),
+        rows,
+    )
+}
+
+/// The comparison as the official README shows it: "paper / ours" in one cell, and where the
+/// runs cannot be held to the values, the two rankings.
+fn comparison_table(compared: &[Compared], orderings: &[Ordering]) -> Result<Table> {
+    let df = tables::comparison(compared, orderings)?;
+    Ok(Table::from_frame(
+        "paper-vs-ours",
+        "Paper / ours (FID; lower is better)",
+        &df,
+        2,
+    ))
+}
+
+fn metrics_caption(runs: &[RunResult]) -> String {
+    let what = match runs.iter().find(|r| r.metrics.is_some()) {
         Some(r) if r.small_sample() => {
             let m = r.metrics.as_ref().expect("checked");
             format!(
-                "FID per run ({} samples per run vs {} training images: a small-sample FID, not FID-50K)",
+                "{} samples per run vs {} training images: a small-sample FID, not FID-50K",
                 m.num_samples, m.num_reference
             )
         }
         Some(r) if r.spec.sample.num_samples % 1000 == 0 => {
-            format!("FID-{}K per run", r.spec.sample.num_samples / 1000)
+            format!("FID-{}K", r.spec.sample.num_samples / 1000)
         }
-        Some(r) => format!("FID per run ({} samples)", r.spec.sample.num_samples),
-        None => "FID per run".to_owned(),
-    }
+        Some(r) => format!("{} samples", r.spec.sample.num_samples),
+        None => String::new(),
+    };
+    let level = runs
+        .iter()
+        .flat_map(|r| r.metrics.iter().flat_map(|m| m.fid_interval.values()))
+        .next()
+        .map_or_else(String::new, |i| {
+            format!(
+                "; ± the half-width of FID's 95% interval from {} bootstrap resamples of the samples",
+                i.resamples
+            )
+        });
+    format!("Metrics of the final weights ({what}{level})")
 }
 
 fn figures(
     runs: &[RunResult],
-    comparison: &DataFrame,
-    paper: &Paper,
+    compared: &[Compared],
+    orderings: &[Ordering],
     experiment: &str,
     out: &Path,
 ) -> Result<Vec<Figure>> {
     let mut figs = Vec::new();
+    let mut add = |file: String, caption: String| {
+        figs.push(Figure {
+            grid: file.starts_with("grids/"),
+            file,
+            caption,
+        })
+    };
+    let plot = |name: &str| out.join("plots").join(name);
     let with_stats: Vec<(&str, &[crate::rundir::StatLine])> = runs
         .iter()
         .filter(|r| !r.stats.is_empty())
-        .map(|r| (r.name.as_str(), r.stats.as_slice()))
+        .map(|r| (r.label.as_str(), r.stats.as_slice()))
         .collect();
     if !with_stats.is_empty() {
-        plots::loss_curves(&with_stats, experiment, &out.join("plots").join("loss"))?;
-        figs.push(Figure {
-            file: "plots/loss.png".into(),
-            caption: "Weighted loss and v loss against training step, one line per run (SVG beside the PNG)".into(),
-        });
+        plots::loss_curves(&with_stats, experiment, &plot("loss"))?;
+        add(
+            "plots/loss.png".into(),
+            "Is training still improving, and did the runs train alike? The v loss (mean ||u - v||^2) and the batch mean of the adaptive weight against step (SVG beside each PNG)".into(),
+        );
     }
-    let fids: Vec<(String, Vec<(i64, f64)>)> = runs
+    let fids: Vec<(String, Vec<FidPoint>)> = runs
         .iter()
-        .map(|r| (r.name.clone(), r.fids()))
-        .filter(|(_, f)| !f.is_empty())
+        .map(|r| {
+            let points = r
+                .fids()
+                .into_iter()
+                .map(|(n, f)| (n as f64, f, r.interval(n).map(|i| (i.low, i.high))))
+                .collect();
+            (r.label.clone(), points)
+        })
+        .filter(|(_, f): &(String, Vec<FidPoint>)| !f.is_empty())
         .collect();
     if !fids.is_empty() {
-        plots::fid_by_nfe(&fids, experiment, &out.join("plots").join("fid-by-nfe"))?;
-        figs.push(Figure {
-            file: "plots/fid-by-nfe.png".into(),
-            caption: "FID at the final step against the number of network evaluations".into(),
-        });
+        plots::fid_by_nfe(&fids, experiment, &plot("fid-by-nfe"))?;
+        add(
+            "plots/fid-by-nfe.png".into(),
+            "Does a second step help, and are the runs told apart? FID of the final weights against the number of network evaluations, with 95% bootstrap intervals".into(),
+        );
     }
-    // FID against training step, where the runs evaluated several checkpoints (eval.steps).
-    let by_step: Vec<(String, Vec<(f64, f64)>)> = runs
+    let by_step: Vec<(String, Vec<FidPoint>)> = runs
         .iter()
         .flat_map(|r| {
-            r.history()
-                .into_iter()
-                .map(move |(nfe, points)| (format!("{} {nfe}", r.name), points))
+            r.history().into_iter().map(move |(nfe, points)| {
+                let points = points.into_iter().map(|(s, f)| (s, f, None)).collect();
+                (format!("{} {nfe}", r.label), points)
+            })
         })
-        .filter(|(_, points)| points.len() > 1)
+        .filter(|(_, points): &(String, Vec<FidPoint>)| points.len() > 1)
         .collect();
     if !by_step.is_empty() {
-        plots::fid_by_step(&by_step, experiment, &out.join("plots").join("fid-by-step"))?;
-        figs.push(Figure {
-            file: "plots/fid-by-step.png".into(),
-            caption: "FID against training step (the checkpoints of eval.steps and the final one)"
-                .into(),
-        });
+        plots::fid_by_step(&by_step, experiment, &plot("fid-by-step"))?;
+        add(
+            "plots/fid-by-step.png".into(),
+            "Is FID still falling when training stops? FID against training step (the checkpoints of eval.steps and the final one)".into(),
+        );
     }
-    if comparison.height() > 0 {
-        let (_, rows) = cells(comparison, 6);
-        let bars: Vec<Bar> = rows
+    let bars: Vec<Bar> = compared
+        .iter()
+        .filter(|c| c.incomparable.is_none())
+        .map(|c| Bar {
+            label: short(&c.row.label),
+            paper: c.row.value,
+            ours: c.ours,
+        })
+        .collect();
+    if !bars.is_empty() {
+        plots::paper_vs_ours(&bars, experiment, &plot("paper-vs-ours"))?;
+        add(
+            "plots/paper-vs-ours.png".into(),
+            "How far are we from the paper? Its FID beside ours, for the rows this run can be held to".into(),
+        );
+    }
+    for o in orderings {
+        let rows: Vec<Ranked> = o
+            .rows
             .iter()
-            .map(|r| Bar {
-                label: paper
-                    .row(&r[1])
-                    .map_or(r[1].clone(), |row| short(&row.label)),
-                paper: r[4].parse().unwrap_or(f64::NAN),
-                ours: r[5].parse().ok(),
+            .map(|(c, _, _)| Ranked {
+                label: c.run.label.clone(),
+                paper: c.row.value,
+                ours: c.ours.unwrap_or(f64::NAN),
+                interval: c.interval.map(|i| (i.low, i.high)),
             })
             .collect();
-        plots::paper_vs_ours(&bars, experiment, &out.join("plots").join("paper-vs-ours"))?;
-        figs.push(Figure {
-            file: "plots/paper-vs-ours.png".into(),
-            caption: "The paper's FID beside ours, per matched row".into(),
-        });
+        let name = format!("ordering-{}nfe", o.nfe);
+        plots::ordering(&rows, experiment, &plot(&name))?;
+        add(
+            format!("plots/{name}.png"),
+            format!(
+                "Do our runs order the paper's rows as the paper does? Our {}-NFE FID (95% intervals) with the rows from the paper's best to its worst: the points rise left to right where the orders agree (Spearman's rho {:.2})",
+                o.nfe, o.spearman
+            ),
+        );
+    }
+    let mut real_seen = std::collections::BTreeSet::new();
+    for r in runs {
+        let real = r.dir.real_grid();
+        if real.exists() && real_seen.insert(r.spec.train.data.clone()) {
+            let file = format!(
+                "grids/real-{}.png",
+                file_safe(&data_name(&r.spec.train.data))
+            );
+            copy(&real, &out.join(&file))?;
+            let what = match r.small_sample() {
+                true => "training images, a column per class",
+                false => "images of the reference batch",
+            };
+            add(file, format!("Real {what}, to look at beside the samples"));
+        }
     }
     for r in runs {
         for nfe in r.spec.sample.schedules.iter().map(|s| s.len() - 1) {
             let grid = r.dir.grid(nfe);
             if grid.exists() {
-                let file = format!("grids/{}-{nfe}nfe.png", r.name.replace(['=', ','], "_"));
-                std::fs::copy(&grid, out.join(&file))
-                    .with_context(|| format!("{}: cannot copy", grid.display()))?;
-                figs.push(Figure {
+                let file = format!("grids/{}-{nfe}nfe.png", file_safe(&r.name));
+                copy(&grid, &out.join(&file))?;
+                add(
                     file,
-                    caption: format!(
+                    format!(
                         "{}: {nfe}-NFE samples, a column per class (EMA weights)",
-                        r.name
+                        r.label
                     ),
-                });
+                );
             }
         }
     }
     Ok(figs)
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    let bytes = std::fs::read(from).with_context(|| format!("{}: cannot read", from.display()))?;
+    write_atomic(to, &bytes)
+}
+
+/// A file name part from a run name or data path ("data_proportion=0.75" -> "data_proportion_0.75").
+fn file_safe(name: &str) -> String {
+    name.replace(['=', ',', '/', ' '], "_")
+}
+
+/// A data set's short name: "digits", or a latent folder's last component.
+fn data_name(data: &str) -> String {
+    Path::new(data)
+        .file_name()
+        .map_or_else(|| data.to_owned(), |f| f.to_string_lossy().into_owned())
 }
 
 /// A label short enough for a bar: the part after the colon.
@@ -289,12 +427,53 @@ fn short(label: &str) -> String {
     label.rsplit(':').next().unwrap_or(label).trim().to_owned()
 }
 
-fn notes(runs: &[RunResult]) -> Vec<String> {
+fn notes(runs: &[RunResult], orderings: &[Ordering]) -> Vec<String> {
     let mut notes = Vec::new();
     if runs.iter().any(RunResult::small_sample) {
         let preset = runs[0].spec.model.preset.clone().unwrap_or_default();
         notes.push(format!(
             "Scales differ: these runs train {preset} on 8x8 digits on a CPU and score a small-sample FID against the digits; the paper's numbers are FID-50K of SiT-B/4 on ImageNet 256. Compare the ordering across rows, not the values."
+        ));
+    }
+    let nfes: std::collections::BTreeSet<i64> =
+        runs.iter().flat_map(|r| r.fids()).map(|p| p.0).collect();
+    for nfe in nfes {
+        let with: Vec<&RunResult> = runs.iter().filter(|r| r.interval(nfe).is_some()).collect();
+        if with.len() < 2 {
+            continue;
+        }
+        let pairs = tables::overlapping(runs, nfe);
+        notes.push(match pairs.is_empty() {
+            true => format!("{nfe}-NFE: no two runs' 95% FID intervals overlap: the FIDs order the runs."),
+            false => format!(
+                "{nfe}-NFE: these runs' 95% FID intervals overlap, so their FIDs do not tell them apart at this sample size: {}.",
+                pairs
+                    .iter()
+                    .map(|(a, b)| format!("{} and {}", a.label, b.label))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        });
+    }
+    for o in orderings {
+        let order = |rank: fn(&(&Compared, f64, f64)) -> f64| {
+            let mut rows: Vec<_> = o.rows.iter().collect();
+            rows.sort_by(|a, b| rank(a).total_cmp(&rank(b)));
+            rows.iter()
+                .map(|r| r.0.run.label.clone())
+                .collect::<Vec<_>>()
+                .join(", then ")
+        };
+        notes.push(format!(
+            "Ordering at {}-NFE (rows these runs cannot match in value): the paper has {}; ours {} (best first; Spearman's rho {:.2}).{}",
+            o.nfe,
+            order(|r| r.1),
+            order(|r| r.2),
+            o.spearman,
+            match o.unresolved.len() {
+                0 => String::new(),
+                n => format!(" {n} of the pairs have overlapping intervals: their order is not resolved by this sample size."),
+            }
         ));
     }
     if runs.iter().any(|r| {
@@ -307,12 +486,13 @@ fn notes(runs: &[RunResult]) -> Vec<String> {
     notes
 }
 
-fn provenance(runs: &[RunResult]) -> Result<Table> {
+fn provenance(runs: &[RunResult]) -> Table {
     let header = [
         "run",
         "spec sha256",
         "code",
         "device",
+        "processes",
         "weights",
         "samples",
         "Inception",
@@ -322,13 +502,6 @@ fn provenance(runs: &[RunResult]) -> Result<Table> {
         .iter()
         .map(|r| {
             let m = r.metrics.as_ref();
-            let text = |v: Option<&str>| {
-                v.map_or("-".to_owned(), |s| {
-                    Path::new(s)
-                        .file_name()
-                        .map_or(s.to_owned(), |f| f.to_string_lossy().into_owned())
-                })
-            };
             let reference = m.and_then(|m| m.reference.as_ref()).map_or_else(
                 || "training images".to_owned(),
                 |_| {
@@ -338,14 +511,18 @@ fn provenance(runs: &[RunResult]) -> Result<Table> {
                 },
             );
             vec![
-                r.name.clone(),
+                r.label.clone(),
                 r.spec.sha256()[..16].to_owned(),
                 r.env.as_ref().map_or("-", |e| &e.code_commit).to_owned(),
                 r.env.as_ref().map_or("-", |e| &e.device).to_owned(),
+                r.env
+                    .as_ref()
+                    .map_or("-".to_owned(), |e| e.world_size.to_string()),
                 r.spec
                     .model
                     .weights
-                    .clone()
+                    .as_deref()
+                    .map(file_name)
                     .or_else(|| r.state.as_ref().map(|s| format!("step {} (EMA)", s.step)))
                     .unwrap_or_else(|| "-".to_owned()),
                 m.map_or("-".to_owned(), |m| {
@@ -354,16 +531,24 @@ fn provenance(runs: &[RunResult]) -> Result<Table> {
                         m.num_samples, r.spec.sample.seed
                     )
                 }),
-                text(m.map(|m| m.inception_weights.as_str())),
+                m.map_or("-".to_owned(), |m| file_name(&m.inception_weights)),
                 reference,
             ]
         })
         .collect();
-    Ok(Table {
-        caption: "Provenance".to_owned(),
-        header: header.iter().map(|s| s.to_string()).collect(),
+    Table::new(
+        "provenance",
+        "Provenance".to_owned(),
+        header.map(String::from).to_vec(),
         rows,
-    })
+    )
+}
+
+/// A path's last component: reports name files, not one machine's folders.
+fn file_name(path: &str) -> String {
+    Path::new(path)
+        .file_name()
+        .map_or_else(|| path.to_owned(), |f| f.to_string_lossy().into_owned())
 }
 
 fn title(experiment: &str, runs: &[RunResult]) -> (String, String) {
@@ -379,21 +564,21 @@ fn markdown(
     tables: &[Table],
     figures: &[Figure],
     notes: &[String],
-    provenance: &Table,
 ) -> String {
     let (title, description) = title(experiment, runs);
     let mut s = format!("# {title}\n\n{description}\n\n");
     for n in notes {
         let _ = writeln!(s, "> {n}\n");
     }
-    for t in tables {
+    let (last, rest) = tables.split_last().expect("a report has tables");
+    for t in rest {
         s += &t.markdown();
         s += "\n";
     }
     for f in figures {
         let _ = writeln!(s, "![{}]({})\n\n*{}*\n", f.caption, f.file, f.caption);
     }
-    s += &provenance.markdown();
+    s += &last.markdown();
     let _ = write!(
         s,
         "\nPaper numbers: paper/meanflow.toml. Rendered by `mfr report` ({}).\n",
@@ -408,7 +593,6 @@ fn html(
     tables: &[Table],
     figures: &[Figure],
     notes: &[String],
-    provenance: &Table,
 ) -> String {
     let (title, description) = title(experiment, runs);
     let mut s = format!(
@@ -419,18 +603,28 @@ fn html(
     for n in notes {
         let _ = writeln!(s, "<p class=\"note\">{}</p>", esc(n));
     }
-    for t in tables {
+    let (last, rest) = tables.split_last().expect("a report has tables");
+    for t in rest {
         s += &t.html();
     }
-    for f in figures {
-        let _ = writeln!(
-            s,
-            "<figure><img src=\"{}\" alt=\"{c}\"><figcaption>{c}</figcaption></figure>",
+    let figure = |f: &Figure| {
+        format!(
+            "<figure><img src=\"{}\" alt=\"{c}\"><figcaption>{c}</figcaption></figure>\n",
             esc(&f.file),
             c = esc(&f.caption)
-        );
+        )
+    };
+    for f in figures.iter().filter(|f| !f.grid) {
+        s += &figure(f);
     }
-    s += &provenance.html();
+    if figures.iter().any(|f| f.grid) {
+        s += "<div class=\"grids\">\n";
+        for f in figures.iter().filter(|f| f.grid) {
+            s += &figure(f);
+        }
+        s += "</div>\n";
+    }
+    s += &last.html();
     let _ = write!(
         s,
         "<p class=\"muted\">Paper numbers: paper/meanflow.toml. Rendered by <code>mfr report</code> ({}).</p>\n</body></html>\n",
@@ -442,6 +636,8 @@ fn html(
 const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}\
 table{border-collapse:collapse;margin:1.2em 0;font-size:14px}caption{text-align:left;font-weight:600;padding:.4em 0}\
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f3f3f3}\
+td[title]{text-decoration:underline dotted;cursor:help}a.twin{font-weight:400;font-size:12px;margin-left:.6em}\
 td.ok{background:#e6f4e6}td.miss{background:#fbe3e3}td.muted{color:#666}\
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.6em 1em}.muted{color:#666}\
-figure{margin:1.5em 0}img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:14px}";
+figure{margin:1.5em 0}img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:14px}\
+.grids{display:flex;flex-wrap:wrap;gap:1em}.grids figure{margin:0;flex:0 0 auto;max-width:380px}";

@@ -5,11 +5,11 @@
 //! ```text
 //! results/<experiment>/runs.json          ExperimentIndex
 //! results/<experiment>/<run>/spec.toml    the resolved spec (its sha256 in spec.sha256)
-//!                            env.json     Env
+//!                            env.json     Env (of the session that started the run)
 //!                            lock         the writer's lock (pid, host, command)
 //!                            stats.jsonl  StatLine per line, append-only
 //!                            checkpoints/step-<8 digits>.safetensors
-//!                            samples/inputs.json, metrics.json, grid-<n>nfe.png,
+//!                            samples/inputs.json, metrics.json, grid-<n>nfe.png, grid-real.png,
 //!                                    samples-<n>nfe.npz (+ .parts/ while sampling),
 //!                                    step-<8 digits>/samples-<n>nfe.npz
 //!                            loss.png, loss.svg
@@ -113,6 +113,11 @@ impl RunDir {
             None => self.samples().join(name),
             Some(s) => self.samples().join(format!("step-{s:08}")).join(name),
         }
+    }
+
+    /// Real images in the sample grids' layout (PNG), written by the evaluate stage.
+    pub fn real_grid(&self) -> PathBuf {
+        self.samples().join("grid-real.png")
     }
 
     /// The sample grid of `nfe` steps (PNG).

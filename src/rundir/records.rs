@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// env.json: what produced the run.
+/// env.json: what produced the run (the session that started it: its training, for a trained
+/// run).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Env {
     pub code_commit: String,
@@ -12,17 +13,59 @@ pub struct Env {
     pub libtorch: String,
     /// The training device as a person names it ("NVIDIA H200", "cpu (2 threads)").
     pub device: String,
+    /// The NVIDIA driver's CUDA version ("13.0"), on a GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_driver: Option<String>,
+    /// The CUDA version libtorch was built with ("13.0"), on a GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_runtime: Option<String>,
+    /// Data-parallel processes.
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// The command that ran, as typed.
+    #[serde(default)]
+    pub command: String,
+    #[serde(default)]
+    pub host: String,
+}
+
+/// This process's command line, the program by its file name (not one machine's folder).
+fn command_line() -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    if let Some(program) = args.first_mut() {
+        if let Some(name) = std::path::Path::new(program.as_str()).file_name() {
+            *program = name.to_string_lossy().into_owned();
+        }
+    }
+    args.join(" ")
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Env {
-    /// This build on `device` (described by [`crate::device::describe`]).
-    pub fn current(device: String) -> Env {
+    /// This build, this process's command line and host, on `device` with `world_size`
+    /// processes.
+    pub fn current(device: anyhow::Result<tch::Device>, world_size: usize) -> Env {
+        let cuda = device.as_ref().ok().and_then(|d| match d {
+            tch::Device::Cuda(i) => crate::device::cuda_facts(*i).ok(),
+            _ => None,
+        });
         Env {
             code_commit: env!("MFR_GIT_COMMIT").to_owned(),
             mfr_version: env!("CARGO_PKG_VERSION").to_owned(),
             tch: "0.24.0".to_owned(),
             libtorch: "2.11.0".to_owned(),
-            device,
+            device: match device {
+                Ok(d) => crate::device::describe(d),
+                Err(e) => e.to_string(),
+            },
+            cuda_driver: cuda.map(|(_, driver)| driver),
+            cuda_runtime: crate::device::cuda_runtime(),
+            world_size,
+            command: command_line(),
+            host: crate::files::host_name(),
         }
     }
 }
