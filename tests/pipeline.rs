@@ -129,7 +129,12 @@ fn a_latent_run_trains_samples_through_the_vae_and_gets_adm_metrics() {
     );
     assert!(root.join("reports/latent/plots/fid-by-step.svg").exists());
     let html = std::fs::read_to_string(root.join("reports/latent/index.html")).unwrap();
-    assert!(html.contains("ADM evaluator metrics"), "{html}");
+    // ADM's metrics in the metrics table, and the reference batch's images beside the samples.
+    assert!(
+        html.contains("Metrics of the final weights") && html.contains("<th>sFID</th>"),
+        "{html}"
+    );
+    assert!(root.join("reports/latent/grids/real-data.png").exists());
     assert!(
         html.contains("table1.default"),
         "the paper row is in the report"
