@@ -5,7 +5,7 @@
 //! of the files scored, and the known causes, each decided from the run's files. Paths are
 //! printed relative to $MFR_CACHE or as file names with hashes, never one machine's folders.
 use super::paper::{Departure, Paper, Row};
-use super::tables::{self, RunResult};
+use super::tables::{self, file_name, RunResult};
 use crate::eval::evaluator::content_sha256;
 use crate::paths::default_cache;
 use anyhow::{bail, Result};
@@ -98,12 +98,6 @@ fn value_text(v: &toml::Value) -> String {
         toml::Value::String(s) => s.clone(),
         other => other.to_string(),
     }
-}
-
-fn file_name(path: &str) -> String {
-    Path::new(path)
-        .file_name()
-        .map_or_else(|| path.to_owned(), |f| f.to_string_lossy().into_owned())
 }
 
 /// A file as a report names it: relative to $MFR_CACHE when it lies there, else its name;

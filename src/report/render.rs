@@ -6,7 +6,7 @@
 use super::discrepancy;
 use super::paper::Paper;
 use super::plots::{self, Bar, FidPoint, Ranked};
-use super::tables::{self, cells, Compared, Ordering, RunResult};
+use super::tables::{self, cells, file_name, Compared, Ordering, RunResult};
 use crate::files::write_atomic;
 use anyhow::{Context, Result};
 use polars::prelude::*;
@@ -208,9 +208,7 @@ fn runs_table(runs: &[RunResult], reports: &[PathBuf]) -> Table {
         .iter()
         .zip(reports)
         .map(|(r, report)| {
-            let file = report
-                .file_name()
-                .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+            let file = file_name(&report.to_string_lossy());
             vec![
                 r.label.clone(),
                 format!("`{}`", r.name),
@@ -376,7 +374,7 @@ fn figures(
         if real.exists() && real_seen.insert(r.spec.train.data.clone()) {
             let file = format!(
                 "grids/real-{}.png",
-                file_safe(&data_name(&r.spec.train.data))
+                file_safe(&file_name(&r.spec.train.data))
             );
             copy(&real, &out.join(&file))?;
             let what = match r.small_sample() {
@@ -413,13 +411,6 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
 /// A file name part from a run name or data path ("data_proportion=0.75" -> "data_proportion_0.75").
 fn file_safe(name: &str) -> String {
     name.replace(['=', ',', '/', ' '], "_")
-}
-
-/// A data set's short name: "digits", or a latent folder's last component.
-fn data_name(data: &str) -> String {
-    Path::new(data)
-        .file_name()
-        .map_or_else(|| data.to_owned(), |f| f.to_string_lossy().into_owned())
 }
 
 /// A label short enough for a bar: the part after the colon.
@@ -542,13 +533,6 @@ fn provenance(runs: &[RunResult]) -> Table {
         header.map(String::from).to_vec(),
         rows,
     )
-}
-
-/// A path's last component: reports name files, not one machine's folders.
-fn file_name(path: &str) -> String {
-    Path::new(path)
-        .file_name()
-        .map_or_else(|| path.to_owned(), |f| f.to_string_lossy().into_owned())
 }
 
 fn title(experiment: &str, runs: &[RunResult]) -> (String, String) {

@@ -434,6 +434,14 @@ pub fn training(runs: &[RunResult]) -> Result<DataFrame> {
     Ok(df)
 }
 
+/// A path's last component (the path itself when it has none): reports name files, not one
+/// machine's folders.
+pub fn file_name(path: &str) -> String {
+    Path::new(path)
+        .file_name()
+        .map_or_else(|| path.to_owned(), |f| f.to_string_lossy().into_owned())
+}
+
 /// A DataFrame's cells as text, numbers with `decimals` places, missing values as "-".
 pub fn cells(df: &DataFrame, decimals: usize) -> (Vec<String>, Vec<Vec<String>>) {
     let header: Vec<String> = df
