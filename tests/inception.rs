@@ -4,7 +4,8 @@
 //! $MFR_EVAL_FIXTURES, default target/eval-fixtures).
 //!
 //! Tolerances (float32): the port runs the same convolutions as the TorchScript module through the
-//! same libtorch, so it can differ only where the two order their arithmetic differently; 1e-5
+//! same libtorch, so it can differ only where the two order their arithmetic differently (on the
+//! CPU the port feeds oneDNN channels-last input, whose kernels sum in another order); 1e-5
 //! relative on pool_3 and on the mixed_6/conv activations is ~100 float32 ulps, loose enough for
 //! that and far below what moves an FID (torch-fidelity documents 1e-4 against TF itself).
 mod common;
@@ -74,7 +75,12 @@ fn importing_the_torchscript_gives_the_same_network() {
         std::env::temp_dir().join(format!("mfr-inception-{}.safetensors", std::process::id()));
     let n = weights::import_torchscript(&weights::bundled_torchscript().unwrap(), &out).unwrap();
     assert_eq!(n, 376);
-    let (_vs, net) = weights::load(&out, Device::Cpu).unwrap();
-    let features = tch::no_grad(|| net.features(&f["input"]));
-    assert_eq!(rel_err(&features.pool, &f["pool"]), 0.0);
+    let (_vs, imported) = weights::load(&out, Device::Cpu).unwrap();
+    let (_vs, bundled) =
+        weights::load(&weights::bundled_torchscript().unwrap(), Device::Cpu).unwrap();
+    // The same weights through the same kernels: equal to the last bit.
+    let ours = tch::no_grad(|| imported.features(&f["input"]));
+    let theirs = tch::no_grad(|| bundled.features(&f["input"]));
+    assert_eq!(rel_err(&ours.pool, &theirs.pool), 0.0);
+    assert!(rel_err(&ours.pool, &f["pool"]) < 1e-5);
 }

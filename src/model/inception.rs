@@ -5,7 +5,7 @@
 //! weights (`softmax.weight`, 1008 x 2048, for the Inception Score) are optional: the TorchScript
 //! copy has none, pytorch-fid's file has them (src/import/pytorch_fid.rs maps its names).
 use anyhow::{bail, Result};
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 /// Side of the network's input.
 pub const SIDE: i64 = 299;
@@ -62,7 +62,7 @@ impl ConvBn {
             1e-3,
             true,
         )
-        .relu()
+        .relu_()
     }
 }
 
@@ -342,7 +342,15 @@ impl Inception {
 
     /// Features of images already resized to 299 and scaled to [-1, 1], (N, 3, 299, 299).
     pub fn features(&self, x: &Tensor) -> Features {
-        let x = max_pool(&chain(x, &self.stem));
+        // oneDNN's CPU convolutions run ~1.7x faster on channels-last (NHWC-strided) input and
+        // keep that layout through the network (`mfr bench evaluate --device cpu --batch 16` on a
+        // 2-core Xeon, 4.9 -> 8.1 img/s); the arithmetic per output is unchanged. On CUDA the
+        // float32 path stays in cuDNN's default layout, the one timed in docs/PERFORMANCE.md.
+        let x = match x.device() {
+            Device::Cpu => x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]),
+            _ => x.shallow_clone(),
+        };
+        let x = max_pool(&chain(&x, &self.stem));
         let mut x = max_pool(&chain(&x, &self.stem_2));
         let mut spatial = None;
         for (i, block) in self.blocks.iter().enumerate() {
