@@ -5,7 +5,7 @@
 mod common;
 use common::temp_dir;
 use meanflow_repro::eval::bootstrap::{draw_indices, fid_interval, resampled_fids};
-use meanflow_repro::eval::Stats;
+use meanflow_repro::eval::{Reference, Stats};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
@@ -18,8 +18,9 @@ fn numpy_bootstrap(n: i64, d: i64) {
     let reference = Tensor::randn([3 * d, d], (Kind::Double, Device::Cpu)).matmul(&mix);
     let stats = Stats::of(&reference).unwrap();
     let (resamples, seed) = (64usize, 7u64);
-    let ours = resampled_fids(&stats, &features, resamples, seed, Device::Cpu).unwrap();
-    let interval = fid_interval(&stats, &features, resamples, seed, 0.95, Device::Cpu).unwrap();
+    let root = Reference::new(&stats).unwrap();
+    let ours = resampled_fids(&root, &features, resamples, seed, Device::Cpu).unwrap();
+    let interval = fid_interval(&root, &features, resamples, seed, 0.95, Device::Cpu).unwrap();
     let indices: Vec<i64> = (0..resamples)
         .flat_map(|r| draw_indices(n as usize, seed, r))
         .collect();

@@ -3,15 +3,14 @@
 //! and the percentile interval of those FIDs reported beside the FID itself. Two runs whose
 //! intervals overlap are not told apart by their FIDs.
 //!
-//! Each draw's FID takes the reference's square root once: tr sqrt(S_r S) is the trace of the
-//! square root of R S R with R = sqrt(S_r), and when the sample has fewer rows n than features
-//! d (a small-sample FID), R S R = A^T A with A = X_c R / sqrt(n - 1), whose nonzero eigenvalues
-//! are those of the n x n matrix A A^T: a small eigenproblem per draw instead of a d x d one.
-use super::metrics::Stats;
+//! Each draw's FID reuses the reference's square root and the sample's product with it
+//! ([`Reference::project`]): one eigenproblem of the smaller of n and d per draw, no d x d
+//! matrix product.
+use super::metrics::Reference;
 use crate::data::mix;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// A percentile interval of FID.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -51,50 +50,20 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 /// The FID of every draw (features (n, d) of the sample against `reference`), on `device`.
 pub fn resampled_fids(
-    reference: &Stats,
+    reference: &Reference,
     features: &Tensor,
     resamples: usize,
     seed: u64,
     device: Device,
 ) -> Result<Vec<f64>> {
-    let x = features.to_kind(Kind::Double).to_device(device);
-    let (n, d) = x.size2()?;
-    if n < 2 {
-        bail!("a bootstrap needs at least 2 samples, got {n}");
-    }
-    let sigma_r = reference.sigma.to_kind(Kind::Double).to_device(device);
-    let mu_r = reference.mu.to_kind(Kind::Double).to_device(device);
-    let (w, v) = sigma_r.linalg_eigh("L");
-    let root = (&v * w.clamp_min(0.0).sqrt().unsqueeze(0)).matmul(&v.transpose(0, 1));
-    let trace_r = sigma_r.trace().double_value(&[]);
+    let reference = reference.to_device(device);
+    let projected = reference.project(features)?;
+    let n = features.size()[0] as usize;
     tch::no_grad(|| {
         (0..resamples)
             .map(|r| {
-                let idx = Tensor::from_slice(&draw_indices(n as usize, seed, r)).to_device(device);
-                let xs = x.index_select(0, &idx);
-                let mu = xs.mean_dim(0, false, None::<Kind>);
-                let centred = &xs - &mu;
-                let trace_s = centred.square().sum(Kind::Double).double_value(&[]) / (n - 1) as f64;
-                let eig = if n <= d {
-                    let a = centred.matmul(&root) / ((n - 1) as f64).sqrt();
-                    let small = a.matmul(&a.transpose(0, 1));
-                    ((&small + small.transpose(0, 1)) / 2.0).linalg_eigvalsh("L")
-                } else {
-                    let s = centred.transpose(0, 1).matmul(&centred) / (n - 1) as f64;
-                    let m = root.matmul(&s).matmul(&root);
-                    ((&m + m.transpose(0, 1)) / 2.0).linalg_eigvalsh("L")
-                };
-                let trace_sqrt = eig
-                    .clamp_min(0.0)
-                    .sqrt()
-                    .sum(Kind::Double)
-                    .double_value(&[]);
-                let diff = &mu - &mu_r;
-                let fid = diff.dot(&diff).double_value(&[]) + trace_r + trace_s - 2.0 * trace_sqrt;
-                if !fid.is_finite() {
-                    bail!("a resampled FID is not finite (non-finite features?)");
-                }
-                Ok(fid)
+                let rows = Tensor::from_slice(&draw_indices(n, seed, r)).to_device(device);
+                projected.fid(Some(&rows))
             })
             .collect()
     })
@@ -102,7 +71,7 @@ pub fn resampled_fids(
 
 /// The central `level` percentile interval of `resamples` bootstrap FIDs.
 pub fn fid_interval(
-    reference: &Stats,
+    reference: &Reference,
     features: &Tensor,
     resamples: usize,
     seed: u64,

@@ -3,7 +3,7 @@
 //! present; its images' features (needed for precision and recall, or for missing statistics)
 //! are cached by the file's sha256.
 use super::bootstrap::{fid_interval, Interval};
-use super::metrics::{frechet_distance, inception_score, precision_recall, Stats};
+use super::metrics::{inception_score, precision_recall, Reference, Stats};
 use super::npz::Npz;
 use crate::files::{hex, sha256_file};
 use crate::model::inception::{Features, Inception, POOL_FEATURES, SPATIAL_FEATURES};
@@ -268,7 +268,7 @@ const IS_SPLIT: i64 = 5000;
 const MIN_IMAGES: usize = 4;
 
 /// What a reference batch holds, read and checked before any sample is featurised.
-struct Reference {
+struct ReferenceBatch {
     /// Stored pool_3 statistics (`mu`, `sigma`), when present.
     pool: Option<Stats>,
     /// Stored spatial statistics (`mu_s`, `sigma_s`), when present.
@@ -314,7 +314,7 @@ fn stored_stats(npz: &mut Npz, mu: &str, sigma: &str, d: i64) -> Result<Option<S
     Ok(Some(Stats { mu: m, sigma: s }))
 }
 
-fn read_reference(path: &Path) -> Result<Reference> {
+fn read_reference(path: &Path) -> Result<ReferenceBatch> {
     let mut npz = Npz::open(path)?;
     // ADM's names (and pytorch-fid's --save-stats), or the official JAX code's FID statistics.
     let pool = match stored_stats(&mut npz, "mu", "sigma", POOL_FEATURES)? {
@@ -337,7 +337,7 @@ fn read_reference(path: &Path) -> Result<Reference> {
         ),
         _ => {}
     }
-    Ok(Reference {
+    Ok(ReferenceBatch {
         pool,
         spatial,
         images,
@@ -386,12 +386,13 @@ pub fn evaluate(
         Some(_) => Some(reference_features(scorer, reference, opts)?),
         None => None,
     };
-    let ref_stats = |stored: Option<Stats>, computed: Option<&Tensor>| -> Result<Option<Stats>> {
-        match (stored, computed) {
-            (Some(s), _) => Ok(Some(s)),
-            (None, Some(c)) => Stats::of(c).map(Some),
-            (None, None) => Ok(None),
-        }
+    let ref_stats = |stored: Option<Stats>, computed: Option<&Tensor>| {
+        let stats = match (stored, computed) {
+            (Some(s), _) => s,
+            (None, Some(c)) => Stats::of(c)?,
+            (None, None) => return Ok(None),
+        };
+        Reference::new(&stats).map(Some)
     };
     let against = Against {
         pool: ref_stats(refs.pool, features.as_ref().map(|f| &f.0))?
@@ -420,8 +421,8 @@ pub fn evaluate(
 /// The reference side of the metrics: its statistics, and its pool features where it has
 /// images (precision and recall need them).
 pub struct Against<'a> {
-    pub pool: Stats,
-    pub spatial: Option<Stats>,
+    pub pool: Reference,
+    pub spatial: Option<Reference>,
     pub pool_features: Option<&'a Tensor>,
 }
 
@@ -445,13 +446,13 @@ pub fn score(
     bootstrap: usize,
     device: Device,
 ) -> Result<Scores> {
-    let fid = frechet_distance(&against.pool, &Stats::of(pool)?)?;
+    let fid = against.pool.fid(pool)?;
     let fid_interval = match bootstrap {
         0 => None,
         n => Some(fid_interval(&against.pool, pool, n, 0, 0.95, device)?),
     };
     let sfid = match &against.spatial {
-        Some(s) => Some(frechet_distance(s, &Stats::of(spatial)?)?),
+        Some(s) => Some(s.fid(spatial)?),
         None => None,
     };
     let (precision, recall) = match against.pool_features {

@@ -6,4 +6,4 @@ pub mod evaluator;
 pub mod metrics;
 pub mod npz;
 
-pub use metrics::{frechet_distance, inception_score, precision_recall, Stats};
+pub use metrics::{frechet_distance, inception_score, precision_recall, Reference, Stats};

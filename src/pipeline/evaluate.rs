@@ -8,7 +8,7 @@ use crate::eval::evaluator::{
     self, cached_features, featurise, score, weights_tag, Against, Options, Scorer, Source,
 };
 use crate::eval::npz::Npz;
-use crate::eval::Stats;
+use crate::eval::{Reference, Stats};
 use crate::files::hex;
 use crate::paths::default_cache;
 use crate::rundir::{AdmScores, HistoryPoint, Metrics};
@@ -132,8 +132,8 @@ fn pixels(run: &Run, ds: &dyn Dataset, weights: &Path) -> Result<Metrics> {
         Ok((pool, spatial))
     })?;
     let against = Against {
-        pool: Stats::of(&ref_pool)?,
-        spatial: Some(Stats::of(&ref_spatial)?),
+        pool: Reference::new(&Stats::of(&ref_pool)?)?,
+        spatial: Some(Reference::new(&Stats::of(&ref_spatial)?)?),
         pool_features: Some(&ref_pool),
     };
 
