@@ -2,7 +2,7 @@
 //! TensorBoard event files that TensorBoard's own reader reads, one point of a sweep per array
 //! task, `mfr check` and `mfr run` from any directory, and a requeue after SIGTERM.
 mod common;
-use common::{latent_tree, temp_dir};
+use common::{micro_spec, temp_dir};
 use meanflow_repro::rundir::{read_stats, RunDir};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -20,19 +20,8 @@ fn mfr(dir: &Path, args: &[&str]) -> Command {
 }
 
 fn latent_spec(root: &Path, extra: &str) -> PathBuf {
-    latent_tree(&root.join("data"), 24, None);
-    let spec = root.join("spec.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "[experiment]\nname = \"c\"\n[model]\npreset = \"micro/2\"\ninput_size = 4\n\
-             in_channels = 1\nnum_classes = 3\n[train]\ndata = \"{}\"\nbatch = 8\nepochs = 4\n\
-             lr = 1e-3\nprecision = \"f64\"\ndevice = \"cpu\"\nlog_every = 2\ncheckpoint_every = 6\n{extra}",
-            root.join("data").display()
-        ),
-    )
-    .unwrap();
-    spec
+    let train = "epochs = 4\nlog_every = 2\ncheckpoint_every = 6\n";
+    micro_spec(root, "c", &format!("{train}{extra}"))
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! second writer, damaged sample parts, and files that are not what their names say. Each
 //! ends in a run that resumes to what an uninterrupted one computes, or one clear sentence.
 mod common;
-use common::{latent_tree, temp_dir};
+use common::{micro_spec, temp_dir};
 use meanflow_repro::rundir::{checkpoint, read_stats, Contention, RunDir, StatLine};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -10,23 +10,10 @@ use std::time::{Duration, Instant};
 
 /// A latent-data spec in f64 on the CPU (so reruns are bit for bit), `epochs` x 3 steps.
 fn latent_spec(root: &Path, epochs: u32, extra: &str) -> PathBuf {
-    let data = root.join("data");
-    if !data.exists() {
-        latent_tree(&data, 24, None);
-    }
-    let spec = root.join("spec.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "[experiment]\nname = \"faults\"\n[model]\npreset = \"micro/2\"\ninput_size = 4\n\
-             in_channels = 1\nnum_classes = 3\n[train]\ndata = \"{}\"\nbatch = 8\nepochs = {epochs}\n\
-             lr = 1e-3\nprecision = \"f64\"\ndevice = \"cpu\"\nlog_every = 1\ncheckpoint_every = 3\n\
-             keep_checkpoints = 4\n{extra}",
-            data.display()
-        ),
-    )
-    .unwrap();
-    spec
+    let train = format!(
+        "epochs = {epochs}\nlog_every = 1\ncheckpoint_every = 3\nkeep_checkpoints = 4\n{extra}"
+    );
+    micro_spec(root, "faults", &train)
 }
 
 fn mfr(args: &[&str], results: &Path) -> Command {

@@ -3,7 +3,7 @@
 //! same command with --resume then finishes to what an uninterrupted run makes. A second signal
 //! ends the process at once.
 mod common;
-use common::{latent_tree, temp_dir};
+use common::{micro_spec, temp_dir};
 use meanflow_repro::rundir::checkpoint;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -42,19 +42,11 @@ fn lines(path: &Path) -> usize {
 }
 
 fn latent_spec(root: &Path) -> PathBuf {
-    latent_tree(&root.join("data"), 24, None);
-    let spec = root.join("spec.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "[experiment]\nname = \"sig\"\n[model]\npreset = \"micro/2\"\ninput_size = 4\n\
-             in_channels = 1\nnum_classes = 3\n[train]\ndata = \"{}\"\nbatch = 8\nepochs = 40\n\
-             lr = 1e-3\nprecision = \"f64\"\ndevice = \"cpu\"\nlog_every = 1\ncheckpoint_every = 50\n",
-            root.join("data").display()
-        ),
+    micro_spec(
+        root,
+        "sig",
+        "epochs = 40\nlog_every = 1\ncheckpoint_every = 50\n",
     )
-    .unwrap();
-    spec
 }
 
 #[test]

@@ -62,6 +62,29 @@ pub fn eval_fixture(name: &str) -> BTreeMap<String, Tensor> {
     tensors.into_iter().collect()
 }
 
+/// Writes root/spec.toml: a micro/2 network trained in float64 on the CPU (so reruns are bit for
+/// bit) on 24 random latents under root/data (made once), batch 8, so 3 steps an epoch. `train`
+/// is the rest of the [train] table (epochs, log_every, checkpoint_every, ...) and may open
+/// further tables after it.
+pub fn micro_spec(root: &Path, name: &str, train: &str) -> PathBuf {
+    let data = root.join("data");
+    if !data.exists() {
+        latent_tree(&data, 24, None);
+    }
+    let spec = root.join("spec.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "[experiment]\nname = \"{name}\"\n[model]\npreset = \"micro/2\"\ninput_size = 4\n\
+             in_channels = 1\nnum_classes = 3\n[train]\ndata = \"{}\"\nbatch = 8\nlr = 1e-3\n\
+             precision = \"f64\"\ndevice = \"cpu\"\n{train}",
+            data.display()
+        ),
+    )
+    .unwrap();
+    spec
+}
+
 /// A REPA-layout tree of `n` posterior moments (2 x 4 x 4) with labels in 0..3.
 pub fn latent_tree(root: &Path, n: usize, poison: Option<usize>) {
     let dir = root.join("vae-sd").join("00000");
