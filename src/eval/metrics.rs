@@ -36,7 +36,7 @@ const NOT_FINITE: &str = "the feature statistics are not finite: the features ho
 /// tr(sqrtm(sigma_r S)) is the trace of the square root of R S R, a symmetric positive
 /// semi-definite matrix with the same spectrum: symmetric eigensolvers in float64, always real.
 pub struct Reference {
-    pub mu: Tensor,
+    mu: Tensor,
     root: Tensor,
     trace: f64,
 }
