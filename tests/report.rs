@@ -6,9 +6,10 @@
 mod common;
 use common::temp_dir;
 use meanflow_repro::eval::bootstrap::Interval;
+use meanflow_repro::eval::AdmScores;
 use meanflow_repro::report::tables::{pearson, ranks};
 use meanflow_repro::report::{discrepancy, render, sample_grid};
-use meanflow_repro::rundir::{AdmScores, Contention, Env, Metrics, RunDir, SampleInputs, StatLine};
+use meanflow_repro::rundir::{Contention, Env, Metrics, RunDir, SampleInputs, StatLine};
 use meanflow_repro::spec::Spec;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};

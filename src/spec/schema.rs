@@ -185,7 +185,7 @@ impl Default for MeanFlowSection {
 
 /// Training precision: f32 params with bf16 autocast (the PyTorch port), plain f32 (the
 /// official code), f32 with TF32 matrix products, or f64 (CPU checks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     Bf16,
