@@ -42,7 +42,7 @@ keep_checkpoints = 5
 /// Trains `spec` in the run directory `dir`.
 fn train(spec: &Spec, dir: &Path) -> anyhow::Result<run::Trained> {
     let ds = data::open(&spec.train.data)?;
-    run::train(&TrainConfig::of(&spec), ds, &RunDir::new(dir))
+    run::train(&TrainConfig::of(spec), ds, &RunDir::new(dir))
 }
 
 fn weights(path: &Path, prefix: &str) -> Vec<(String, Tensor)> {
