@@ -148,7 +148,7 @@ fn cookie_target(asked: &Url, cookies: &[String]) -> Option<Confirm> {
         let pair = c.split(';').next()?.trim();
         let (name, value) = pair.split_once('=')?;
         let token_ok = !value.is_empty() && value.bytes().all(|b| b.is_ascii_graphic());
-        (name.starts_with("download_warning") && token_ok).then(|| (name, value))
+        (name.starts_with("download_warning") && token_ok).then_some((name, value))
     })?;
     let mut url = asked.clone();
     set_query(&mut url, &[("confirm".to_owned(), token.to_owned())]);
@@ -440,7 +440,7 @@ mod tests {
         ) {
             let page: String = picks.iter().map(|&i| PIECES[i]).collect();
             let asked = url("https://drive.google.com/uc?export=download&id=X1234567890");
-            let _ = confirm(&page, &asked, &asked, &[page.clone()]);
+            let _ = confirm(&page, &asked, &asked, std::slice::from_ref(&page));
         }
     }
 
