@@ -444,7 +444,10 @@ pub fn adopt(asset: &Asset, file: &Path, opts: &Options) -> Result<PathBuf> {
     part.sync_all()
         .with_context(|| format!("{}: cannot write", slot.part.display()))?;
     let digest = crate::files::hex(&hasher.finalize());
-    let from = format!("file://{}", file.display());
+    let from = format!(
+        "file://{}",
+        file.canonicalize().unwrap_or(file.to_owned()).display()
+    );
     accept(asset, &slot, &expected, &digest, &from)
 }
 
