@@ -142,9 +142,13 @@ struct LaunchArgs {
 #[derive(clap::Args)]
 struct FetchArgs {
     name: Option<String>,
-    /// Every asset that has a pinned hash.
+    /// Every asset whose hash the manifest pins (not those recorded on first download).
     #[arg(long)]
     all: bool,
+    /// A file downloaded by hand (e.g. in a browser when Google Drive refuses): checked like a
+    /// download and copied into the cache.
+    #[arg(long, requires = "name")]
+    file: Option<PathBuf>,
     /// Never use the network: fail unless the asset is already cached.
     #[arg(long)]
     offline: bool,
@@ -502,12 +506,17 @@ impl FetchArgs {
         opts.sha256 = self.sha256;
         let wanted: Vec<assets::Asset> = match (self.name, self.all) {
             (Some(name), _) => vec![assets::find(&name)?],
-            (None, true) => assets::pinned(),
+            (None, true) => assets::pinned()?,
             (None, false) => {
-                print!("{}", assets::listing(&opts.cache));
+                print!("{}", assets::listing(&assets::manifest()?, &opts.cache));
                 return Ok(());
             }
         };
+        if let (Some(file), [asset]) = (&self.file, wanted.as_slice()) {
+            let path = assets::adopt(asset, file, &opts)?;
+            println!("{}: {}", asset.name, path.display());
+            return Ok(());
+        }
         for asset in wanted {
             let path = assets::fetch(&asset, &opts)?;
             println!("{}: {}", asset.name, path.display());
