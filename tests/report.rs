@@ -5,7 +5,7 @@
 //! a control from a run of released weights, and names files by hash, not by folder.
 mod common;
 use common::temp_dir;
-use meanflow_repro::eval::bootstrap::Interval;
+use meanflow_repro::eval::bootstrap::{Interval, Method};
 use meanflow_repro::report::tables::{pearson, ranks};
 use meanflow_repro::report::{discrepancy, render, sample_grid};
 use meanflow_repro::rundir::{AdmScores, Contention, Env, Metrics, RunDir, SampleInputs, StatLine};
@@ -55,6 +55,7 @@ fn interval(fid: f64, half: f64) -> Interval {
         high: fid + half,
         level: 0.95,
         resamples: 200,
+        method: Method::HalfSamples,
     }
 }
 
@@ -162,8 +163,8 @@ fn the_report_names_runs_by_paper_row_with_intervals_orderings_and_links() {
                 ),
             "{text}"
         );
-        assert!(text.contains("34.50 ± 3.00"), "{text}");
-        assert!(text.contains("65.00 ± 4.00"), "{text}");
+        assert!(text.contains("34.50 [31.50, 37.50]"), "{text}");
+        assert!(text.contains("65.00 [61.00, 69.00]"), "{text}");
         assert!(text.contains("not comparable (tiny/2 instead of SiT-B/4"));
         assert!(text.contains("Scales differ"));
         // The noise: 25% and 50% overlap, 0% overlaps neither.

@@ -2,14 +2,14 @@
 //! Inception port. The reference's stored statistics (mu, sigma, mu_s, sigma_s) are used when
 //! present; its images' features (needed for precision and recall, or for missing statistics)
 //! are cached by the file's sha256.
-use super::bootstrap::{fid_interval, Interval};
+use super::bootstrap::{check_resamples, fid_interval, Interval};
 use super::metrics::{inception_score, precision_recall, Reference, Stats};
 use super::npz::Npz;
 use crate::files::{hex, sha256_file};
 use crate::model::inception::{Features, Inception, POOL_FEATURES, SPATIAL_FEATURES};
 use crate::progress::Progress;
 use crate::rundir::AdmScores;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,10 +18,18 @@ use tch::{Device, Kind, Tensor};
 pub struct Options {
     pub batch: usize,
     pub device: Device,
-    /// Bootstrap resamples of FID's 95% interval (0: none).
+    /// Half-samples of FID's 95% interval (0: none; see [`super::bootstrap`]).
     pub bootstrap: usize,
     /// Where reference features and file hashes are cached ($MFR_CACHE).
     pub cache: PathBuf,
+}
+
+impl Options {
+    /// Refuses settings that could not finish, before any work starts.
+    pub fn check(&self) -> Result<()> {
+        check_resamples(self.bootstrap).map_err(|e| anyhow!("--bootstrap: {e}"))?;
+        Ok(())
+    }
 }
 
 /// The Inception network that scores, and the file its weights came from (reports name it; the
@@ -365,6 +373,7 @@ pub fn evaluate(
     samples: &Path,
     opts: &Options,
 ) -> Result<AdmScores> {
+    opts.check()?;
     let net = scorer.net;
     let refs = read_reference(reference)?;
     let mut sample_npz = None;
@@ -437,7 +446,7 @@ pub struct Scores {
 }
 
 /// ADM's metrics of a sample's `pool` and `spatial` features against a reference, with FID's
-/// 95% bootstrap interval from `bootstrap` resamples (0: none).
+/// 95% interval from `bootstrap` half-samples (0: none).
 pub fn score(
     net: &Inception,
     against: &Against,
@@ -449,7 +458,7 @@ pub fn score(
     let fid = against.pool.fid(pool)?;
     let fid_interval = match bootstrap {
         0 => None,
-        n => Some(fid_interval(&against.pool, pool, n, 0, 0.95, device)?),
+        n => Some(fid_interval(&against.pool, pool, fid, n, 0, device)?),
     };
     let sfid = match &against.spatial {
         Some(s) => Some(s.fid(spatial)?),

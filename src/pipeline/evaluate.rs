@@ -27,6 +27,7 @@ pub fn evaluate_files(
     inception: Option<&Path>,
     opts: &Options,
 ) -> Result<AdmScores> {
+    opts.check()?;
     let weights = crate::import::inception::default_weights(inception, &opts.cache)?;
     let (_vs, net) = crate::import::inception::load(&weights, opts.device)?;
     let scorer = Scorer {
@@ -146,7 +147,7 @@ fn pixels(run: &Run, ds: &dyn Dataset, weights: &Path) -> Result<Metrics> {
             let mut npz = Npz::open(&npz_path)?;
             let mut source = Source::Npz(Box::new(npz.images("arr_0")?));
             let (pool, spatial, img_per_s) = featurise(&net, &mut source, batch, device, &nfe)?;
-            // The bootstrap only for the final weights: the history plots FIDs alone.
+            // Intervals only for the final weights: the history plots FIDs alone.
             let resamples = if step.is_none() {
                 spec.eval.bootstrap
             } else {
@@ -154,11 +155,9 @@ fn pixels(run: &Run, ds: &dyn Dataset, weights: &Path) -> Result<Metrics> {
             };
             let s = score(&net, &against, &pool, &spatial, resamples as usize, device)?;
             let at = step.map_or_else(String::new, |s| format!(", step {s}"));
-            let pm = s
-                .fid_interval
-                .map_or_else(String::new, |i| format!(" +- {:.2}", i.half_width()));
+            let interval = s.fid_interval.map_or_else(String::new, |i| format!(" {i}"));
             println!(
-                "  FID ({nfe}{at}, {n} samples vs {} training images): {:.2}{pm}",
+                "  FID ({nfe}{at}, {n} samples vs {} training images): {:.2}{interval}",
                 ds.len(),
                 s.fid
             );
