@@ -224,7 +224,7 @@ fn the_report_names_runs_by_paper_row_with_intervals_orderings_and_links() {
     }
     // sFID, precision and recall in the metrics table where the evaluate stage made them.
     assert!(
-        md.contains("| 25% r != t | 1 | 34.50 ± 3.00 | 69.000 | 0.500 | 0.250 | - |"),
+        md.contains("| 25% r != t | 1 | 34.50 [31.50, 37.50] | 69.000 | 0.500 | 0.250 | - |"),
         "{md}"
     );
 }
@@ -245,7 +245,7 @@ fn a_discrepancy_report_is_headed_by_its_verdict_and_names_files_by_hash() {
         "{md}"
     );
     assert!(
-        md.contains("| 328.91 | 65.00 ± 4.00 | -263.91 | -80.2% |"),
+        md.contains("| 328.91 | 65.00 [61.00, 69.00] | -263.91 | -80.2% |"),
         "{md}"
     );
     assert!(
@@ -338,7 +338,7 @@ fn a_control_from_released_weights_says_where_the_gap_lies() {
         md.contains("| control: released weights `meanflow-B4.safetensors` through this pipeline (`b4-public/"),
         "{md}"
     );
-    assert!(md.contains("11.30 ± 0.10"), "{md}");
+    assert!(md.contains("11.30 [11.20, 11.40]"), "{md}");
     assert!(
         md.contains("the gap lies in training, not in sampling or evaluation"),
         "{md}"
