@@ -14,17 +14,20 @@
 //! deviations are). dev_lo <= 0 <= dev_hi, so the interval contains F by construction.
 //!
 //! Why half-samples: the mean of m = n/2 rows drawn without replacement from n varies around
-//! the sample's mean with variance (1 - m/n) s^2/m = s^2/n, the variance of the sample's mean
-//! around the generator's. FID is a smooth function of the means of x and x x^T, so to first
-//! order its spread over half-samples is its spread over fresh samples of size n (for odd n
-//! the deviations are scaled by sqrt(m/(n-m)) to keep that identity). Their FIDs sit higher,
-//! near the FID at n/2 (FID's bias grows as the sample shrinks), which is why only the
-//! deviations are used, not the half-samples' FIDs themselves. A bootstrap with replacement
-//! repeats rows: ~37% of them are missing from each draw and the repeats collapse the sample's
-//! spectrum, so the resampled FIDs sit above F (all of them with fewer samples than features:
-//! the percentile intervals this module made before missed their estimates) and, with fewer
-//! samples than features, their spread overstates the FID's (measured in a simulation like the
-//! test's: intervals 1.45x too wide at n = 50, d = 128).
+//! the sample's mean with variance (1 - m/n) s^2/m = s^2/n (s^2 the sample's unbiased
+//! variance), the estimate of sigma^2/n, the variance of the sample's mean around the
+//! generator's. FID is a function of the means of x and x x^T, so where it is smooth its spread
+//! over half-samples is, to first order, its spread over fresh samples of size n (for odd n the
+//! deviations are scaled by sqrt(m/(n-m)) to keep that identity). With fewer samples than
+//! features it is not smooth everywhere (the square root meets the sample covariance's zero
+//! eigenvalues): there the simulation, not this argument, is the evidence. The half-samples'
+//! FIDs sit higher, near the FID at n/2 (FID's bias grows as the sample shrinks), which is why
+//! only their deviations are used. A bootstrap with replacement repeats rows: ~37% of them are
+//! missing from each draw and the repeats collapse the sample's spectrum, so the resampled FIDs
+//! sit above F (with fewer samples than features, nearly all of them: the percentile intervals
+//! this module made before missed their estimates) and there their spread also overstates the
+//! FID's (measured in a simulation like the test's: intervals 1.45x too wide at n = 50,
+//! d = 128).
 //!
 //! Each half-sample's FID reuses the reference's square root and the sample's product with it
 //! ([`Reference::project`]): one eigenproblem of the smaller of n/2 and d, no d x d product.
@@ -129,7 +132,7 @@ pub fn half_sample_fids(
     seed: u64,
     device: Device,
 ) -> Result<Vec<f64>> {
-    let n = features.size()[0] as usize;
+    let n = features.size2()?.0 as usize;
     if n < 4 {
         bail!("an FID interval needs at least 4 samples (half-samples of 2), got {n}");
     }
@@ -161,7 +164,7 @@ pub fn fid_interval(
     }
     let mut fids = half_sample_fids(reference, features, resamples, seed, device)?;
     fids.sort_by(f64::total_cmp);
-    let n = features.size()[0] as f64;
+    let n = features.size2()?.0 as f64;
     let m = (n / 2.0).floor();
     let scale = (m / (n - m)).sqrt();
     let median = percentile(&fids, 0.5);
