@@ -189,7 +189,7 @@ struct EvaluateArgs {
     /// pt_inception, else the imported file, else default_1.pt from .venv.
     #[arg(long)]
     inception: Option<PathBuf>,
-    /// Bootstrap resamples of FID's 95% interval (0: none).
+    /// Resamples (half-samples) of FID's 95% interval: 0 (none) or 2 to 10000.
     #[arg(long, default_value_t = 0)]
     bootstrap: usize,
 }

@@ -5,7 +5,7 @@
 //! a control from a run of released weights, and names files by hash, not by folder.
 mod common;
 use common::temp_dir;
-use meanflow_repro::eval::bootstrap::Interval;
+use meanflow_repro::eval::bootstrap::{Interval, Method};
 use meanflow_repro::eval::AdmScores;
 use meanflow_repro::report::tables::{pearson, ranks};
 use meanflow_repro::report::{discrepancy, render, sample_grid};
@@ -56,6 +56,7 @@ fn interval(fid: f64, half: f64) -> Interval {
         high: fid + half,
         level: 0.95,
         resamples: 200,
+        method: Method::HalfSamples,
     }
 }
 
@@ -163,8 +164,8 @@ fn the_report_names_runs_by_paper_row_with_intervals_orderings_and_links() {
                 ),
             "{text}"
         );
-        assert!(text.contains("34.50 ± 3.00"), "{text}");
-        assert!(text.contains("65.00 ± 4.00"), "{text}");
+        assert!(text.contains("34.50 [31.50, 37.50]"), "{text}");
+        assert!(text.contains("65.00 [61.00, 69.00]"), "{text}");
         assert!(text.contains("not comparable (tiny/2 instead of SiT-B/4"));
         assert!(text.contains("Scales differ"));
         // The noise: 25% and 50% overlap, 0% overlaps neither.
@@ -224,7 +225,7 @@ fn the_report_names_runs_by_paper_row_with_intervals_orderings_and_links() {
     }
     // sFID, precision and recall in the metrics table where the evaluate stage made them.
     assert!(
-        md.contains("| 25% r != t | 1 | 34.50 ± 3.00 | 69.000 | 0.500 | 0.250 | - |"),
+        md.contains("| 25% r != t | 1 | 34.50 [31.50, 37.50] | 69.000 | 0.500 | 0.250 | - |"),
         "{md}"
     );
 }
@@ -245,7 +246,7 @@ fn a_discrepancy_report_is_headed_by_its_verdict_and_names_files_by_hash() {
         "{md}"
     );
     assert!(
-        md.contains("| 328.91 | 65.00 ± 4.00 | -263.91 | -80.2% |"),
+        md.contains("| 328.91 | 65.00 [61.00, 69.00] | -263.91 | -80.2% |"),
         "{md}"
     );
     assert!(
@@ -338,7 +339,7 @@ fn a_control_from_released_weights_says_where_the_gap_lies() {
         md.contains("| control: released weights `meanflow-B4.safetensors` through this pipeline (`b4-public/"),
         "{md}"
     );
-    assert!(md.contains("11.30 ± 0.10"), "{md}");
+    assert!(md.contains("11.30 [11.20, 11.40]"), "{md}");
     assert!(
         md.contains("the gap lies in training, not in sampling or evaluation"),
         "{md}"

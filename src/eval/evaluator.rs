@@ -2,13 +2,13 @@
 //! Inception port. The reference's stored statistics (mu, sigma, mu_s, sigma_s) are used when
 //! present; its images' features (needed for precision and recall, or for missing statistics)
 //! are cached by the file's sha256.
-use super::bootstrap::{fid_interval, Interval};
+use super::bootstrap::{check_resamples, fid_interval, Interval};
 use super::metrics::{inception_score, precision_recall, Reference, Stats};
 use super::npz::Npz;
 use crate::files::{hex, sha256_file};
 use crate::model::inception::{Features, Inception, POOL_FEATURES, SPATIAL_FEATURES};
 use crate::progress::Progress;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -18,10 +18,24 @@ use tch::{Device, Kind, Tensor};
 pub struct Options {
     pub batch: usize,
     pub device: Device,
-    /// Bootstrap resamples of FID's 95% interval (0: none).
+    /// Half-samples of FID's 95% interval (0: none; see [`super::bootstrap`]).
     pub bootstrap: usize,
     /// Where reference features and file hashes are cached ($MFR_CACHE).
     pub cache: PathBuf,
+}
+
+impl Options {
+    /// Refuses settings that could not finish, before any work starts.
+    pub fn check(&self) -> Result<()> {
+        check_resamples(self.bootstrap).map_err(|e| anyhow!("--bootstrap: {e}"))?;
+        if !(1..=MAX_BATCH).contains(&self.batch) {
+            bail!(
+                "an Inception batch of {} images: expected an integer in [1, {MAX_BATCH}]",
+                self.batch
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The Inception network that scores, and the file its weights came from (reports name it; the
@@ -365,7 +379,7 @@ pub fn evaluate(
     samples: &Path,
     opts: &Options,
 ) -> Result<AdmScores> {
-    check_batch(opts)?;
+    opts.check()?;
     // Read and checked before any sample is featurised; its features come after the samples'.
     let refs = read_reference(reference)?;
     let mut sample_npz = None;
@@ -378,7 +392,7 @@ pub fn evaluate(
 /// The reference side of an evaluation, from a reference batch file (read once, scored
 /// against many samples).
 pub fn against_file(scorer: &Scorer, reference: &Path, opts: &Options) -> Result<Against> {
-    check_batch(opts)?;
+    opts.check()?;
     against_batch(scorer, reference, read_reference(reference)?, opts)
 }
 
@@ -421,7 +435,7 @@ pub fn against_images(
     description: String,
     opts: &Options,
 ) -> Result<Against> {
-    check_batch(opts)?;
+    opts.check()?;
     let n = images.size()[0] as usize;
     if n < MIN_IMAGES {
         bail!("{description}: {n} images; precision and recall need at least {MIN_IMAGES}");
@@ -456,7 +470,7 @@ pub fn score_samples(
     samples: &Path,
     opts: &Options,
 ) -> Result<AdmScores> {
-    check_batch(opts)?;
+    opts.check()?;
     let mut sample_npz = None;
     let mut source = sample_source(samples, &mut sample_npz)?;
     let features = featurise_samples(scorer, &mut source, samples, opts)?;
@@ -465,16 +479,6 @@ pub fn score_samples(
 
 /// The largest Inception batch asked for (a 299 x 299 batch of this size is ~5 GB of input).
 const MAX_BATCH: usize = 4096;
-
-fn check_batch(opts: &Options) -> Result<()> {
-    if !(1..=MAX_BATCH).contains(&opts.batch) {
-        bail!(
-            "an Inception batch of {} images: expected an integer in [1, {MAX_BATCH}]",
-            opts.batch
-        );
-    }
-    Ok(())
-}
 
 /// A sample's features: (pool, spatial, Inception images per second).
 type SampleFeatures = (Tensor, Tensor, f64);
@@ -606,7 +610,7 @@ pub struct Scores {
 }
 
 /// ADM's metrics of a sample's `pool` and `spatial` features against a reference, with FID's
-/// 95% bootstrap interval from `bootstrap` resamples (0: none).
+/// 95% interval from `bootstrap` half-samples (0: none).
 pub fn score(
     net: &Inception,
     against: &Against,
@@ -618,7 +622,7 @@ pub fn score(
     let fid = against.pool.fid(pool)?;
     let fid_interval = match bootstrap {
         0 => None,
-        n => Some(fid_interval(&against.pool, pool, n, 0, 0.95, device)?),
+        n => Some(fid_interval(&against.pool, pool, fid, n, 0, device)?),
     };
     let sfid = match &against.spatial {
         Some(s) => Some(s.fid(spatial)?),

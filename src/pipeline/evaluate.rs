@@ -26,6 +26,7 @@ pub fn evaluate_files(
     inception: Option<&Path>,
     opts: &Options,
 ) -> Result<AdmScores> {
+    opts.check()?;
     let weights = crate::import::inception::default_weights(inception, &opts.cache)?;
     let (_vs, net) = crate::import::inception::load(&weights, opts.device)?;
     let scorer = Scorer {
@@ -68,7 +69,7 @@ pub fn stage(run: &Run, ds: Option<&Arc<dyn Dataset>>) -> Result<()> {
             let at = step.map_or_else(String::new, |s| format!(" (step {s})"));
             let interval = scores
                 .fid_interval
-                .map_or_else(String::new, |i| format!(" [{:.2}, {:.2}]", i.low, i.high));
+                .map_or_else(String::new, |i| format!(" {i}"));
             println!(
                 "  {nfe}{at}, {} samples vs {}: FID {:.2}{interval}\n    {}",
                 scores.num_samples,

@@ -79,11 +79,11 @@ impl RunResult {
             .copied()
     }
 
-    /// "34.96 +- 3.10", or the FID alone without an interval.
+    /// "34.96 [33.10, 37.20]", or the FID alone without an interval.
     pub fn fid_text(&self, nfe: i64) -> Option<String> {
         let fid = self.fid(nfe)?;
         Some(match self.interval(nfe) {
-            Some(i) => format!("{fid:.2} ± {:.2}", i.half_width()),
+            Some(i) => format!("{fid:.2} {i}"),
             None => format!("{fid:.2}"),
         })
     }

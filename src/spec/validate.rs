@@ -200,14 +200,8 @@ impl Spec {
             "expected an asset name or a file",
         )?;
         count("eval.batch", self.eval.batch, 1, 1 << 20)?;
-        require(
-            self.eval.bootstrap == 0 || (2..=100_000).contains(&self.eval.bootstrap),
-            "eval.bootstrap",
-            &format!(
-                "expected 0 (no intervals) or an integer in [2, 100000], got {}",
-                self.eval.bootstrap
-            ),
-        )?;
+        crate::eval::bootstrap::check_resamples(self.eval.bootstrap)
+            .map_err(|e| ("eval.bootstrap".to_owned(), e))?;
         positive("paper.tolerance", self.paper.tolerance)
     }
 }
