@@ -106,18 +106,23 @@ report-check:
 	$(PYTHON) tools/report_check.py $(REPORT)
 
 # The headline job on a GPU machine: experiments/b4.toml (Table 1's default row and omega = 3).
-# With CKPT=meanflow-B4.pth: import the public checkpoint and evaluate it instead of training.
-# Either way `mfr check` first lists everything missing (GPU, latents, VAE, reference batch).
-IMPORTED := results/imported/meanflow-B4.safetensors
+# CKPT= evaluates released weights instead of training (experiments/b4-public.toml): the PyTorch
+# port's meanflow-B4.pth, the official JAX checkpoint as released (a zip, the directory it
+# unpacks to, or its flax msgpack file), or an asset name (meanflow-b4-jax, meanflow-b4-pth),
+# fetched first. The import comes first (seconds), so that `mfr check` checks the spec that will
+# run and lists everything else missing (GPU, latents, VAE, reference batch) before any work.
+# SET="key=value ..." overrides spec fields (a trial: SET="train.device=cpu sample.num_samples=64").
+IMPORTED ?= results/imported/meanflow-B4.safetensors
+SETS = $(foreach s,$(SET),--set $(s))
 reproduce-b4: build
 ifdef CKPT
-	$(RELEASE) check experiments/b4-public.toml --set model.weights=$(CKPT)
 	mkdir -p $(dir $(IMPORTED))
 	$(RELEASE) import $(CKPT) --out $(IMPORTED)
-	$(RELEASE) run experiments/b4-public.toml --resume
+	$(RELEASE) check experiments/b4-public.toml --set model.weights=$(IMPORTED) $(SETS)
+	$(RELEASE) run experiments/b4-public.toml --set model.weights=$(IMPORTED) $(SETS) --resume
 else
-	$(RELEASE) check experiments/b4.toml
-	$(RELEASE) run experiments/b4.toml --resume
+	$(RELEASE) check experiments/b4.toml $(SETS)
+	$(RELEASE) run experiments/b4.toml $(SETS) --resume
 endif
 
 bench: build
