@@ -1041,6 +1041,15 @@ fn torch_saves_that_expand_past_their_size_or_say_two_things_are_refused() {
         .int(2)
         .op(b"uuu");
     torch_archive(&dir.join("dup-keys.pth"), &dup, &[]);
+    // 40 levels of lists holding the level below twice: 750 bytes that expand to 2^40 values.
+    let laughs = (1..40u8).fold(
+        Pickle::default().op(b"\x80\x02}").text("k0").op(b"]q\x01s"),
+        |p, i| {
+            p.text(&format!("k{i}"))
+                .op(&[b']', b'(', b'h', i, b'h', i, b'e', b'q', i + 1, b's'])
+        },
+    );
+    torch_archive(&dir.join("laughs.pth"), &laughs, &[]);
     // The same storage record twice in the archive.
     let small = Pickle::default()
         .op(b"\x80\x02}(")
@@ -1070,6 +1079,7 @@ torch.save(sd, sys.argv[3])";
     let cases: &[(&str, &str)] = &[
         ("views.pth", "4 times"),
         ("bomb.pth", "4 times"),
+        ("laughs.pth", "more than 2000000 values"),
         ("dup-keys.pth", "['opt']['state'] has the key 0 twice"),
         ("dup-records.pth", "two records named archive/data/0"),
         ("sit-rows.pth", "4 times"),
