@@ -14,6 +14,7 @@ pub mod model;
 pub mod paths;
 pub mod pipeline;
 pub mod progress;
+pub mod readfile;
 pub mod report;
 pub mod rundir;
 pub mod settings;

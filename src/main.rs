@@ -452,9 +452,10 @@ impl PrepareArgs {
     fn go(self) -> Result<()> {
         use meanflow_repro::data::prepare;
         use meanflow_repro::model::vae::VaeConfig;
+        // The sizes first: a wrong one fails in seconds, not after loading the VAE.
+        prepare::check_size(self.size)?;
+        prepare::check_batch(self.batch)?;
         let dev = device::parse(&self.device)?;
-        let weights = assets::local(&self.vae, "the SD-VAE")?;
-        let (_vs, net) = meanflow_repro::import::vae::load(&weights, &VaeConfig::sd(), dev)?;
         let opts = prepare::Options {
             size: self.size,
             batch: self.batch,
@@ -462,6 +463,8 @@ impl PrepareArgs {
             limit: self.limit,
             skip_bad: self.skip_bad,
         };
+        let weights = assets::local(&self.vae, "the SD-VAE")?;
+        let (_vs, net) = meanflow_repro::import::vae::load(&weights, &VaeConfig::sd(), dev)?;
         let done = prepare::prepare(&self.train_dir, &self.out_dir, &net, &opts)?;
         println!(
             "{} images under {} ({} encoded now, {} unreadable left out)",

@@ -33,28 +33,18 @@ fn interval() -> Duration {
         .unwrap_or(Duration::from_secs(60))
 }
 
-/// A UTC timestamp, `2026-11-30T01:02:03Z`.
+/// A UTC timestamp to the second, `2026-11-30T01:02:03Z` (RFC 3339).
 pub fn timestamp(at: SystemTime) -> String {
     let secs = at
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs()) as i64;
-    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days: the proleptic Gregorian date of a day count.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("@{secs}"))
 }
 
 fn clock(d: Duration) -> String {
@@ -233,6 +223,28 @@ impl Progress {
         match &self.mode {
             Mode::Bar(bar) => bar.abandon(),
             _ => self.with_lines(|l| eprintln!("{}", l.line())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::timestamp;
+    use std::time::{Duration, SystemTime};
+
+    /// Python's `datetime.fromtimestamp(t, timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')`.
+    #[test]
+    fn timestamps_are_pythons_utc_dates() {
+        for (secs, want) in [
+            (0, "1970-01-01T00:00:00Z"),
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (1_796_000_523, "2026-11-30T01:02:03Z"),
+            (4_102_444_799, "2099-12-31T23:59:59Z"),
+        ] {
+            let at = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            assert_eq!(timestamp(at), want);
+            // Fractions of a second are dropped, not printed.
+            assert_eq!(timestamp(at + Duration::from_millis(999)), want);
         }
     }
 }

@@ -310,11 +310,12 @@ fn a_spec_with_too_many_resamples_is_refused() {
 
 #[test]
 fn evaluate_refuses_too_many_resamples_before_any_work() {
+    let cache = temp_dir("bootstrap-cache");
     let opts = Options {
         batch: 8,
         device: Device::Cpu,
         bootstrap: 1_000_000_000,
-        cache: temp_dir("bootstrap-cache"),
+        cache: cache.to_path_buf(),
     };
     // Neither file exists: the resamples must be refused before either is looked at.
     let e = meanflow_repro::pipeline::evaluate_files(
@@ -346,7 +347,7 @@ fn intervals_recorded_without_their_method_are_not_read() {
         "inputs": {"weights": "w", "schedules": [[1.0, 0.0]], "num_samples": 200, "seed": 0, "vae": null},
         "inception_weights": "i",
     });
-    let dir = RunDir::new(&root);
+    let dir = RunDir::new(root.to_path_buf());
     std::fs::create_dir_all(dir.samples()).unwrap();
     let file = dir.samples().join("metrics.json");
     std::fs::write(&file, metrics.to_string()).unwrap();

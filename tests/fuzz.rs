@@ -1,11 +1,13 @@
 //! Property tests: random bytes, and real files with bytes flipped, cut or spliced, fed to every
-//! reader of outside data (.npy, .npz, torch.save pickles, TorchScript archives, safetensors,
-//! specs). Each must return an error or a value, never panic, hang or exhaust memory.
+//! reader of outside data (.npy, .npz, torch.save pickles, TorchScript archives, flax msgpack
+//! checkpoints, images, safetensors, specs). Each must return an error or a value, never panic,
+//! hang or exhaust memory.
 mod common;
-use common::{import_fixture, temp_dir};
+use common::{import_fixture, temp_dir, TempDir};
 use meanflow_repro::data::npy;
+use meanflow_repro::data::prepare;
 use meanflow_repro::eval::npz::Npz;
-use meanflow_repro::import::torch_file;
+use meanflow_repro::import::{flax, torch_file};
 use proptest::prelude::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,9 +37,11 @@ fn edits() -> impl Strategy<Value = (Vec<(usize, u8)>, Option<usize>)> {
     )
 }
 
-fn scratch(name: &str) -> PathBuf {
+/// A case file in a fresh directory, removed when the directory is dropped.
+fn scratch(name: &str) -> (TempDir, PathBuf) {
     let dir = temp_dir(&format!("fuzz-{name}"));
-    dir.join("case")
+    let path = dir.join("case");
+    (dir, path)
 }
 
 fn write(path: &Path, bytes: &[u8]) {
@@ -58,6 +62,37 @@ fn zip_of(members: &[(&str, &[u8])]) -> Vec<u8> {
 
 fn good_npy() -> Vec<u8> {
     npy::encode("|u1", &[4, 5, 5, 3], &[7u8; 300])
+}
+
+/// The official JAX code's training state as flax writes it (tests/fixtures/flax).
+fn flax_checkpoint() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/flax/msgpack/checkpoint_1234/checkpoint")
+}
+
+fn test_image() -> image::RgbImage {
+    image::RgbImage::from_fn(24, 20, |x, y| {
+        image::Rgb([(x * 9) as u8, (y * 11) as u8, 77])
+    })
+}
+
+fn png_bytes() -> Vec<u8> {
+    let mut out = Vec::new();
+    test_image()
+        .write_to(
+            &mut std::io::Cursor::new(&mut out),
+            image::ImageOutputFormat::Png,
+        )
+        .unwrap();
+    out
+}
+
+fn jpeg_bytes() -> Vec<u8> {
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new(&mut out)
+        .encode_image(&test_image())
+        .unwrap();
+    out
 }
 
 /// Reads everything an .npz offers the evaluator: the images in batches and the statistics.
@@ -81,7 +116,7 @@ proptest! {
 
     #[test]
     fn npz_files((flips, cut) in edits(), member in prop::collection::vec(any::<u8>(), 0..120)) {
-        let path = scratch("npz");
+        let (_dir, path) = scratch("npz");
         write(&path, &mutate(&zip_of(&[("arr_0.npy", &good_npy())]), &flips, cut));
         read_npz(&path);
         // A whole archive around a mutated or random member.
@@ -92,7 +127,7 @@ proptest! {
     #[test]
     fn torch_save_pickles((flips, cut) in edits(), junk in prop::collection::vec(any::<u8>(), 0..200)) {
         let real = std::fs::read(import_fixture("sit_flat.pth")).unwrap();
-        let path = scratch("pickle");
+        let (_dir, path) = scratch("pickle");
         write(&path, &mutate(&real, &flips, cut));
         let _ = torch_file::load(&path);
         // The archive whole, its pickle random or mutated.
@@ -112,8 +147,30 @@ proptest! {
     }
 
     #[test]
+    fn flax_msgpack_files((flips, cut) in edits(), junk in prop::collection::vec(any::<u8>(), 0..200)) {
+        let real = std::fs::read(flax_checkpoint()).unwrap();
+        let (_dir, path) = scratch("flax");
+        write(&path, &mutate(&real, &flips, cut));
+        if let Ok(state) = flax::read_msgpack(&path) {
+            let _ = flax::to_state_dict(&state.tensors());
+        }
+        // A map header in front of random bytes: what the import takes for a flax file.
+        write(&path, &[&[0x81u8][..], &junk].concat());
+        let _ = flax::read_msgpack(&path);
+    }
+
+    #[test]
+    fn images((flips, cut) in edits()) {
+        for good in [png_bytes(), jpeg_bytes()] {
+            if let Ok(img) = prepare::decode_rgb(&mutate(&good, &flips, cut)) {
+                let _ = prepare::center_crop(img, 16);
+            }
+        }
+    }
+
+    #[test]
     fn safetensors_files((flips, cut) in edits(), junk in prop::collection::vec(any::<u8>(), 0..200)) {
-        let path = scratch("safetensors");
+        let (_dir, path) = scratch("safetensors");
         let good = path.with_extension("good");
         if !good.exists() {
             let t = tch::Tensor::arange(12, tch::kind::FLOAT_CPU).view([3, 4]);

@@ -1,7 +1,7 @@
 //! `mfr prepare-imagenet`: ADM's centre crop against PIL (the library ADM crops with), the
 //! latent layout the trainer reads, and a resumed run that only encodes what is missing.
 mod common;
-use common::temp_dir;
+use common::{run_python, temp_dir};
 use meanflow_repro::data::latents::Latents;
 use meanflow_repro::data::prepare::{center_crop, prepare, Options};
 use meanflow_repro::data::Dataset;
@@ -60,7 +60,9 @@ open(sys.argv[3], 'wb').write(np.ascontiguousarray(a[y:y + s, x:x + s]).tobytes(
             .unwrap();
         assert!(status.success());
         let pil = std::fs::read(&raw).unwrap();
-        let ours = center_crop(image::open(&png).unwrap().to_rgb8(), size).into_raw();
+        let ours = center_crop(image::open(&png).unwrap().to_rgb8(), size)
+            .unwrap()
+            .into_raw();
         assert_eq!(ours.len(), pil.len());
         let diffs: Vec<i32> = ours
             .iter()
@@ -124,7 +126,8 @@ fn latents_land_in_the_trainer_layout_and_a_resumed_run_encodes_only_what_is_mis
             .unwrap()
             .to_rgb8(),
         32,
-    );
+    )
+    .unwrap();
     let x = Tensor::from_slice(crop.as_raw())
         .view([1, 32, 32, 3])
         .permute([0, 3, 1, 2])
@@ -188,17 +191,6 @@ fn a_folder_without_classes_is_named() {
     assert!(err.contains("no class folders"), "{err}");
 }
 
-/// Runs a Python snippet in the project's .venv with `args`.
-fn run_python(script: &str, args: &[&Path]) {
-    let status = std::process::Command::new(python())
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .status()
-        .expect("the project's .venv python (make setup)");
-    assert!(status.success());
-}
-
 #[test]
 fn pillows_cmyk_arithmetic_is_ours_to_the_last_bit() {
     let dir = temp_dir("cmyk-formula");
@@ -234,7 +226,7 @@ im.save(d + '/png.JPEG', format='PNG')
 im.save(d + '/rgb.JPEG', quality=95)
 for name in ['cmyk', 'grey', 'png', 'rgb']:
     open(d + '/' + name + '.rgb', 'wb').write(np.asarray(Image.open(d + '/' + name + '.JPEG').convert('RGB')).tobytes())",
-        &[&png, &dir],
+        &[png.as_path(), &dir],
     );
     for name in ["cmyk", "grey", "png", "rgb"] {
         let bytes = std::fs::read(dir.join(format!("{name}.JPEG"))).unwrap();

@@ -110,7 +110,8 @@ fn numpy_reads_the_images_and_the_balanced_labels() {
         decoder: &Decoder::Pixels,
         device: tch::Device::Cpu,
     };
-    let path = temp_dir("numpy").join("s.npz");
+    let dir = temp_dir("numpy");
+    let path = dir.join("s.npz");
     sampler.write_npz(&[1.0, 0.5, 0.0], &path).unwrap();
     let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     let out = std::process::Command::new(python)

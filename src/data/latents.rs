@@ -3,8 +3,14 @@
 //! VAE posterior, with labels in `<dir>/vae-sd/dataset.json` as `{"labels": [[file, class], ...]}`.
 use super::{npy, Dataset};
 use anyhow::{bail, Context, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+
+/// The largest dataset.json read (ImageNet's 1.28M labels take about 80 MB).
+const MAX_INDEX: u64 = 1 << 30;
+
+/// Class labels run below this (the spec's bound on model.num_classes).
+const MAX_CLASSES: i64 = 1 << 24;
 
 pub struct Latents {
     files: Vec<PathBuf>,
@@ -17,10 +23,9 @@ impl Latents {
     pub fn open(dir: &Path) -> Result<Self> {
         let root = dir.join("vae-sd");
         let index = root.join("dataset.json");
-        let text = std::fs::read_to_string(&index).with_context(|| {
+        let text = crate::readfile::read_to_string(&index, MAX_INDEX).with_context(|| {
             format!(
-                "{}: cannot read the label file (expected the REPA latent layout under {})",
-                index.display(),
+                "cannot read the label file (expected the REPA latent layout under {})",
                 dir.display()
             )
         })?;
@@ -37,10 +42,25 @@ impl Latents {
             let (Some(name), Some(label)) = (e[0].as_str(), e[1].as_i64()) else {
                 bail!("{}: entry {i} is not [file, class]", index.display());
             };
-            labels_by_file.insert(name.replace('\\', "/"), label);
+            if !(0..MAX_CLASSES).contains(&label) {
+                bail!(
+                    "{}: entry {i} has class {label}, outside 0 to {}",
+                    index.display(),
+                    MAX_CLASSES - 1
+                );
+            }
+            if labels_by_file
+                .insert(name.replace('\\', "/"), label)
+                .is_some()
+            {
+                bail!(
+                    "{}: {name} is listed twice; each latent has one label",
+                    index.display()
+                );
+            }
         }
         let mut names = Vec::new();
-        collect_npy(&root, &root, &mut names)?;
+        collect_npy(&root, &root, &mut HashSet::new(), &mut names)?;
         names.sort();
         if names.is_empty() {
             bail!(
@@ -71,9 +91,6 @@ impl Latents {
             );
         }
         let num_classes = labels.iter().max().map_or(0, |m| m + 1);
-        if labels.iter().any(|l| *l < 0) {
-            bail!("{}: negative class labels", index.display());
-        }
         Ok(Self {
             files: names.iter().map(|n| root.join(n)).collect(),
             labels,
@@ -83,14 +100,34 @@ impl Latents {
     }
 }
 
-fn collect_npy(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
+/// Every .npy under `dir`, by its path relative to `root`. Symlinks are followed (datasets are
+/// often links into shared storage), so a folder is remembered by its identity: one reached
+/// twice is a loop (a link to an ancestor) or a second link to the same latents, and either is
+/// refused rather than walked forever or read twice. A .npy that is not a regular file (a FIFO
+/// would block the reader) is refused here, before training starts.
+fn collect_npy(
+    root: &Path,
+    dir: &Path,
+    seen: &mut HashSet<(u64, u64)>,
+    out: &mut Vec<String>,
+) -> Result<()> {
+    if !seen.insert(crate::readfile::folder_id(dir)?) {
+        bail!(
+            "{}: a folder reached twice while listing {} (a symlink loop, or two links to one folder); remove the link",
+            dir.display(),
+            root.display()
+        );
+    }
     for entry in
         std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?
     {
-        let path = entry?.path();
+        let path = entry
+            .with_context(|| format!("{}: cannot list", dir.display()))?
+            .path();
         if path.is_dir() {
-            collect_npy(root, &path, out)?;
+            collect_npy(root, &path, seen, out)?;
         } else if path.extension().is_some_and(|e| e == "npy") {
+            crate::readfile::regular(&path)?;
             out.push(
                 path.strip_prefix(root)?
                     .to_string_lossy()

@@ -1,5 +1,11 @@
 //! The .npy format (version 1-3): a header naming dtype, order and shape, then raw data. Reads
 //! little-endian float16/32/64 in C order, which is what numpy writes for the REPA latents.
+//!
+//! The header is read here rather than by npyz or ndarray-npy: both allocate whatever length
+//! the preamble declares (up to 4 GiB), and both read the header dict into a map, so a key
+//! given twice is taken once without a word (npyz also ignores unknown keys, which numpy
+//! refuses). Here the length is bounded before anything is allocated and the dict is parsed
+//! strictly: exactly numpy's three keys, each once.
 use anyhow::{bail, Context, Result};
 use std::io::Read;
 use std::path::Path;
@@ -10,11 +16,11 @@ pub struct NpyArray {
     pub data: Vec<f32>,
 }
 
+/// The largest .npy file [`read`] takes whole (a latent is a few KB; a 512 x 512 one 256 KB).
+const MAX_FILE: u64 = 1 << 30;
+
 pub fn read(path: &Path) -> Result<NpyArray> {
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let bytes = crate::readfile::read(path, MAX_FILE)?;
     parse(&bytes).with_context(|| format!("{}: not a readable .npy array", path.display()))
 }
 
@@ -83,30 +89,136 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header> {
     read_header(bytes)
 }
 
-/// The header's dict: `{'descr': ..., 'fortran_order': ..., 'shape': (...), }`.
+/// The header's dict, `{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }` padded
+/// with spaces: a Python literal as numpy writes it (either quote, a trailing comma, Python
+/// 2's `3L`), with exactly the keys numpy requires, each once.
 fn parse_dict(text: &[u8]) -> Result<Header> {
-    let header = std::str::from_utf8(text).context("the .npy header is not text")?;
-    let descr = field(header, "descr").context("header has no descr")?;
-    let descr = descr.trim_matches(|c| c == '\'' || c == '"').to_owned();
-    if field(header, "fortran_order").is_some_and(|v| v.starts_with("True")) {
+    let text = std::str::from_utf8(text).context("the .npy header is not text")?;
+    let mut p = Literal { rest: text };
+    p.expect('{')?;
+    let (mut descr, mut fortran, mut shape) = (None, None, None);
+    while !p.eat('}') {
+        let key = p.string()?;
+        p.expect(':')?;
+        let first = match key.as_str() {
+            "descr" => descr.replace(p.string()?).is_none(),
+            "fortran_order" => fortran.replace(p.boolean()?).is_none(),
+            "shape" => shape.replace(p.tuple()?).is_none(),
+            other => {
+                bail!("header key {other:?} is not one of numpy's (descr, fortran_order, shape)")
+            }
+        };
+        if !first {
+            bail!("the header gives `{key}` twice, which numpy would read as its last");
+        }
+        if !p.eat(',') {
+            p.expect('}')?;
+            break;
+        }
+    }
+    if !p.rest.trim().is_empty() {
+        bail!("text after the header's dict");
+    }
+    if fortran.context("header has no fortran_order")? {
         bail!("Fortran-ordered arrays are not supported");
     }
-    let shape_text = field(header, "shape").context("header has no shape")?;
-    let inner = shape_text
-        .strip_prefix('(')
-        .and_then(|s| s.find(')').map(|end| &s[..end]))
-        .context("malformed shape")?;
-    let shape = inner
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().context("malformed shape"))
-        .collect::<Result<_>>()?;
     Ok(Header {
-        descr,
-        shape,
+        descr: descr.context("header has no descr")?,
+        shape: shape.context("header has no shape")?,
         data_offset: 0,
     })
+}
+
+/// A cursor over the header's Python literal.
+struct Literal<'a> {
+    rest: &'a str,
+}
+
+impl Literal<'_> {
+    /// What comes next, for messages: a few characters, never the whole header.
+    fn next(&self) -> String {
+        self.rest.chars().take(16).collect()
+    }
+
+    /// Takes `c` (after any whitespace) if it comes next.
+    fn eat(&mut self, c: char) -> bool {
+        self.rest = self.rest.trim_start();
+        match self.rest.strip_prefix(c) {
+            Some(rest) => {
+                self.rest = rest;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn expect(&mut self, c: char) -> Result<()> {
+        if !self.eat(c) {
+            bail!("malformed header: `{c}` expected before {:?}", self.next());
+        }
+        Ok(())
+    }
+
+    /// A quoted string without escapes (dtype names have none).
+    fn string(&mut self) -> Result<String> {
+        self.rest = self.rest.trim_start();
+        let quote = self
+            .rest
+            .chars()
+            .next()
+            .filter(|q| matches!(q, '\'' | '"'))
+            .with_context(|| format!("malformed header: a string expected at {:?}", self.next()))?;
+        let body = &self.rest[1..];
+        let end = body
+            .find([quote, '\\'])
+            .filter(|&i| body[i..].starts_with(quote))
+            .context("malformed header: an unterminated or escaped string")?;
+        self.rest = &body[end + 1..];
+        Ok(body[..end].to_owned())
+    }
+
+    fn boolean(&mut self) -> Result<bool> {
+        self.rest = self.rest.trim_start();
+        for (word, value) in [("True", true), ("False", false)] {
+            if let Some(rest) = self.rest.strip_prefix(word) {
+                self.rest = rest;
+                return Ok(value);
+            }
+        }
+        bail!("malformed header: fortran_order is neither True nor False")
+    }
+
+    /// A tuple of dimensions: `()`, `(5,)`, `(2, 3)`.
+    fn tuple(&mut self) -> Result<Vec<usize>> {
+        self.expect('(')?;
+        let mut dims = Vec::new();
+        loop {
+            if self.eat(')') {
+                break;
+            }
+            self.rest = self.rest.trim_start();
+            let digits = self.rest.len()
+                - self
+                    .rest
+                    .trim_start_matches(|c: char| c.is_ascii_digit())
+                    .len();
+            let dim = self.rest[..digits]
+                .parse::<usize>()
+                .map_err(|_| anyhow::anyhow!("malformed shape at {:?}", self.next()))?;
+            self.rest = self.rest[digits..]
+                .strip_prefix('L')
+                .unwrap_or(&self.rest[digits..]);
+            dims.push(dim);
+            if !self.eat(',') {
+                self.expect(')')?;
+                if dims.len() == 1 {
+                    bail!("malformed shape: `({dim})` is a number, not a tuple");
+                }
+                break;
+            }
+        }
+        Ok(dims)
+    }
 }
 
 /// The bytes of one value of a little-endian float dtype.
@@ -149,22 +261,6 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
         shape: header.shape,
         data,
     })
-}
-
-/// The text after `'key':` in a numpy header dict, up to the next top-level comma.
-fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
-    let at = header.find(&format!("'{key}'"))? + key.len() + 2;
-    let rest = header[at..].trim_start().strip_prefix(':')?.trim_start();
-    let mut depth = 0;
-    for (i, c) in rest.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            ',' | '}' if depth == 0 => return Some(rest[..i].trim()),
-            _ => {}
-        }
-    }
-    Some(rest.trim())
 }
 
 /// Writes a little-endian float32 C-order array, whole or not at all.

@@ -25,6 +25,40 @@ pub struct Options {
     pub skip_bad: bool,
 }
 
+/// The largest crop side: ADM's sizes are 64 to 512, and the evaluator reads images up to this.
+pub const MAX_SIZE: u32 = 4096;
+
+/// Pixels an image may have, checked from its header before it is decoded, and that ADM's crop
+/// may resize it to: 8192 x 8192 (192 MiB of RGB, per decoding thread), beyond any ImageNet
+/// photo.
+pub const MAX_PIXELS: u64 = 1 << 26;
+
+/// The crop side: a positive multiple of 8, since the SD-VAE halves it three times.
+pub fn check_size(size: u32) -> Result<()> {
+    if size == 0 || !size.is_multiple_of(8) || size > MAX_SIZE {
+        bail!(
+            "--size {size}: the crop side must be a multiple of 8 (the SD-VAE downsamples by 8) from 8 to {MAX_SIZE}, e.g. 256"
+        );
+    }
+    Ok(())
+}
+
+/// Images decoded (and encoded) at once.
+pub fn check_batch(batch: usize) -> Result<()> {
+    if batch == 0 {
+        bail!("--batch 0: images are decoded and encoded in batches of at least 1, e.g. 64");
+    }
+    Ok(())
+}
+
+impl Options {
+    /// The size and batch, checked before any work starts.
+    pub fn check(&self) -> Result<()> {
+        check_size(self.size)?;
+        check_batch(self.batch)
+    }
+}
+
 /// (relative file name in vae-sd/, label) of global index `idx`, as the REPA layout names it.
 fn latent_name(idx: usize) -> String {
     let id = format!("{idx:08}");
@@ -181,19 +215,32 @@ fn resize(img: &RgbImage, w: u32, h: u32, filter: Filter) -> RgbImage {
     RgbImage::from_raw(w, h, data).expect("the buffer has w * h * 3 bytes")
 }
 
-/// ADM's centre crop of `img` to `size` x `size`.
-pub fn center_crop(mut img: RgbImage, size: u32) -> RgbImage {
+/// ADM's centre crop of `img` to `size` x `size`. The short side is resized to `size`, so a
+/// long thin image grows by its aspect ratio: one that would grow past [`MAX_PIXELS`] (a
+/// 100000 x 1 strip would become 25.6M x 256) is refused before anything is allocated.
+pub fn center_crop(mut img: RgbImage, size: u32) -> Result<RgbImage> {
+    check_size(size)?;
+    let (w0, h0) = img.dimensions();
+    if w0 == 0 || h0 == 0 {
+        bail!("a {w0} x {h0} image has no pixels");
+    }
     while img.width().min(img.height()) >= 2 * size {
         img = resize(&img, img.width() / 2, img.height() / 2, Filter::Box);
     }
     let scale = size as f64 / img.width().min(img.height()) as f64;
     let (w, h) = (
         // Python's round(): ties to even.
-        (img.width() as f64 * scale).round_ties_even() as u32,
-        (img.height() as f64 * scale).round_ties_even() as u32,
+        (img.width() as f64 * scale).round_ties_even(),
+        (img.height() as f64 * scale).round_ties_even(),
     );
+    if w * h > MAX_PIXELS as f64 {
+        bail!(
+            "a {w0} x {h0} image: its short side resized to {size} makes it {w} x {h}, more than {MAX_PIXELS} pixels; leave out such a strip"
+        );
+    }
+    let (w, h) = (w as u32, h as u32);
     let img = resize(&img, w, h, Filter::Bicubic);
-    image::imageops::crop_imm(&img, (w - size) / 2, (h - size) / 2, size, size).to_image()
+    Ok(image::imageops::crop_imm(&img, (w - size) / 2, (h - size) / 2, size, size).to_image())
 }
 
 /// Pillow's CMYK -> RGB (libImaging/Convert.c, cmyk2rgb): each channel is
@@ -215,15 +262,22 @@ pub fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
 /// ADM's crop starts from: the format told by the content, not the name (ImageNet's train set
 /// has a PNG named .JPEG), CMYK JPEGs (22 in ImageNet) through Pillow's CMYK arithmetic (the
 /// decoder undoes Adobe's inversion as libjpeg's Pillow does), grey ones replicated to RGB.
+/// Each image's size is read from its header and checked against [`MAX_PIXELS`] before a pixel
+/// is decoded.
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
     let format = image::guess_format(bytes).context("not an image format this reads")?;
     if format != image::ImageFormat::Jpeg {
-        return Ok(image::load_from_memory_with_format(bytes, format)?.to_rgb8());
+        let reader = || image::io::Reader::with_format(std::io::Cursor::new(bytes), format);
+        let (w, h) = reader().into_dimensions()?;
+        check_pixels(w, h)?;
+        return Ok(reader().decode()?.to_rgb8());
     }
     let mut decoder = jpeg_decoder::Decoder::new(bytes);
-    let pixels = decoder.decode()?;
+    decoder.read_info()?;
     let info = decoder.info().context("a JPEG without a frame header")?;
     let (w, h) = (u32::from(info.width), u32::from(info.height));
+    check_pixels(w, h)?;
+    let pixels = decoder.decode()?;
     let rgb = match info.pixel_format {
         jpeg_decoder::PixelFormat::RGB24 => pixels,
         jpeg_decoder::PixelFormat::L8 => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
@@ -235,11 +289,24 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
     RgbImage::from_raw(w, h, rgb).context("a JPEG whose pixels do not fill its size")
 }
 
+fn check_pixels(w: u32, h: u32) -> Result<()> {
+    if u64::from(w) * u64::from(h) > MAX_PIXELS {
+        bail!("{w} x {h} pixels, more than the {MAX_PIXELS} an image may have here; downscale it");
+    }
+    Ok(())
+}
+
+/// The largest image file read: a photo within [`MAX_PIXELS`] is far smaller.
+const MAX_IMAGE_FILE: u64 = 1 << 30;
+
+/// An image file's RGB pixels ([`decode_rgb`]), the file a regular one.
+pub fn read_rgb(path: &Path) -> Result<RgbImage> {
+    let bytes = crate::readfile::read(path, MAX_IMAGE_FILE)?;
+    decode_rgb(&bytes).with_context(|| format!("{}: not a readable image", path.display()))
+}
+
 fn load_crop(path: &Path, size: u32) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let img =
-        decode_rgb(&bytes).with_context(|| format!("{}: not a readable image", path.display()))?;
-    Ok(center_crop(img, size))
+    center_crop(read_rgb(path)?, size).with_context(|| format!("{}", path.display()))
 }
 
 /// Encodes every image of `train` not yet in `out`, then writes out/vae-sd/dataset.json.
@@ -271,16 +338,30 @@ fn decode_chunk(chunk: &[usize], images: &[(PathBuf, i64)], size: u32, threads: 
         let handles: Vec<_> = chunk
             .chunks(per)
             .map(|part| {
-                s.spawn(move || {
+                let handle = s.spawn(move || {
                     part.iter()
                         .map(|&i| (i, load_crop(&images[i].0, size)))
                         .collect::<Vec<_>>()
-                })
+                });
+                (part, handle)
             })
             .collect();
+        // A decoder that panicked fails its part's files, rather than losing them unnamed.
         handles
             .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
+            .flat_map(|(part, h)| {
+                h.join().unwrap_or_else(|_| {
+                    part.iter()
+                        .map(|&i| {
+                            let e = anyhow::anyhow!(
+                                "{}: the image decoder failed on this file or one beside it",
+                                images[i].0.display()
+                            );
+                            (i, Err(e))
+                        })
+                        .collect()
+                })
+            })
             .collect()
     });
     let (mut kept, mut crops, mut failed) = (Vec::new(), Vec::new(), Vec::new());
@@ -299,6 +380,7 @@ fn decode_chunk(chunk: &[usize], images: &[(PathBuf, i64)], size: u32, threads: 
 /// Encodes every image of `train` not yet in `out`, then writes out/vae-sd/dataset.json. An
 /// unreadable file stops the run, naming it, or with `skip_bad` is left out and listed.
 pub fn prepare(train: &Path, out: &Path, vae: &AutoencoderKl, opts: &Options) -> Result<Prepared> {
+    opts.check()?;
     let mut images = list_images(train)?;
     if let Some(n) = opts.limit {
         images.truncate(n);
@@ -324,7 +406,7 @@ pub fn prepare(train: &Path, out: &Path, vae: &AutoencoderKl, opts: &Options) ->
         let todo = &todo;
         // Decoding runs one batch ahead of the encoder.
         s.spawn(move || {
-            for chunk in todo.chunks(opts.batch.max(1)) {
+            for chunk in todo.chunks(opts.batch) {
                 if tx
                     .send(decode_chunk(chunk, images, opts.size, threads))
                     .is_err()
@@ -388,13 +470,15 @@ pub struct DecodeBench {
 
 /// Decodes and crops the first `limit` images of `train` on every core, `batch` at a time.
 pub fn decode_bench(train: &Path, size: u32, limit: usize, batch: usize) -> Result<DecodeBench> {
+    check_size(size)?;
+    check_batch(batch)?;
     let mut images = list_images(train)?;
     images.truncate(limit);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let started = std::time::Instant::now();
     let mut unreadable = 0;
     let all: Vec<usize> = (0..images.len()).collect();
-    for chunk in all.chunks(batch.max(1)) {
+    for chunk in all.chunks(batch) {
         unreadable += decode_chunk(chunk, &images, size, threads).2.len();
     }
     let seconds = started.elapsed().as_secs_f64();

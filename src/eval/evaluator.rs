@@ -81,9 +81,7 @@ impl Source<'_> {
                 let images: Vec<Tensor> = chunk
                     .iter()
                     .map(|f| {
-                        let img = image::open(f)
-                            .with_context(|| format!("{}: not a readable PNG", f.display()))?
-                            .to_rgb8();
+                        let img = crate::data::prepare::read_rgb(f)?;
                         let (w, h) = img.dimensions();
                         Ok(Tensor::from_slice(img.as_raw()).view([h as i64, w as i64, 3]))
                     })

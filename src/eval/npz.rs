@@ -15,13 +15,19 @@ pub struct Npz {
 
 impl Npz {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-        let archive = zip::ZipArchive::new(BufReader::new(file)).with_context(|| {
+        let file = crate::readfile::open(path)?;
+        let mut archive = zip::ZipArchive::new(BufReader::new(file)).with_context(|| {
             format!(
                 "{}: not a readable .npz (zip) file; truncated?",
                 path.display()
             )
         })?;
+        if let Some(name) = crate::readfile::zip_duplicate(&mut archive) {
+            bail!(
+                "{}: holds two members named {name}, which readers resolve differently; write the arrays once each",
+                path.display()
+            );
+        }
         Ok(Self {
             path: path.to_owned(),
             archive,

@@ -134,230 +134,255 @@ impl Msg {
     }
 }
 
-/// Nesting a checkpoint never needs more of.
-const MAX_DEPTH: usize = 64;
+/// Nesting a checkpoint never needs more of (rmpv counts about two levels per container).
+const MAX_DEPTH: usize = 128;
 
-/// A bounded msgpack reader: every length is checked against the bytes left before anything is
-/// allocated for it, so a crafted file cannot ask for more memory than it holds.
-struct Reader<'a> {
-    data: &'a [u8],
-    pos: usize,
-    file: &'a str,
+/// Values (map entries, array items, scalars) a checkpoint may hold. rmpv builds the whole tree
+/// at ~40 bytes a value, so a crafted file of one-byte values would expand 40-fold; the largest
+/// SiT training state (params, EMA and two moments of ~700 arrays) needs ~10^5 reads.
+const MAX_READS: u64 = 4_000_000;
+
+/// The file's bytes to rmpv, read at most [`MAX_READS`] times: rmpv reads each value's first
+/// byte with its own call, so this bounds the values (and the tree) before they are built.
+struct Metered<R> {
+    inner: R,
+    reads_left: u64,
 }
 
-impl<'a> Reader<'a> {
-    fn fail(&self, what: &str) -> anyhow::Error {
-        anyhow::anyhow!(
-            "{}: not a flax msgpack checkpoint: {what} at byte {}",
-            self.file,
-            self.pos
-        )
+impl<R: std::io::Read> std::io::Read for Metered<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.reads_left = self
+            .reads_left
+            .checked_sub(1)
+            .ok_or_else(|| std::io::Error::other(TOO_MANY))?;
+        self.inner.read(buf)
     }
+}
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.data.len() - self.pos < n {
-            return Err(self.fail(&format!("{n} bytes asked for past the end")));
-        }
-        let out = &self.data[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(out)
-    }
+const TOO_MANY: &str = "more values than a checkpoint holds";
 
-    fn be(&mut self, n: usize) -> Result<u64> {
-        Ok(self
-            .take(n)?
-            .iter()
-            .fold(0u64, |v, &b| v << 8 | u64::from(b)))
-    }
-
-    /// A count of items, each at least one byte: never more than the bytes left.
-    fn count(&mut self, n: u64) -> Result<usize> {
-        if n > (self.data.len() - self.pos) as u64 {
-            return Err(self.fail(&format!("a container of {n} items in fewer bytes")));
-        }
-        Ok(n as usize)
-    }
-
-    fn text(&mut self, n: usize) -> Result<String> {
-        let bytes = self.take(n)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| self.fail("a string that is not UTF-8"))
-    }
-
-    fn value(&mut self, depth: usize) -> Result<Msg> {
-        if depth > MAX_DEPTH {
-            return Err(self.fail("nesting deeper than a checkpoint's"));
-        }
-        let b = self.take(1)?[0];
-        Ok(match b {
-            0x00..=0x7f => Msg::Int(i64::from(b)),
-            0xe0..=0xff => Msg::Int(i64::from(b as i8)),
-            0xc0 => Msg::Nil,
-            0xc2 => Msg::Bool(false),
-            0xc3 => Msg::Bool(true),
-            0xcc..=0xcf => {
-                let v = self.be(1 << (b - 0xcc))?;
-                Msg::Int(i64::try_from(v).map_err(|_| self.fail("an integer beyond i64"))?)
+/// Reads a flax msgpack file: rmpv decodes the tree, then maps take string keys (each once),
+/// arrays become tensors, chunked arrays are put back together, every size checked first.
+pub fn read_msgpack(path: &std::path::Path) -> Result<Msg> {
+    let file = path.display().to_string();
+    let fail = |what: String| anyhow::anyhow!("{file}: not a flax msgpack checkpoint: {what}");
+    let mut reader = Metered {
+        inner: std::io::BufReader::new(crate::readfile::open(path)?),
+        reads_left: MAX_READS,
+    };
+    let value = rmpv::decode::read_value_with_max_depth(&mut reader, MAX_DEPTH).map_err(|e| {
+        fail(match &e {
+            rmpv::decode::Error::DepthLimitExceeded => "nesting deeper than a checkpoint's".into(),
+            _ if e.to_string().contains(TOO_MANY) => {
+                format!("{TOO_MANY} ({MAX_READS} reads); refusing a file that would expand far past its size")
             }
-            0xd0..=0xd3 => {
-                let width = 1usize << (b - 0xd0);
-                let v = self.be(width)?;
-                let shift = 64 - 8 * width as u32;
-                Msg::Int(((v << shift) as i64) >> shift)
-            }
-            0xca => Msg::Float(f64::from(f32::from_bits(self.be(4)? as u32))),
-            0xcb => Msg::Float(f64::from_bits(self.be(8)?)),
-            0xa0..=0xbf => Msg::Str(self.text(usize::from(b & 0x1f))?),
-            0xd9..=0xdb => {
-                let n = self.be(1 << (b - 0xd9))? as usize;
-                Msg::Str(self.text(n)?)
-            }
-            0xc4..=0xc6 => {
-                let n = self.be(1 << (b - 0xc4))? as usize;
-                Msg::Bin(self.take(n)?.to_vec())
-            }
-            0x90..=0x9f | 0xdc | 0xdd => {
-                let n = match b {
-                    0xdc => self.be(2)?,
-                    0xdd => self.be(4)?,
-                    _ => u64::from(b & 0x0f),
-                };
-                let n = self.count(n)?;
-                Msg::Array(
-                    (0..n)
-                        .map(|_| self.value(depth + 1))
-                        .collect::<Result<_>>()?,
-                )
-            }
-            0x80..=0x8f | 0xde | 0xdf => {
-                let n = match b {
-                    0xde => self.be(2)?,
-                    0xdf => self.be(4)?,
-                    _ => u64::from(b & 0x0f),
-                };
-                let n = self.count(n)?;
-                let mut items = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let key = match self.value(depth + 1)? {
-                        Msg::Str(k) => k,
-                        Msg::Int(i) => i.to_string(),
-                        _ => return Err(self.fail("a map key that is not a string")),
-                    };
-                    items.push((key, self.value(depth + 1)?));
-                }
-                chunked(Msg::Map(items)).map_err(|e| self.fail(&e.to_string()))?
-            }
-            0xd4..=0xd8 | 0xc7..=0xc9 => {
-                let n = match b {
-                    0xc7..=0xc9 => self.be(1 << (b - 0xc7))? as usize,
-                    _ => 1usize << (b - 0xd4),
-                };
-                let code = self.take(1)?[0] as i8;
-                let payload = self.take(n)?;
-                self.ext(code, payload, depth)?
-            }
-            other => return Err(self.fail(&format!("byte 0x{other:02x} begins no msgpack value"))),
+            _ => format!("{e} (truncated or not msgpack)"),
         })
+    })?;
+    let mut rest = [0u8; 1];
+    reader.reads_left = 1;
+    if std::io::Read::read(&mut reader, &mut rest).map_err(|e| fail(e.to_string()))? != 0 {
+        return Err(fail("bytes after the checkpoint's end".into()));
     }
+    convert(value, "").map_err(|e| fail(format!("{e:#}")))
+}
 
-    /// Ext 1 (an ndarray) and 3 (a numpy scalar): msgpack of (shape, dtype name, C-order bytes).
-    fn ext(&self, code: i8, payload: &[u8], depth: usize) -> Result<Msg> {
-        if code != 1 && code != 3 {
-            return Err(self.fail(&format!("msgpack extension {code} (not an array)")));
+/// rmpv's tree as ours, consumed as it goes (each array's bytes are freed once its tensor is
+/// made). `at` is the path of keys, for messages.
+fn convert(value: rmpv::Value, at: &str) -> Result<Msg> {
+    use rmpv::Value as V;
+    let at_or_root = || if at.is_empty() { "the root" } else { at };
+    Ok(match value {
+        V::Nil => Msg::Nil,
+        V::Boolean(b) => Msg::Bool(b),
+        V::Integer(i) => Msg::Int(
+            i.as_i64()
+                .with_context(|| format!("an integer beyond i64 at {}", at_or_root()))?,
+        ),
+        V::F32(f) => Msg::Float(f64::from(f)),
+        V::F64(f) => Msg::Float(f),
+        V::String(s) => Msg::Str(
+            s.into_str()
+                .with_context(|| format!("a string that is not UTF-8 at {}", at_or_root()))?,
+        ),
+        V::Binary(b) => Msg::Bin(b),
+        V::Array(items) => Msg::Array(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| convert(v, &format!("{at}/{i}")))
+                .collect::<Result<_>>()?,
+        ),
+        V::Map(entries) => {
+            let mut items: Vec<(String, Msg)> = Vec::with_capacity(entries.len());
+            let mut seen = std::collections::HashSet::new();
+            for (k, v) in entries {
+                let key = match k {
+                    V::String(s) => s.into_str().context("a map key that is not UTF-8")?,
+                    V::Integer(i) => i.to_string(),
+                    _ => bail!("a map key at {} that is not a string", at_or_root()),
+                };
+                if !seen.insert(key.clone()) {
+                    bail!(
+                        "the map at {} has the key `{key}` twice (flax would take the last): a damaged or crafted file",
+                        at_or_root()
+                    );
+                }
+                let value = convert(v, &format!("{at}/{key}"))?;
+                items.push((key, value));
+            }
+            let map = Msg::Map(items);
+            if map.get("__msgpack_chunked_array__").is_some() {
+                unchunk(&map).with_context(|| format!("the chunked array at {}", at_or_root()))?
+            } else {
+                map
+            }
         }
-        let mut inner = Reader {
-            data: payload,
-            pos: 0,
-            file: self.file,
-        };
-        let Msg::Array(parts) = inner.value(depth + 1)? else {
-            return Err(self.fail("an array extension without (shape, dtype, bytes)"));
-        };
-        let [Msg::Array(shape), Msg::Str(dtype), Msg::Bin(bytes)] = &parts[..] else {
-            return Err(self.fail("an array extension without (shape, dtype, bytes)"));
-        };
-        let shape: Vec<i64> = shape
-            .iter()
-            .map(|d| match d {
-                Msg::Int(d) if *d >= 0 => Ok(*d),
-                _ => Err(self.fail("a negative or non-integer array dimension")),
-            })
-            .collect::<Result<_>>()?;
-        let kind = match dtype.as_str() {
-            "float32" => Kind::Float,
-            "float64" => Kind::Double,
-            "float16" => Kind::Half,
-            "bfloat16" => Kind::BFloat16,
-            "int32" => Kind::Int,
-            "int64" => Kind::Int64,
-            "uint8" => Kind::Uint8,
-            "bool" => Kind::Bool,
-            other => return Err(self.fail(&format!("array dtype `{other}`"))),
-        };
-        let count = shape
-            .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d as usize))
-            .and_then(|n| n.checked_mul(kind.elt_size_in_bytes()));
-        if count != Some(bytes.len()) {
-            return Err(self.fail(&format!(
-                "an array of shape {shape:?} x {dtype} with {} bytes",
-                bytes.len()
-            )));
+        V::Ext(code, payload) => {
+            array(code, &payload).with_context(|| format!("the array at {}", at_or_root()))?
         }
-        Tensor::f_from_data_size(bytes, &shape, kind)
-            .map(Msg::Tensor)
-            .map_err(|e| self.fail(&e.to_string()))
+    })
+}
+
+/// flax's dtype names and their torch kinds.
+fn kind_of(dtype: &[u8]) -> Result<Kind> {
+    Ok(match dtype {
+        b"float32" => Kind::Float,
+        b"float64" => Kind::Double,
+        b"float16" => Kind::Half,
+        b"bfloat16" => Kind::BFloat16,
+        b"int32" => Kind::Int,
+        b"int64" => Kind::Int64,
+        b"uint8" => Kind::Uint8,
+        b"bool" => Kind::Bool,
+        other => bail!("array dtype `{}`", String::from_utf8_lossy(other)),
+    })
+}
+
+/// Dimensions an array may have (numpy's own limit is 64).
+const MAX_RANK: u32 = 32;
+
+/// Ext 1 (an ndarray) and 3 (a numpy scalar): msgpack of (shape, dtype name, C-order bytes),
+/// read with rmp's low-level decoders so nothing is allocated before the sizes agree.
+fn array(code: i8, payload: &[u8]) -> Result<Msg> {
+    if code != 1 && code != 3 {
+        bail!("msgpack extension {code} (flax writes 1 for arrays, 3 for numpy scalars)");
     }
+    let malformed = || anyhow::anyhow!("an array extension without (shape, dtype, bytes)");
+    let mut rd = payload;
+    if rmp::decode::read_array_len(&mut rd).map_err(|_| malformed())? != 3 {
+        return Err(malformed());
+    }
+    let rank = rmp::decode::read_array_len(&mut rd).map_err(|_| malformed())?;
+    if rank > MAX_RANK {
+        bail!("an array of {rank} dimensions");
+    }
+    let shape: Vec<i64> = (0..rank)
+        .map(|_| {
+            rmp::decode::read_int::<i64, _>(&mut rd)
+                .ok()
+                .filter(|d| *d >= 0)
+                .ok_or_else(|| anyhow::anyhow!("a negative or non-integer array dimension"))
+        })
+        .collect::<Result<_>>()?;
+    let dtype = str_or_bin(&mut rd).ok_or_else(malformed)?;
+    let kind = kind_of(dtype)?;
+    let bytes = str_or_bin(&mut rd).ok_or_else(malformed)?;
+    if !rd.is_empty() {
+        return Err(malformed());
+    }
+    let count = shape
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+        .and_then(|n| n.checked_mul(kind.elt_size_in_bytes() as u64));
+    if count != Some(bytes.len() as u64) {
+        bail!(
+            "shape {shape:?} x {} holds {} bytes",
+            String::from_utf8_lossy(dtype),
+            bytes.len()
+        );
+    }
+    Tensor::f_from_data_size(bytes, &shape, kind)
+        .map(Msg::Tensor)
+        .map_err(|e| anyhow::anyhow!("libtorch refused it ({e})"))
+}
+
+/// A msgpack string or binary (flax writes the dtype name as one and the data as the other;
+/// msgpack-python's raw mode reads both as bytes).
+fn str_or_bin<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let mut probe = *rd;
+    let len = match rmp::decode::read_str_len(&mut probe) {
+        Ok(n) => n,
+        Err(_) => {
+            probe = *rd;
+            rmp::decode::read_bin_len(&mut probe).ok()?
+        }
+    } as usize;
+    if probe.len() < len {
+        return None;
+    }
+    let (body, rest) = probe.split_at(len);
+    *rd = rest;
+    Some(body)
+}
+
+/// A map of `"0"`, `"1"`, ... as flax's `_dict_to_tuple` reads it: every index once, in order.
+fn tuple_of<'a>(map: Option<&'a Msg>, what: &str) -> Result<Vec<&'a Msg>> {
+    let Some(Msg::Map(items)) = map else {
+        bail!("no {what}");
+    };
+    (0..items.len())
+        .map(|i| {
+            map.and_then(|m| m.get(&i.to_string()))
+                .with_context(|| format!("its {what} lack entry {i}"))
+        })
+        .collect()
 }
 
 /// flax's encoding of arrays over 1 GiB, `{__msgpack_chunked_array__: true, shape, chunks}`,
-/// put back together; other maps as they are.
-fn chunked(map: Msg) -> Result<Msg> {
-    if !matches!(map.get("__msgpack_chunked_array__"), Some(Msg::Bool(true))) {
-        return Ok(map);
-    }
-    let dims = |v: Option<&Msg>| -> Result<Vec<i64>> {
-        match v {
-            Some(Msg::Map(items)) => items
-                .iter()
-                .map(|(_, d)| {
-                    d.as_int()
-                        .filter(|d| *d >= 0)
-                        .ok_or_else(|| anyhow::anyhow!("a bad chunked shape"))
-                })
-                .collect(),
-            _ => bail!("a chunked array without its shape"),
-        }
-    };
-    let shape = dims(map.get("shape"))?;
-    let Some(Msg::Map(chunks)) = map.get("chunks") else {
-        bail!("a chunked array without its chunks");
-    };
-    let parts: Vec<Tensor> = chunks
-        .iter()
-        .map(|(_, c)| match c {
-            Msg::Tensor(t) => Ok(t.reshape([-1])),
-            _ => bail!("a chunk that is not an array"),
+/// put back together as flax's `_unchunk` does (the chunks concatenated, then reshaped), after
+/// checking what it would find: 1-D chunks of one dtype whose sizes add up to the shape's.
+fn unchunk(map: &Msg) -> Result<Msg> {
+    let shape: Vec<i64> = tuple_of(map.get("shape"), "shape")?
+        .into_iter()
+        .map(|d| {
+            d.as_int()
+                .filter(|d| *d >= 0)
+                .context("a bad dimension in its shape")
         })
         .collect::<Result<_>>()?;
-    let whole = Tensor::f_cat(&parts, 0)?;
-    Ok(Msg::Tensor(whole.f_reshape(shape.as_slice())?))
-}
-
-/// Reads a flax msgpack file.
-pub fn read_msgpack(path: &std::path::Path) -> Result<Msg> {
-    use anyhow::Context;
-    let file = path.display().to_string();
-    let data = std::fs::read(path).with_context(|| format!("{file}: cannot read"))?;
-    let mut reader = Reader {
-        data: &data,
-        pos: 0,
-        file: &file,
-    };
-    let value = reader.value(0)?;
-    if reader.pos != data.len() {
-        return Err(reader.fail("bytes after the checkpoint's end"));
+    if shape.len() > MAX_RANK as usize {
+        bail!("a shape of {} dimensions", shape.len());
     }
-    Ok(value)
+    let chunks: Vec<&Tensor> = tuple_of(map.get("chunks"), "chunks")?
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| match c {
+            Msg::Tensor(t) if t.dim() == 1 => Ok(t),
+            Msg::Tensor(t) => bail!("chunk {i} is {:?}, not 1-D", t.size()),
+            _ => bail!("chunk {i} is not an array"),
+        })
+        .collect::<Result<_>>()?;
+    let Some(first) = chunks.first() else {
+        bail!("no chunks");
+    };
+    if let Some(i) = chunks.iter().position(|c| c.kind() != first.kind()) {
+        bail!(
+            "chunk {i} is {:?}, chunk 0 {:?}",
+            chunks[i].kind(),
+            first.kind()
+        );
+    }
+    let declared = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+    let stored: u64 = chunks.iter().map(|c| c.numel() as u64).sum();
+    if declared != Some(stored) {
+        bail!("shape {shape:?}, but its chunks hold {stored} values");
+    }
+    let parts: Vec<Tensor> = chunks.iter().map(|c| c.shallow_clone()).collect();
+    Tensor::f_cat(&parts, 0)
+        .and_then(|whole| whole.f_reshape(shape.as_slice()))
+        .map(Msg::Tensor)
+        .map_err(|e| anyhow::anyhow!("libtorch refused it ({e})"))
 }
 
 /// The msgpack file of a checkpoint path: the file itself; in an orbax checkpoint directory
@@ -368,15 +393,8 @@ pub fn msgpack_file(path: &std::path::Path) -> Result<std::path::PathBuf> {
     if !path.is_dir() {
         return Ok(path.to_owned());
     }
-    if path.join("checkpoint").is_file() {
-        return Ok(path.join("checkpoint"));
-    }
-    if path.join("manifest.ocdbt").exists() || path.join("_METADATA").exists() {
-        bail!(
-            "{}: an orbax checkpoint stored as tensorstore (OCDBT), which only orbax reads: export it with `make flax-export CKPT={}` (pinned jax, flax and orbax in .venv-jax) and import the .msgpack it writes",
-            path.display(),
-            path.display()
-        );
+    if let Some(file) = checkpoint_in(path)? {
+        return Ok(file);
     }
     let newest = std::fs::read_dir(path)
         .with_context(|| format!("{}: cannot list", path.display()))?
@@ -391,13 +409,36 @@ pub fn msgpack_file(path: &std::path::Path) -> Result<std::path::PathBuf> {
             Some((step, e.path()))
         })
         .max();
+    // One level down only: a `checkpoint_<step>` that is itself a folder of checkpoints (or a
+    // link back up) is not an orbax layout.
     match newest {
-        Some((_, p)) => msgpack_file(&p),
+        Some((_, p)) if !p.is_dir() => Ok(p),
+        Some((_, p)) => checkpoint_in(&p)?.with_context(|| {
+            format!(
+                "{}: an orbax checkpoint folder without its `checkpoint` file",
+                p.display()
+            )
+        }),
         None => bail!(
             "{}: a folder with no checkpoint file, no orbax checkpoint and no checkpoint_<step> inside",
             path.display()
         ),
     }
+}
+
+/// The `checkpoint` file of an orbax checkpoint folder, None when it has none; OCDBT is named.
+fn checkpoint_in(dir: &std::path::Path) -> Result<Option<std::path::PathBuf>> {
+    if dir.join("checkpoint").exists() {
+        return Ok(Some(dir.join("checkpoint")));
+    }
+    if dir.join("manifest.ocdbt").exists() || dir.join("_METADATA").exists() {
+        bail!(
+            "{}: an orbax checkpoint stored as tensorstore (OCDBT), which only orbax reads: export it with `make flax-export CKPT={}` (pinned jax, flax and orbax in .venv-jax) and import the .msgpack it writes",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(None)
 }
 
 /// Whether a file's first bytes are a msgpack map (a flax state dict).

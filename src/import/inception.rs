@@ -71,12 +71,14 @@ pub fn load(path: &Path, device: Device) -> Result<(nn::VarStore, Inception)> {
 /// Checks (name, tensor) pairs in our names (the softmax weights optional) against the network
 /// and writes them as our safetensors at `out`; the count.
 pub fn write(weights: &[(String, Tensor)], source: &str, out: &Path) -> Result<usize> {
+    super::check_finite(weights, source)?;
     let named = inception::checked_weights(weights, source)?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
     }
     crate::tensorfile::write(out, &named, &[])?;
+    super::read_back(out)?;
     Ok(named.len())
 }
 

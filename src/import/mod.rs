@@ -36,10 +36,11 @@ pub fn detect(path: &Path) -> Result<FileKind> {
     if path.is_dir() {
         return Ok(FileKind::Flax);
     }
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut file = crate::readfile::open(path)?;
     let mut head = [0u8; 9];
-    let n = file.read(&mut head)?;
+    let n = file
+        .read(&mut head)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     let head = &head[..n];
     if head.starts_with(b"PK\x03\x04") {
         let Ok(archive) = zip::ZipArchive::new(file) else {
@@ -64,7 +65,7 @@ pub fn detect(path: &Path) -> Result<FileKind> {
     }
     if n == 9 && head[8] == b'{' {
         let len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
-        if len < file.metadata()?.len() {
+        if len < file.metadata().map_or(0, |m| m.len()) {
             return Ok(FileKind::Safetensors);
         }
     }
@@ -110,6 +111,30 @@ impl std::fmt::Display for Summary {
             self.out.display()
         )
     }
+}
+
+/// Every floating tensor of `tensors` finite, or an error naming `source` (the input file and
+/// where in it) and the tensor: a checkpoint holding NaN is the input's fault, and is said so
+/// before anything is written.
+pub fn check_finite(tensors: &[(String, tch::Tensor)], source: &str) -> Result<()> {
+    for (name, t) in tensors {
+        if t.is_floating_point() && t.isfinite().all().int64_value(&[]) == 0 {
+            bail!("{source}: {name} holds NaN or infinity; nothing was imported");
+        }
+    }
+    Ok(())
+}
+
+/// Reads back what an import wrote (its header, its size and the checksum over every tensor
+/// byte): a file that does not verify is removed, never reported as imported.
+pub fn read_back(out: &Path) -> Result<()> {
+    crate::tensorfile::verify(out).map(drop).map_err(|e| {
+        let _ = std::fs::remove_file(out);
+        e.context(format!(
+            "{}: the file just written does not read back, so it was removed",
+            out.display()
+        ))
+    })
 }
 
 /// Converts `file` (any kind above) into our layout.

@@ -173,7 +173,12 @@ pub fn convert(value: &Value, source: &str) -> Result<Converted> {
         let weight = parts.weight.ok_or_else(|| missing("conv.weight"))?;
         let gamma = parts.gamma.ok_or_else(|| missing("bn.weight"))?;
         let mean = parts.mean.ok_or_else(|| missing("bn.running_mean"))?;
-        let cout = weight.size()[0];
+        let [cout, _, _, _] = weight.size()[..] else {
+            bail!(
+                "{source}: {ours}: conv.weight is {:?}, not a convolution kernel",
+                weight.size()
+            );
+        };
         if gamma.size() != [cout] || mean.size() != [cout] {
             bail!(
                 "{source}: {ours}: batch-norm scale {:?} and mean {:?} for {cout} output channels",

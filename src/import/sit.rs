@@ -120,6 +120,27 @@ fn fit_data(config: &mut SiTConfig, tensors: &[(String, Tensor)], what: &str) ->
             config.input_size = grid * config.patch_size;
         }
     }
+    // The spec's bounds (spec/validate.rs), checked before the network is built: a crafted
+    // table (zero channels, a 10^9-row class table) would otherwise reach tch's var store.
+    for (from, what_it_sets, value, max) in [
+        (
+            "x_embedder.proj.weight",
+            "input channels",
+            config.in_channels,
+            1024,
+        ),
+        (
+            "y_embedder.embedding_table.weight",
+            "classes",
+            config.num_classes,
+            1 << 24,
+        ),
+        ("pos_embed", "pixels a side", config.input_size, 4096),
+    ] {
+        if !(1..=max).contains(&value) {
+            bail!("{what}: {from} makes {value} {what_it_sets}, outside 1 to {max}: not a SiT this imports");
+        }
+    }
     Ok(())
 }
 
@@ -340,6 +361,18 @@ pub fn write(i: Imported) -> Result<Summary> {
         tensors
     };
     let (model, ema) = (with_table(model), with_table(ema));
+    super::check_finite(&model, &format!("{name} [{model_from}]"))?;
+    super::check_finite(&ema, &format!("{name} [{ema_from}]"))?;
+    let moments_at = format!("{name} [optimizer moments]");
+    for (k, m, v) in &i.moments {
+        super::check_finite(
+            &[
+                (format!("{k} exp_avg"), m.shallow_clone()),
+                (format!("{k} exp_avg_sq"), v.shallow_clone()),
+            ],
+            &moments_at,
+        )?;
+    }
     let model_vs = load_checked(&config, &model, &format!("{name} [{model_from}]"))?;
     let ema_vs = load_checked(&config, &ema, &format!("{name} [{ema_from}]"))?;
     let moments: Vec<(String, Tensor, Tensor)> = i
@@ -387,6 +420,7 @@ pub fn write(i: Imported) -> Result<Summary> {
         &state,
         &[("import", serde_json::to_string(&record)?)],
     )?;
+    super::read_back(i.out)?;
     Ok(Summary {
         source: i.file.to_owned(),
         kind: i.kind,

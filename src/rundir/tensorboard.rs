@@ -2,71 +2,84 @@
 //! v loss, grad norm, lr, img/s per logged step; FID per evaluated step and NFE), so
 //! `tensorboard --logdir results/` plots every run. The format is TFRecord framing (length,
 //! masked CRC-32C of the length, the bytes, their masked CRC-32C) around `Event` protocol
-//! buffers; both are written here by hand (a few dozen lines against a protobuf toolchain).
+//! buffers: the CRC from the crc32c crate, the messages declared below with prost's derive (the
+//! fields of tensorflow's event.proto and summary.proto that scalars use, with their tags).
 use super::records::StatLine;
 use anyhow::{Context, Result};
+use prost::Message;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// CRC-32C (Castagnoli), bitwise: records are small and written once per logged step.
-fn crc32c(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0x82F6_3B78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
+/// tensorflow.Event.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Event {
+    #[prost(double, tag = "1")]
+    wall_time: f64,
+    #[prost(int64, tag = "2")]
+    step: i64,
+    #[prost(oneof = "What", tags = "3, 5")]
+    what: Option<What>,
 }
 
-/// TFRecord's masked CRC.
-fn masked(bytes: &[u8]) -> u32 {
-    let crc = crc32c(bytes);
-    (crc.rotate_right(15)).wrapping_add(0xa282_ead8)
+/// Event.what: the first record's version, or a summary.
+#[derive(Clone, PartialEq, prost::Oneof)]
+enum What {
+    #[prost(string, tag = "3")]
+    FileVersion(String),
+    #[prost(message, tag = "5")]
+    Summary(Summary),
 }
 
-fn varint(mut v: u64, out: &mut Vec<u8>) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+/// tensorflow.Summary.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Summary {
+    #[prost(message, repeated, tag = "1")]
+    value: Vec<SummaryValue>,
 }
 
-/// A length-delimited protobuf field.
-fn bytes_field(field: u64, bytes: &[u8], out: &mut Vec<u8>) {
-    varint(field << 3 | 2, out);
-    varint(bytes.len() as u64, out);
-    out.extend_from_slice(bytes);
+/// tensorflow.Summary.Value, a scalar: `simple_value` sits in a oneof, so it is written even
+/// when 0.0 (TensorBoard skips a value whose oneof is unset).
+#[derive(Clone, PartialEq, prost::Message)]
+struct SummaryValue {
+    #[prost(string, tag = "1")]
+    tag: String,
+    #[prost(oneof = "Scalar", tags = "2")]
+    value: Option<Scalar>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+enum Scalar {
+    #[prost(float, tag = "2")]
+    SimpleValue(f32),
 }
 
 /// An `Event` holding `file_version` (the first record of every file) or scalar summaries.
 fn event(wall_time: f64, step: u64, what: Result<&[(&str, f64)], &str>) -> Vec<u8> {
-    let mut out = Vec::new();
-    varint(1 << 3 | 1, &mut out); // wall_time, double
-    out.extend_from_slice(&wall_time.to_le_bytes());
-    varint(2 << 3, &mut out); // step, int64
-    varint(step, &mut out);
-    match what {
-        Err(version) => bytes_field(3, version.as_bytes(), &mut out),
-        Ok(scalars) => {
-            let mut summary = Vec::new();
-            for (tag, value) in scalars {
-                let mut v = Vec::new();
-                bytes_field(1, tag.as_bytes(), &mut v); // Summary.Value.tag
-                varint(2 << 3 | 5, &mut v); // simple_value, float
-                v.extend_from_slice(&(*value as f32).to_le_bytes());
-                bytes_field(1, &v, &mut summary); // Summary.value
-            }
-            bytes_field(5, &summary, &mut out); // Event.summary
-        }
+    let what = match what {
+        Err(version) => What::FileVersion(version.to_owned()),
+        Ok(scalars) => What::Summary(Summary {
+            value: scalars
+                .iter()
+                .map(|(tag, value)| SummaryValue {
+                    tag: (*tag).to_owned(),
+                    value: Some(Scalar::SimpleValue(*value as f32)),
+                })
+                .collect(),
+        }),
+    };
+    Event {
+        wall_time,
+        step: i64::try_from(step).unwrap_or(i64::MAX),
+        what: Some(what),
     }
-    out
+    .encode_to_vec()
+}
+
+/// TFRecord's masked CRC.
+fn masked(bytes: &[u8]) -> u32 {
+    crc32c::crc32c(bytes)
+        .rotate_right(15)
+        .wrapping_add(0xa282_ead8)
 }
 
 /// One TFRecord.
@@ -153,9 +166,24 @@ impl Events {
 mod tests {
     use super::*;
 
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Records as TensorBoard's own writer frames them, from the venv's tensorboard 2.x:
+    /// `event_pb2.Event(wall_time=1.5, step=7, summary=Summary(value=[Value(tag='train/loss',
+    /// simple_value=0.0)]))` and `Event(wall_time=2.0, file_version='brain.Event:2')`, each
+    /// serialised and framed with `struct.pack('<Q', len)`, `masked_crc32c` of the length, the
+    /// bytes and `masked_crc32c` of the bytes (tensorflow_stub.pywrap_tensorflow).
     #[test]
-    fn crc32c_matches_the_standard_check_value() {
-        // The CRC-32C check value of "123456789" (RFC 3720, appendix B.4).
-        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    fn records_equal_tensorboards_bytes() {
+        assert_eq!(
+            hex(&record(&event(1.5, 7, Ok(&[("train/loss", 0.0)])))),
+            "200000000000000029eda95009000000000000f83f10072a130a110a0a747261696e2f6c6f73731500000000844b8711"
+        );
+        assert_eq!(
+            hex(&record(&event(2.0, 0, Err("brain.Event:2")))),
+            "1800000000000000a37f4b220900000000000000401a0d627261696e2e4576656e743a32ff2ee0e7"
+        );
     }
 }

@@ -122,12 +122,44 @@ pub fn import_fixture(name: &str) -> PathBuf {
     path
 }
 
-/// A fresh, empty directory for one test, named by the test and the test process.
-pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mfr-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// Runs a Python snippet in the project's .venv with `args`, asserting it succeeds.
+pub fn run_python<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) {
+    let status = std::process::Command::new(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
+    )
+    .arg("-c")
+    .arg(script)
+    .args(args)
+    .status()
+    .expect("the project's .venv python (make setup)");
+    assert!(status.success());
+}
+
+/// A fresh, empty directory for one test (tempfile's, under the system's temporary folder,
+/// named after the test), removed with everything in it when the value is dropped.
+pub fn temp_dir(name: &str) -> TempDir {
+    TempDir(
+        tempfile::Builder::new()
+            .prefix(&format!("mfr-test-{name}-"))
+            .tempdir()
+            .unwrap(),
+    )
+}
+
+/// A test's directory: a `Path` wherever one is asked for.
+pub struct TempDir(tempfile::TempDir);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
 }
 
 /// Training and sampling seed torch's one global generator per step or batch: tests that do
