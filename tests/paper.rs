@@ -151,14 +151,21 @@ fn every_cause_names_a_recipe_key_where_it_needs_one() {
     let paper = Paper::bundled();
     assert!(paper.causes.len() >= 10, "{}", paper.causes.len());
     // A `departs` cause must name a key of [recipe]; other causes take none.
-    let unknown = format!("{bundled}\n[[cause]]\nwhen = \"departs\"\nkey = \"train.nope\"\ntext = \"x\"\n");
-    let err = Paper::parse(&unknown, "crafted.toml").unwrap_err().to_string();
+    let unknown =
+        format!("{bundled}\n[[cause]]\nwhen = \"departs\"\nkey = \"train.nope\"\ntext = \"x\"\n");
+    let err = Paper::parse(&unknown, "crafted.toml")
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("crafted.toml: cause 11 (`departs`) needs a `key` of [recipe]"),
         "{err}"
     );
-    let keyed = format!("{bundled}\n[[cause]]\nwhen = \"undertrained\"\nkey = \"train.batch\"\ntext = \"x\"\n");
-    let err = Paper::parse(&keyed, "crafted.toml").unwrap_err().to_string();
+    let keyed = format!(
+        "{bundled}\n[[cause]]\nwhen = \"undertrained\"\nkey = \"train.batch\"\ntext = \"x\"\n"
+    );
+    let err = Paper::parse(&keyed, "crafted.toml")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("only `departs` causes take one"), "{err}");
     let spelled = format!("{bundled}\n[[cause]]\nwhen = \"sometimes\"\ntext = \"x\"\n");
     assert!(Paper::parse(&spelled, "crafted.toml").is_err());

@@ -12,7 +12,9 @@ use meanflow_repro::eval::bootstrap::Interval;
 use meanflow_repro::report::safe::Href;
 use meanflow_repro::report::tables::{pearson, ranks};
 use meanflow_repro::report::{discrepancy, render, sample_grid};
-use meanflow_repro::rundir::{AdmScores, Contention, Env, Metrics, RunDir, SampleInputs, StatLine};
+use meanflow_repro::rundir::{
+    AdmScores, Contention, Env, HistoryPoint, Metrics, RunDir, SampleInputs, StatLine,
+};
 use meanflow_repro::spec::Spec;
 use pulldown_cmark::{Event, Options, Parser, Tag, TagEnd};
 use std::path::{Path, PathBuf};
@@ -157,12 +159,26 @@ fn demo_tree(root: &Path) -> PathBuf {
         };
         let dir = RunDir::new(exp.join(&name));
         prepared(&dir, &point);
-        let m = metrics(
+        let mut m = metrics(
             &point,
             &[(1, fid, below, above), (2, fid - 3.0, below, above)],
             None,
             "/x/default_1.pt",
         );
+        // FID at a checkpoint of eval.steps and at the end (the run has no checkpoint here,
+        // so both are rows of their own in the frame).
+        for (step, nfe, value) in [
+            (100, 1, fid + 10.0),
+            (200, 1, fid),
+            (100, 2, fid + 5.0),
+            (200, 2, fid - 3.0),
+        ] {
+            m.history.push(HistoryPoint {
+                step,
+                nfe: format!("{nfe}-NFE"),
+                fid: value,
+            });
+        }
         dir.write_metrics(&m).unwrap();
         if name == "data_proportion=0.75" {
             write_grid(&dir.grid(1));
@@ -216,7 +232,9 @@ fn the_report_names_runs_by_paper_row_with_intervals_orderings_and_links() {
         assert!(!text.contains("/x/"), "no machine's folders: {text}");
         // How the intervals are made, said once.
         assert!(
-            text.contains("95% interval of FID's sampling noise at this sample size, from 200 resamples"),
+            text.contains(
+                "95% interval of FID's sampling noise at this sample size, from 200 resamples"
+            ),
             "{text}"
         );
     }
@@ -224,7 +242,7 @@ fn the_report_names_runs_by_paper_row_with_intervals_orderings_and_links() {
         !html.contains("r != t: 100%") && !html.contains(">100% r != t<"),
         "no run of that row exists"
     );
-    for plot in ["loss", "fid-by-nfe", "ordering-1nfe"] {
+    for plot in ["loss", "fid-by-nfe", "fid-by-step", "ordering-1nfe"] {
         for ext in ["png", "svg"] {
             let f = out.join("plots").join(format!("{plot}.{ext}"));
             assert!(
@@ -546,7 +564,9 @@ fn html_tags(html: &str) -> Vec<(String, Vec<(String, String)>)> {
             attrs = &attrs[key_end..];
             let mut value = String::new();
             if let Some(after) = attrs.strip_prefix('=') {
-                let after = after.strip_prefix('"').expect("attributes are double-quoted");
+                let after = after
+                    .strip_prefix('"')
+                    .expect("attributes are double-quoted");
                 let close = after.find('"').expect("a quoted value ends");
                 value = after[..close].to_owned();
                 attrs = &after[close + 1..];
@@ -562,10 +582,31 @@ fn html_tags(html: &str) -> Vec<(String, Vec<(String, String)>)> {
 /// targets; returns the link targets.
 fn assert_html_safe(html: &str) -> Vec<String> {
     const TAGS: [&str; 21] = [
-        "!doctype", "html", "head", "meta", "title", "style", "body", "h1", "p", "table",
-        "caption", "a", "tr", "th", "td", "code", "figure", "img", "figcaption", "div", "/",
+        "!doctype",
+        "html",
+        "head",
+        "meta",
+        "title",
+        "style",
+        "body",
+        "h1",
+        "p",
+        "table",
+        "caption",
+        "a",
+        "tr",
+        "th",
+        "td",
+        "code",
+        "figure",
+        "img",
+        "figcaption",
+        "div",
+        "/",
     ];
-    const ATTRIBUTES: [&str; 8] = ["lang", "charset", "class", "href", "src", "alt", "title", "html"];
+    const ATTRIBUTES: [&str; 8] = [
+        "lang", "charset", "class", "href", "src", "alt", "title", "html",
+    ];
     let mut targets = Vec::new();
     for (name, attrs) in html_tags(html) {
         let bare = name.trim_start_matches('/');
@@ -574,7 +615,10 @@ fn assert_html_safe(html: &str) -> Vec<String> {
             "a tag the report does not write: <{name}>"
         );
         for (key, value) in attrs {
-            assert!(ATTRIBUTES.contains(&key.as_str()), "attribute {key} on <{name}>");
+            assert!(
+                ATTRIBUTES.contains(&key.as_str()),
+                "attribute {key} on <{name}>"
+            );
             if key == "href" || key == "src" {
                 assert!(Href::is_safe(&value), "<{name} {key}=\"{value}\">");
                 targets.push(value);
@@ -608,7 +652,8 @@ fn parse_markdown(md: &str) -> Parsed {
     let (mut head, mut row) = (0, 0);
     for event in Parser::new_ext(md, options) {
         match event {
-            Event::Start(Tag::Link { dest_url, .. }) | Event::Start(Tag::Image { dest_url, .. }) => {
+            Event::Start(Tag::Link { dest_url, .. })
+            | Event::Start(Tag::Image { dest_url, .. }) => {
                 parsed.targets.push(dest_url.to_string())
             }
             Event::Start(
@@ -673,13 +718,20 @@ fn crafted_names_stay_text_and_links_stay_in_the_report() {
         assert!(html.contains(shown), "{shown}: {html}");
     }
     // The percent-encoded name loads its image; the symlinked grids were not copied.
-    assert!(targets.contains(&"grids/seed%253D1%252Fx-1nfe.png".to_owned()), "{targets:?}");
+    assert!(
+        targets.contains(&"grids/seed%253D1%252Fx-1nfe.png".to_owned()),
+        "{targets:?}"
+    );
     assert!(out.join("grids/seed%3D1%2Fx-1nfe.png").is_file());
     let grids: Vec<String> = std::fs::read_dir(out.join("grids"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(grids.len(), 3, "two runs' grids and one real grid: {grids:?}");
+    assert_eq!(
+        grids.len(),
+        3,
+        "two runs' grids and one real grid: {grids:?}"
+    );
     for g in &grids {
         let bytes = std::fs::read(out.join("grids").join(g)).unwrap();
         assert!(bytes.starts_with(b"\x89PNG"), "{g}");
@@ -704,10 +756,17 @@ fn crafted_names_stay_text_and_links_stay_in_the_report() {
         assert_markdown_safe(page);
     }
     let report = assert_markdown_safe(&out.join("report.md"));
-    for shown in [LINK_NAME, TAG_NAME, PIPE_NAME, "<script>alert(1)</script> # heading [d](javascript:alert(2)) | a | b &lt; ![i](x.png)"] {
+    for shown in [
+        LINK_NAME,
+        TAG_NAME,
+        PIPE_NAME,
+        "<script>alert(1)</script> # heading [d](javascript:alert(2)) | a | b &lt; ![i](x.png)",
+    ] {
         assert!(report.text.contains(shown), "{shown}: {}", report.text);
     }
-    let issue = assert_markdown_safe(&out.join(meanflow_repro::report::tables::discrepancy_file(PIPE_NAME)));
+    let issue = assert_markdown_safe(
+        &out.join(meanflow_repro::report::tables::discrepancy_file(PIPE_NAME)),
+    );
     for shown in [
         PIPE_NAME,
         "[w](javascript:alert(3))<i>.safetensors",
@@ -807,7 +866,11 @@ fn mfr_results_gathers_every_run_into_csv_and_parquet() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     let header = csv.lines().next().unwrap();
     assert!(
@@ -817,8 +880,9 @@ fn mfr_results_gathers_every_run_into_csv_and_parquet() {
     let parquet = ParquetReader::new(std::fs::File::open(out.join("results.parquet")).unwrap())
         .finish()
         .unwrap();
-    // Three demo runs at two NFEs, the trained B/4 run and the released weights' run.
-    assert_eq!(parquet.height(), 3 * 2 + 1 + 1, "{parquet}");
+    // Three demo runs at two NFEs and two more steps each, the trained B/4 run and the
+    // released weights' run.
+    assert_eq!(parquet.height(), 3 * (2 + 4) + 1 + 1, "{parquet}");
     let rows = meanflow_repro::report::frame::ResultRow::read(&parquet).unwrap();
     let row = rows
         .iter()
@@ -827,8 +891,22 @@ fn mfr_results_gathers_every_run_into_csv_and_parquet() {
     assert_eq!(row.experiment, "demo-digits");
     assert_eq!(row.label, "0% r != t (flow matching)");
     assert_eq!(row.paper_rows, "table1a.ratio0");
-    assert_eq!((row.fid, row.fid_low, row.fid_high), (Some(62.0), Some(60.0), Some(68.0)));
-    assert_eq!((row.sfid, row.precision, row.recall), (Some(124.0), Some(0.5), Some(0.25)));
+    assert_eq!(
+        (row.fid, row.fid_low, row.fid_high),
+        (Some(62.0), Some(60.0), Some(68.0))
+    );
+    assert_eq!(
+        (row.sfid, row.precision, row.recall),
+        (Some(124.0), Some(0.5), Some(0.25))
+    );
+    let early = rows
+        .iter()
+        .find(|r| r.run == "data_proportion=1.0" && r.step == Some(100) && r.nfe == Some(1))
+        .unwrap();
+    assert_eq!(
+        (early.is_final, early.fid, early.fid_low),
+        (false, Some(75.0), None)
+    );
     let control = rows.iter().find(|r| r.experiment == "b4-public").unwrap();
     assert_eq!(control.weights.as_deref(), Some("meanflow-B4.safetensors"));
     assert_eq!(control.step, None, "imported weights have no training step");

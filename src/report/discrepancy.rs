@@ -309,7 +309,11 @@ pub fn render(run: &RunResult, controls: &[RunResult], paper: &Paper) -> Result<
                 note: paper.recipe.port.get(&d.key).cloned().unwrap_or_default(),
             })
             .collect(),
-        weights: spec.model.weights.as_deref().map(|w| Shown::of(Path::new(w))),
+        weights: spec
+            .model
+            .weights
+            .as_deref()
+            .map(|w| Shown::of(Path::new(w))),
         state: run.state.as_ref().map(|s| Trained {
             step: s.step,
             epoch: s.epoch,
@@ -340,10 +344,6 @@ fn gap(
     rows: &[&Row],
     verdicts: &[Verdict],
 ) -> (Vec<GapLine>, GapNote) {
-    let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
-    let relative = |o: Option<f64>, p: f64| {
-        o.map_or("-".to_owned(), |o| format!("{:+.1}%", 100.0 * (o - p) / p))
-    };
     let mut lines = Vec::new();
     let mut found: Vec<Verdict> = Vec::new();
     for (row, verdict) in rows.iter().zip(verdicts) {
@@ -358,12 +358,15 @@ fn gap(
             nfe,
             paper: format!("{:.2}", row.value),
             ours: ours.map_or("-".to_owned(), |f| f.to_string()),
-            delta: fmt(value.map(|o| o - row.value)),
-            relative: relative(value, row.value),
+            delta: two_places(value.map(|o| o - row.value)),
+            relative: relative(value, Some(row.value)),
             verdict: verdict.words(),
         });
         for also in &row.also {
-            let note = also.note.as_deref().map_or(String::new(), |n| format!(" ({n})"));
+            let note = also
+                .note
+                .as_deref()
+                .map_or(String::new(), |n| format!(" ({n})"));
             lines.push(GapLine {
                 what: Prose::new().text(format!(
                     "... as {} gives it{note}",
@@ -380,35 +383,9 @@ fn gap(
         if run.imported() {
             continue;
         }
-        if let Some(c) = control(run, controls, nfe) {
-            // The control is held to its own paper row (the released weights' number).
-            let own = c
-                .rows(paper)
-                .ok()
-                .and_then(|rows| rows.into_iter().find(|r| r.nfe.unwrap_or(1) == nfe));
-            let fid = c.fid(nfe);
-            let verdict = own.map(|r| super::tables::Compared::new(c, r).verdict);
-            let value = own.map(|r| r.value);
-            let mut what = Prose::new()
-                .text("control: released weights ")
-                .code(file_name(c.spec.model.weights.as_deref().unwrap_or_default()))
-                .text(" through this pipeline (")
-                .code(format!("{}/{}", c.spec.experiment.name, c.name));
-            if let Some(r) = own {
-                what = what.text(", row ").code(&r.id);
-            }
-            lines.push(GapLine {
-                what: what.text(")"),
-                nfe,
-                paper: fmt(value),
-                ours: fid.map_or("-".to_owned(), |f| f.to_string()),
-                delta: fmt(fid.zip(value).map(|(f, p)| f.value - p)),
-                relative: value.map_or("-".to_owned(), |p| relative(fid.map(|f| f.value), p)),
-                verdict: verdict
-                    .as_ref()
-                    .map_or("no paper row for the control".to_owned(), Verdict::words),
-            });
-            found.push(verdict.unwrap_or(Verdict::NotEvaluated));
+        if let Some((line, verdict)) = control_line(run, controls, paper, nfe) {
+            lines.push(line);
+            found.push(verdict);
         }
     }
     let note = if !run.scale().is_papers() {
@@ -423,6 +400,58 @@ fn gap(
         GapNote::ControlMisses
     };
     (lines, note)
+}
+
+/// The control's line at `nfe` where the results hold one, and its verdict against its own
+/// paper row (the released weights' number).
+fn control_line(
+    run: &RunResult,
+    controls: &[RunResult],
+    paper: &Paper,
+    nfe: i64,
+) -> Option<(GapLine, Verdict)> {
+    let c = control(run, controls, nfe)?;
+    let own = c
+        .rows(paper)
+        .ok()
+        .and_then(|rows| rows.into_iter().find(|r| r.nfe.unwrap_or(1) == nfe));
+    let fid = c.fid(nfe);
+    let verdict = own.map(|r| super::tables::Compared::new(c, r).verdict);
+    let value = own.map(|r| r.value);
+    let mut what = Prose::new()
+        .text("control: released weights ")
+        .code(file_name(
+            c.spec.model.weights.as_deref().unwrap_or_default(),
+        ))
+        .text(" through this pipeline (")
+        .code(format!("{}/{}", c.spec.experiment.name, c.name));
+    if let Some(r) = own {
+        what = what.text(", row ").code(&r.id);
+    }
+    let line = GapLine {
+        what: what.text(")"),
+        nfe,
+        paper: two_places(value),
+        ours: fid.map_or("-".to_owned(), |f| f.to_string()),
+        delta: two_places(fid.zip(value).map(|(f, p)| f.value - p)),
+        relative: relative(fid.map(|f| f.value), value),
+        verdict: verdict
+            .as_ref()
+            .map_or("no paper row for the control".to_owned(), Verdict::words),
+    };
+    Some((line, verdict.unwrap_or(Verdict::NotEvaluated)))
+}
+
+fn two_places(v: Option<f64>) -> String {
+    v.map_or("-".to_owned(), |v| format!("{v:.2}"))
+}
+
+/// `ours` against `paper` in percent ("+31.0%"), "-" where either is missing.
+fn relative(ours: Option<f64>, paper: Option<f64>) -> String {
+    match (ours, paper) {
+        (Some(o), Some(p)) => format!("{:+.1}%", 100.0 * (o - p) / p),
+        _ => "-".to_owned(),
+    }
 }
 
 /// Table 4 against this run's network: the network the paper row used (a demo's tiny network
@@ -454,8 +483,16 @@ fn environment(env: &crate::rundir::Env) -> Vec<Fact> {
     let fact = |key, value, code| Fact { key, value, code };
     vec![
         fact("device", env.device.clone(), false),
-        fact("NVIDIA driver (CUDA version)", or_none(&env.cuda_driver), false),
-        fact("CUDA runtime of libtorch", or_none(&env.cuda_runtime), false),
+        fact(
+            "NVIDIA driver (CUDA version)",
+            or_none(&env.cuda_driver),
+            false,
+        ),
+        fact(
+            "CUDA runtime of libtorch",
+            or_none(&env.cuda_runtime),
+            false,
+        ),
         fact("libtorch", env.libtorch.clone(), false),
         fact("tch", env.tch.clone(), false),
         fact("processes (world size)", env.world_size.to_string(), false),
@@ -525,7 +562,11 @@ fn causes(
     // agrees, or it would not match), or leaves ours unchecked against its number.
     let unpinned = rows
         .iter()
-        .find(|r| !["meanflow.omega", "meanflow.kappa"].iter().all(|k| r.settings.contains_key(*k)))
+        .find(|r| {
+            !["meanflow.omega", "meanflow.kappa"]
+                .iter()
+                .all(|k| r.settings.contains_key(*k))
+        })
         .map(|r| r.id.clone());
     let scored_fid50k = spec.sample.num_samples == 50_000
         && run.metrics.as_ref().is_none_or(|m| m.reference.is_some());

@@ -263,7 +263,10 @@ impl Row {
         }
         let scale = super::runs::Scale::of(spec);
         if !scale.is_papers() {
-            why.push(format!("{} instead of ImageNet 256 latents", scale.describe()));
+            why.push(format!(
+                "{} instead of ImageNet 256 latents",
+                scale.describe()
+            ));
         }
         (!why.is_empty()).then(|| why.join(", "))
     }

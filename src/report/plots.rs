@@ -181,6 +181,8 @@ struct Axis {
     whole_numbers: bool,
 }
 
+// One chart is one pass over plotters' builder (mesh, lines, points, bars, legend) on one
+// coordinate system; split, each part would take the chart back as a generic argument.
 fn draw_fid_lines<DB: DrawingBackend>(
     root: Area<DB>,
     series: &[Series],
@@ -390,6 +392,8 @@ pub fn paper_vs_ours(bars: &[Bar], title: &str, stem: &Path) -> Result<()> {
     png_and_svg!(stem, (width, 480), draw_bars(bars, title))
 }
 
+// One pass over plotters' builder, as draw_fid_lines (the labels under the bars need the
+// chart's coordinates at the end).
 fn draw_bars<DB: DrawingBackend>(root: Area<DB>, bars: &[Bar], title: &str) -> Result<()>
 where
     DB::ErrorType: 'static,

@@ -64,13 +64,20 @@ pub fn report(path: &Path, root: &Path) -> Result<PathBuf> {
         tables.push(tables::comparison_table(&compared, &orderings, &level));
     }
     if results.iter().any(|r| r.fid.is_some()) {
-        tables.push(tables::metrics_table(&results, metrics_caption(&runs), &level));
+        tables.push(tables::metrics_table(
+            &results,
+            metrics_caption(&runs),
+            &level,
+        ));
     }
     tables.push(tables::training_table(&results));
     tables.push(tables::provenance_table(&runs));
     for t in &tables {
         let twin = out.join("tables").join(format!("{}.md", t.slug));
-        write_atomic(&twin, templates::render("table.md", minijinja::context! { t })?.as_bytes())?;
+        write_atomic(
+            &twin,
+            templates::render("table.md", minijinja::context! { t })?.as_bytes(),
+        )?;
     }
 
     let mut figures = plot_figures(&runs, &results, &compared, &orderings, &experiment, &out)?;
@@ -85,8 +92,14 @@ pub fn report(path: &Path, root: &Path) -> Result<PathBuf> {
         commit: env!("MFR_GIT_COMMIT"),
         style: STYLE,
     };
-    write_atomic(&out.join("report.md"), templates::render("report.md", &page)?.as_bytes())?;
-    write_atomic(&out.join("index.html"), templates::render("report.html", &page)?.as_bytes())?;
+    write_atomic(
+        &out.join("report.md"),
+        templates::render("report.md", &page)?.as_bytes(),
+    )?;
+    write_atomic(
+        &out.join("index.html"),
+        templates::render("report.html", &page)?.as_bytes(),
+    )?;
     Ok(out)
 }
 
@@ -139,8 +152,9 @@ fn metrics_caption(runs: &[RunResult]) -> String {
         ),
         None => String::new(),
     };
-    let method = RunResult::first_interval(runs)
-        .map_or_else(String::new, |i| format!("; in brackets the {}", interval_method(i)));
+    let method = RunResult::first_interval(runs).map_or_else(String::new, |i| {
+        format!("; in brackets the {}", interval_method(i))
+    });
     format!("Metrics of the final weights ({what}{method})")
 }
 
@@ -172,7 +186,12 @@ fn plot_figures(
         plots::loss_curves(&with_stats, experiment, &stem("loss"))?;
         add("loss", "Is training still improving, and did the runs train alike? The v loss (mean ||u - v||^2) and the batch mean of the adaptive weight against step (SVG beside each PNG)".into())?;
     }
-    let by_nfe = series(results, |r| r.is_final, |r| r.nfe.map(|n| n as f64), |r| r.label.clone());
+    let by_nfe = series(
+        results,
+        |r| r.is_final,
+        |r| r.nfe.map(|n| n as f64),
+        |r| r.label.clone(),
+    );
     if !by_nfe.is_empty() {
         plots::fid_by_nfe(&by_nfe, experiment, &stem("fid-by-nfe"))?;
         add("fid-by-nfe", "Does a second step help, and are the runs told apart? FID of the final weights against the number of network evaluations, with the intervals of the metrics table as error bars".into())?;
@@ -375,7 +394,12 @@ fn notes(runs: &[RunResult], compared: &[Compared], orderings: &[Ordering]) -> V
 /// from its data, device and sample count.
 fn scale_note(c: &Compared) -> Prose {
     let run = c.run;
-    let preset = run.spec.model.preset.as_deref().unwrap_or("a custom network");
+    let preset = run
+        .spec
+        .model
+        .preset
+        .as_deref()
+        .unwrap_or("a custom network");
     let device = run
         .env
         .as_ref()

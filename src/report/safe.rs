@@ -37,8 +37,15 @@ pub fn markdown(s: &str) -> String {
         let leading = (i == 0
             && matches!(c, '-' | '+' | '=' | '#')
             && next.is_none_or(|n| !n.is_alphanumeric()))
-            || (i == digits && digits > 0 && matches!(c, '.' | ')') && next.is_none_or(|n| n == ' '));
-        if leading || matches!(c, '\\' | '`' | '*' | '_' | '[' | ']' | '<' | '>' | '|' | '~' | '&' | '$')
+            || (i == digits
+                && digits > 0
+                && matches!(c, '.' | ')')
+                && next.is_none_or(|n| n == ' '));
+        if leading
+            || matches!(
+                c,
+                '\\' | '`' | '*' | '_' | '[' | ']' | '<' | '>' | '|' | '~' | '&' | '$'
+            )
         {
             out.push('\\');
         }
@@ -60,11 +67,7 @@ pub fn markdown_code(s: &str) -> String {
 /// The fence of a Markdown code block around `text`: more backticks than any run inside it, so
 /// no line of the text can close the block.
 pub fn fence(text: &str) -> String {
-    let longest = text
-        .split(|c| c != '`')
-        .map(str::len)
-        .max()
-        .unwrap_or(0);
+    let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
     "`".repeat((longest + 1).max(3))
 }
 

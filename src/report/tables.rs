@@ -151,9 +151,15 @@ pub fn orderings(compared: &[Compared]) -> Vec<Ordering> {
         group.sort_by(|&a, &b| compared[a].row.value.total_cmp(&compared[b].row.value));
         let paper: Vec<f64> = group.iter().map(|&i| compared[i].row.value).collect();
         let ours: Vec<Option<Fid>> = group.iter().map(|&i| compared[i].ours).collect();
-        let our_values: Vec<f64> = ours.iter().map(|f| f.map_or(f64::NAN, |f| f.value)).collect();
+        let our_values: Vec<f64> = ours
+            .iter()
+            .map(|f| f.map_or(f64::NAN, |f| f.value))
+            .collect();
         let (paper_ranks, our_ranks) = (ranks(&paper), ranks(&our_values));
-        let intervals: Vec<_> = ours.iter().filter_map(|f| f.and_then(|f| f.interval)).collect();
+        let intervals: Vec<_> = ours
+            .iter()
+            .filter_map(|f| f.and_then(|f| f.interval))
+            .collect();
         let unresolved = intervals
             .iter()
             .enumerate()
@@ -252,15 +258,30 @@ impl Table {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Cell {
-    Text { text: String },
+    Text {
+        text: String,
+    },
     /// A number (or "-") as this module formatted it: no string from a file gets here, so
     /// Markdown shows it unescaped ("34.96 [33.10, 37.20]", not "34.96 \[33.10, ...").
-    Number { text: String },
-    Code { text: String },
-    Link { text: String, href: Href },
+    Number {
+        text: String,
+    },
+    Code {
+        text: String,
+    },
+    Link {
+        text: String,
+        href: Href,
+    },
     /// A run by its label, with its sweep point as hover text where the label is the paper's.
-    Run { text: String, point: Option<String> },
-    Verdict { text: String, class: &'static str },
+    Run {
+        text: String,
+        point: Option<String>,
+    },
+    Verdict {
+        text: String,
+        class: &'static str,
+    },
 }
 
 impl Cell {
