@@ -493,8 +493,9 @@ const DESCRIPTION: &str =
     "<script>alert(1)</script>\n# heading [d](javascript:alert(2)) | a | b &lt; ![i](x.png)";
 
 /// results/demo-digits/ with runs under crafted names, a crafted description, weights path,
-/// environment and record strings; a grid that is a symlink to /etc/passwd and one reached
-/// through a samples folder that is a symlink out of its run.
+/// environment and record strings; a grid that is a symlink to /etc/passwd, a real grid that is
+/// a symlink to a PNG out of its run, and a grid reached through a samples folder that is a
+/// symlink out of its run.
 fn hostile_tree(root: &Path) -> PathBuf {
     let exp = root.join("results/demo-digits");
     let points = demo_points();
@@ -529,7 +530,12 @@ fn hostile_tree(root: &Path) -> PathBuf {
                 write_grid(&dir.grid(1));
                 write_grid(&dir.real_grid());
             }
-            TAG_NAME => std::os::unix::fs::symlink("/etc/passwd", dir.grid(1)).unwrap(),
+            TAG_NAME => {
+                std::os::unix::fs::symlink("/etc/passwd", dir.grid(1)).unwrap();
+                std::fs::create_dir_all(dir.samples()).unwrap();
+                std::os::unix::fs::symlink(outside.join("grid-1nfe.png"), dir.real_grid())
+                    .unwrap();
+            }
             _ => {
                 std::fs::remove_dir_all(dir.samples()).unwrap();
                 std::os::unix::fs::symlink(&outside, dir.samples()).unwrap();
@@ -736,6 +742,11 @@ fn crafted_names_stay_text_and_links_stay_in_the_report() {
         let bytes = std::fs::read(out.join("grids").join(g)).unwrap();
         assert!(bytes.starts_with(b"\x89PNG"), "{g}");
     }
+    // The first run's real grid is a symlink out of it: the next run's own one is shown.
+    assert_eq!(
+        std::fs::read(out.join("grids/real-digits.png")).unwrap(),
+        std::fs::read(RunDir::new(exp.join(LINK_NAME)).real_grid()).unwrap()
+    );
     // Every relative target is a file of the report.
     for t in &targets {
         let file = t.replace("%25", "%");

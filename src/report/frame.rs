@@ -25,41 +25,21 @@ impl FromCell for String {
     }
 }
 
-impl FromCell for bool {
-    fn from_cell(v: AnyValue) -> Option<Self> {
-        match v {
-            AnyValue::Boolean(b) => Some(b),
-            _ => None,
+/// `FromCell` for a type polars holds as one `AnyValue` variant.
+macro_rules! from_cell {
+    ($($ty:ty => $variant:ident),*) => {$(
+        impl FromCell for $ty {
+            fn from_cell(v: AnyValue) -> Option<Self> {
+                match v {
+                    AnyValue::$variant(x) => Some(x),
+                    _ => None,
+                }
+            }
         }
-    }
+    )*};
 }
 
-impl FromCell for f64 {
-    fn from_cell(v: AnyValue) -> Option<Self> {
-        match v {
-            AnyValue::Float64(x) => Some(x),
-            _ => None,
-        }
-    }
-}
-
-impl FromCell for i64 {
-    fn from_cell(v: AnyValue) -> Option<Self> {
-        match v {
-            AnyValue::Int64(x) => Some(x),
-            _ => None,
-        }
-    }
-}
-
-impl FromCell for u64 {
-    fn from_cell(v: AnyValue) -> Option<Self> {
-        match v {
-            AnyValue::UInt64(x) => Some(x),
-            _ => None,
-        }
-    }
-}
+from_cell!(bool => Boolean, f64 => Float64, i64 => Int64, u64 => UInt64);
 
 impl<T: FromCell> FromCell for Option<T> {
     fn from_cell(v: AnyValue) -> Option<Self> {

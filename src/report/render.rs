@@ -204,6 +204,12 @@ fn plot_figures(
     )
     .into_iter()
     .filter(|s| s.points.len() > 1)
+    .map(|mut s| {
+        // Only the final weights have intervals: bars on one point of a line would read as
+        // the others having none to speak of.
+        s.points.iter_mut().for_each(|p| p.interval = None);
+        s
+    })
     .collect();
     if !by_step.is_empty() {
         plots::fid_by_step(&by_step, experiment, &stem("fid-by-step"))?;
