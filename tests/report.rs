@@ -533,8 +533,7 @@ fn hostile_tree(root: &Path) -> PathBuf {
             TAG_NAME => {
                 std::os::unix::fs::symlink("/etc/passwd", dir.grid(1)).unwrap();
                 std::fs::create_dir_all(dir.samples()).unwrap();
-                std::os::unix::fs::symlink(outside.join("grid-1nfe.png"), dir.real_grid())
-                    .unwrap();
+                std::os::unix::fs::symlink(outside.join("grid-1nfe.png"), dir.real_grid()).unwrap();
             }
             _ => {
                 std::fs::remove_dir_all(dir.samples()).unwrap();
@@ -922,4 +921,33 @@ fn mfr_results_gathers_every_run_into_csv_and_parquet() {
     assert_eq!(control.weights.as_deref(), Some("meanflow-B4.safetensors"));
     assert_eq!(control.step, None, "imported weights have no training step");
     assert!(csv.contains("demo-digits,data_proportion=1.0,0% r != t (flow matching),table1a.ratio0,digits,tiny/2,,true,"), "{csv}");
+}
+
+#[test]
+fn an_interval_that_misses_its_fid_is_called_out() {
+    // metrics.json from the with-replacement bootstrap: every resampled FID above the FID.
+    let root = temp_dir("stale-interval");
+    let exp = demo_tree(&root.join("results"));
+    let dir = RunDir::new(exp.join("data_proportion=0.75"));
+    let mut m = dir.read_metrics().unwrap().unwrap();
+    let old: Interval = serde_json::from_value(serde_json::json!({
+        "low": 40.23, "high": 45.11, "level": 0.95, "resamples": 200,
+    }))
+    .unwrap();
+    m.fid_interval.insert("1-NFE".into(), old);
+    dir.write_metrics(&m).unwrap();
+    let out = render::report(&exp, &root.join("reports")).unwrap();
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("34.50 [40.23, 45.11]"), "{md}");
+    assert!(
+        md.contains("> The intervals of 25% r != t at 1-NFE do not contain their FIDs: they were made by the with-replacement bootstrap of earlier versions"),
+        "{md}"
+    );
+    let fresh = render::report(
+        &demo_tree(&temp_dir("fresh-interval").join("results")),
+        &root.join("fresh"),
+    )
+    .unwrap();
+    let md = std::fs::read_to_string(fresh.join("report.md")).unwrap();
+    assert!(!md.contains("do not contain their FIDs"), "{md}");
 }

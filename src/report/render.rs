@@ -379,6 +379,26 @@ fn notes(runs: &[RunResult], compared: &[Compared], orderings: &[Ordering]) -> V
             }
         )));
     }
+    let stale: Vec<String> = runs
+        .iter()
+        .flat_map(|r| r.fids().into_iter().map(move |(nfe, f)| (r, nfe, f)))
+        .filter(|(_, _, f)| {
+            f.interval
+                .is_some_and(|i| !(i.low..=i.high).contains(&f.value))
+        })
+        .map(|(r, nfe, _)| format!("{} at {nfe}-NFE", r.label))
+        .collect();
+    if !stale.is_empty() {
+        notes.push(
+            Prose::new()
+                .text(format!(
+                    "The intervals of {} do not contain their FIDs: they were made by the with-replacement bootstrap of earlier versions, which shifts every resampled FID upward. Score the runs again (",
+                    stale.join(", ")
+                ))
+                .code("mfr run SPEC --resume")
+                .text(" after deleting samples/metrics.json) for intervals that hold their estimates."),
+        );
+    }
     if runs.iter().any(|r| {
         r.metrics
             .as_ref()
