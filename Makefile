@@ -84,6 +84,7 @@ $(EVAL_FIXTURES)/.ready: tests/make_eval_fixtures.py $(VENV)/.ready
 
 $(VAE_FIXTURES)/.ready: tests/make_vae_fixtures.py $(VENV)/.ready
 	$(VENV)/bin/python tests/make_vae_fixtures.py $(VAE_FIXTURES)
+	touch $@
 
 # Files torch.save and pytorch-fid wrote, for the import tests; regenerated likewise.
 $(IMPORT_FIXTURES)/.ready: tests/make_import_fixtures.py $(VENV)/.ready

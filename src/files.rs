@@ -3,17 +3,25 @@
 //! call, are synced, renamed over the final name, and the directory is synced, so a reader
 //! (or a process killed at any instruction) sees the old file or the new one, never a mix, and
 //! two processes writing the same file never share a temporary.
+//!
+//! Replacing by rename is right for the regular files of the project's own folders only: a
+//! temporary is created fresh (never through a symlink planted at its name), and a target that
+//! is a symlink, a device or a FIFO is refused rather than replaced. A file the user names
+//! (`--json FILE`) is written through [`write_output`], which follows a symlink to the user's
+//! file and writes into a device or a FIFO instead of replacing it. Files the project appends
+//! to or locks are opened without following symlinks ([`open_append`], [`Lock`]).
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 /// The sha256 of everything `reader` yields, in hex.
@@ -29,23 +37,48 @@ pub fn sha256_of(mut reader: impl Read) -> std::io::Result<String> {
     }
 }
 
+/// Opens `path` for reading if it is a regular file (or a symlink to one); a FIFO, a device, a
+/// socket or a directory is refused with a sentence, without blocking on the open.
+pub fn open_regular(path: &Path) -> Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))?;
+    let kind = file
+        .metadata()
+        .with_context(|| format!("{}: cannot stat", path.display()))?
+        .file_type();
+    if !kind.is_file() {
+        bail!(
+            "{} is a {}, not a regular file: give the path of the file itself",
+            path.display(),
+            kind_of(kind)
+        );
+    }
+    // Blocking reads from here (O_NONBLOCK only kept the open of a FIFO from waiting).
+    set_blocking(&file);
+    Ok(file)
+}
+
+/// Clears O_NONBLOCK, which an open set only so that opening a FIFO could not wait forever.
+fn set_blocking(file: &File) {
+    // SAFETY: fcntl on a descriptor this process owns; no memory is passed.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+    }
+}
+
 /// The sha256 of a file's content, in hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let file = open_regular(path)?;
     sha256_of(file).with_context(|| format!("{}: cannot read", path.display()))
 }
 
-/// This machine's name, as `uname` gives it (lock holders and temporary names carry it).
+/// This machine's name (lock holders and temporary names carry it).
 pub fn host_name() -> String {
-    // SAFETY: utsname is plain bytes; uname fills it and NUL-terminates every field.
-    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
-    if unsafe { libc::uname(&mut name) } != 0 {
-        return "unknown-host".to_owned();
-    }
-    // SAFETY: uname succeeded, so `nodename` is a NUL-terminated string within the array.
-    unsafe { std::ffi::CStr::from_ptr(name.nodename.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
+    gethostname::gethostname().to_string_lossy().into_owned()
 }
 
 const TEMP_SUFFIX: &str = ".tmp";
@@ -74,8 +107,13 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     pub fn create(path: &Path) -> Result<AtomicFile> {
+        replaceable(path)?;
         let temporary = temporary_for(path);
-        let file = File::create(&temporary)
+        // create_new: O_CREAT | O_EXCL, which never follows a symlink planted at the name.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temporary)
             .with_context(|| format!("{}: cannot create", temporary.display()))?;
         Ok(AtomicFile {
             path: path.to_owned(),
@@ -103,6 +141,7 @@ impl AtomicFile {
             .and_then(|f| f.sync_all())
             .with_context(|| format!("{}: cannot write", self.path.display()));
         done?;
+        replaceable(&self.path)?;
         std::fs::rename(&self.temporary, &self.path)
             .with_context(|| format!("{}: cannot rename into place", self.path.display()))?;
         sync_parent(&self.path);
@@ -133,12 +172,136 @@ impl Drop for AtomicFile {
     }
 }
 
+/// What a file type is called in messages.
+fn kind_of(t: std::fs::FileType) -> &'static str {
+    if t.is_symlink() {
+        "symbolic link"
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "regular file"
+    }
+}
+
+/// Whether `path` may be replaced by a rename: absent, or a regular file (not a symlink to one).
+fn replaceable(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => bail!(
+            "{} is a {}, not a regular file: mfr only replaces regular files in its own folders; remove it or write elsewhere",
+            path.display(),
+            kind_of(m.file_type())
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Writes `bytes` as `path`, whole or not at all.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = AtomicFile::create(path)?;
     file.write_all(bytes)
         .with_context(|| format!("{}: cannot write", path.display()))?;
     file.commit()
+}
+
+/// Where a file the user named is written: the user's regular file behind a symlink, or the
+/// path itself when nothing is there yet. Anything else (a directory, a device, a FIFO) is
+/// refused: used for outputs that must be replaced whole (`mfr import --out`).
+pub fn regular_output(path: &Path) -> Result<PathBuf> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => std::fs::canonicalize(path)
+            .with_context(|| format!("{}: cannot resolve", path.display())),
+        Ok(m) => bail!(
+            "{} is a {}: give the path of a regular file to write",
+            path.display(),
+            kind_of(m.file_type())
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if std::fs::symlink_metadata(path).is_ok() {
+                bail!(
+                    "{} is a symbolic link to a missing file: remove it or give another path",
+                    path.display()
+                );
+            }
+            Ok(path.to_owned())
+        }
+        Err(e) => bail!("{}: cannot write ({e})", path.display()),
+    }
+}
+
+/// Writes `bytes` to a file the user named (`--json FILE`): a regular file (or one behind a
+/// symlink) is replaced whole, as [`write_atomic`] does; a character device (`/dev/null`,
+/// `/dev/stdout`) or a FIFO is written into, never replaced. A FIFO must have a reader already
+/// (no process waits forever on one).
+pub fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
+    let streamed = std::fs::metadata(path)
+        .is_ok_and(|m| m.file_type().is_char_device() || m.file_type().is_fifo());
+    if !streamed {
+        return write_atomic(&regular_output(path)?, bytes);
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => anyhow::anyhow!(
+                "{} is a FIFO with no reader: start the reader first",
+                path.display()
+            ),
+            _ => anyhow::anyhow!("{}: cannot open for writing ({e})", path.display()),
+        })?;
+    // Blocking writes from here: a full pipe waits for its reader.
+    set_blocking(&file);
+    (&file)
+        .write_all(bytes)
+        .with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// Opens a file of the project's own folders for appending (created if absent), never through a
+/// symlink: a link planted at `path` is an error, not a way to write into the file it names.
+pub fn open_append(path: &Path) -> Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| not_followed(path, e))?;
+    own_regular(&file, path)?;
+    Ok(file)
+}
+
+/// The error of an open with O_NOFOLLOW: ELOOP means a symlink stood at the name.
+fn not_followed(path: &Path, e: std::io::Error) -> anyhow::Error {
+    match e.raw_os_error() {
+        Some(libc::ELOOP) => anyhow::anyhow!(
+            "{} is a symbolic link: mfr does not write through links in its own folders; remove it",
+            path.display()
+        ),
+        _ => anyhow::anyhow!("{}: cannot open ({e})", path.display()),
+    }
+}
+
+/// Checks that an opened file is a regular file (not a FIFO or device planted at its name).
+fn own_regular(file: &File, path: &Path) -> Result<()> {
+    let kind = file
+        .metadata()
+        .with_context(|| format!("{}: cannot stat", path.display()))?
+        .file_type();
+    if !kind.is_file() {
+        bail!(
+            "{} is a {}, not a regular file: remove it",
+            path.display(),
+            kind_of(kind)
+        );
+    }
+    Ok(())
 }
 
 /// Syncs the directory holding `path`, so a rename into it survives a power cut. A filesystem
@@ -199,24 +362,12 @@ pub enum Contention {
     Wait,
 }
 
-fn flock(file: &File, blocking: bool) -> std::io::Result<()> {
-    let op = libc::LOCK_EX | if blocking { 0 } else { libc::LOCK_NB };
-    loop {
-        // SAFETY: flock on a descriptor this process owns; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
 /// The holder's line, as it wrote it into the lock file.
-fn holder(path: &Path) -> String {
-    let mut text = String::new();
-    let _ = File::open(path).and_then(|f| f.take(4096).read_to_string(&mut text));
+fn holder(file: &File) -> String {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = [0u8; 4096];
+    let n = file.read_at(&mut bytes, 0).unwrap_or(0);
+    let text = String::from_utf8_lossy(&bytes[..n]);
     let text = text.trim();
     if text.is_empty() {
         "another process".to_owned()
@@ -243,13 +394,16 @@ impl Lock {
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)
-            .with_context(|| format!("{}: cannot open", path.display()))?;
-        if let Err(e) = flock(&file, false) {
-            if e.kind() != std::io::ErrorKind::WouldBlock {
+            .map_err(|e| not_followed(path, e))?;
+        own_regular(&file, path)?;
+        // flock(2): the kernel drops it when the holder dies, however it dies.
+        if let Err(e) = file.try_lock() {
+            if let std::fs::TryLockError::Error(e) = e {
                 bail!("{}: cannot lock ({e})", path.display());
             }
-            let who = holder(path);
+            let who = holder(&file);
             if contention == Contention::Refuse {
                 bail!(
                     "{} is being written by {who}: wait for it to finish, or pass --wait to queue behind it",
@@ -257,7 +411,12 @@ impl Lock {
                 );
             }
             eprintln!("waiting for {who} to finish with {}", what.display());
-            flock(&file, true).with_context(|| format!("{}: cannot lock", path.display()))?;
+            // A signal interrupts the wait; the wait goes on (a second Ctrl-C kills).
+            while let Err(e) = file.lock() {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    bail!("{}: cannot lock ({e})", path.display());
+                }
+            }
         }
         file.set_len(0)?;
         file.rewind()?;

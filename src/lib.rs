@@ -16,7 +16,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod report;
 pub mod rundir;
-pub mod sample;
+pub mod settings;
 pub mod signals;
 pub mod spec;
 pub mod tensorfile;

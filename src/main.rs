@@ -3,10 +3,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use meanflow_repro::eval::evaluator;
 use meanflow_repro::meanflow::JvpMethod;
+use meanflow_repro::model::vae::DecodePrecision;
 use meanflow_repro::paths::{default_cache, default_reports, default_results};
 use meanflow_repro::pipeline::{self, Stage};
 use meanflow_repro::rundir::Contention;
-use meanflow_repro::sample::DecodePrecision;
 use meanflow_repro::signals::{self, Stopped};
 use meanflow_repro::{assets, bench, device, dist, report, spec::Precision, spec::Spec};
 use std::path::PathBuf;
@@ -150,9 +150,13 @@ struct LaunchArgs {
 #[derive(clap::Args)]
 struct FetchArgs {
     name: Option<String>,
-    /// Every asset that has a pinned hash.
+    /// Every asset whose hash the manifest pins (not those recorded on first download).
     #[arg(long)]
     all: bool,
+    /// A file downloaded by hand (e.g. in a browser when Google Drive refuses): checked like a
+    /// download and copied into the cache.
+    #[arg(long, requires = "name")]
+    file: Option<PathBuf>,
     /// Never use the network: fail unless the asset is already cached.
     #[arg(long)]
     offline: bool,
@@ -193,7 +197,7 @@ struct EvaluateArgs {
     /// pt_inception, else the imported file, else default_1.pt from .venv.
     #[arg(long)]
     inception: Option<PathBuf>,
-    /// Bootstrap resamples of FID's 95% interval (0: none).
+    /// Resamples (half-samples) of FID's 95% interval: 0 (none) or 2 to 10000.
     #[arg(long, default_value_t = 0)]
     bootstrap: usize,
 }
@@ -257,7 +261,7 @@ enum BenchCommand {
         model: String,
         #[arg(long, default_value_t = 1024)]
         batch: i64,
-        #[arg(long, value_enum, default_value_t = Precision::Bf16)]
+        #[arg(long, value_parser = spec_value::<Precision>, default_value = "bf16")]
         precision: Precision,
         #[arg(long, default_value = "cuda")]
         device: String,
@@ -265,7 +269,7 @@ enum BenchCommand {
         batches: usize,
         /// Also decode the latents with the SD-VAE (random weights) to uint8 images, in this
         /// precision (alone: tf32, as the sample stage decodes).
-        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "tf32")]
+        #[arg(long, value_parser = spec_value::<DecodePrecision>, num_args = 0..=1, default_missing_value = "tf32")]
         decode: Option<DecodePrecision>,
         #[arg(long)]
         json: Option<PathBuf>,
@@ -279,9 +283,9 @@ enum BenchCommand {
         #[arg(long, default_value_t = 500)]
         batch: i64,
         /// The SiT's precision.
-        #[arg(long, value_enum, default_value_t = Precision::Bf16)]
+        #[arg(long, value_parser = spec_value::<Precision>, default_value = "bf16")]
         precision: Precision,
-        #[arg(long, value_enum, default_value_t = DecodePrecision::Tf32)]
+        #[arg(long, value_parser = spec_value::<DecodePrecision>, default_value = "tf32")]
         decode: DecodePrecision,
         #[arg(long, default_value = "cuda")]
         device: String,
@@ -305,7 +309,7 @@ enum BenchCommand {
     Evaluate {
         #[arg(long, default_value_t = 250)]
         batch: i64,
-        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        #[arg(long, value_parser = spec_value::<Precision>, default_value = "f32")]
         precision: Precision,
         #[arg(long, default_value = "cuda")]
         device: String,
@@ -320,7 +324,7 @@ enum BenchCommand {
         model: String,
         #[arg(long, default_value_t = 256)]
         batch: i64,
-        #[arg(long, value_enum, default_value_t = Precision::Bf16)]
+        #[arg(long, value_parser = spec_value::<Precision>, default_value = "bf16")]
         precision: Precision,
         #[arg(long, default_value = "cuda")]
         device: String,
@@ -336,7 +340,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1.0)]
         grad_clip: f64,
         /// How du/dt is computed.
-        #[arg(long, value_enum, default_value_t = JvpMethod::Manual)]
+        #[arg(long, value_parser = spec_value::<JvpMethod>, default_value = "manual")]
         jvp: JvpMethod,
         /// Replay the step as one CUDA graph (train.cuda_graph), and check it against eager steps.
         #[arg(long)]
@@ -345,6 +349,14 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+}
+
+/// A value of one of the library's enums spelled as in a spec (`bf16`, `forward_ad`; `-` may
+/// stand for `_`): the library's types know serde, not clap.
+fn spec_value<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    let text = s.replace('-', "_");
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(&text))
+        .map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -363,10 +375,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Writes a result as pretty JSON to `path`, whole or not at all.
+/// Writes a result as pretty JSON to the file the user named (a regular file whole or not at
+/// all; a device or FIFO written into).
 fn write_json(path: &std::path::Path, result: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(result)? + "\n";
-    meanflow_repro::files::write_atomic(path, text.as_bytes())
+    meanflow_repro::files::write_output(path, text.as_bytes())
 }
 
 /// Prints a result as JSON and writes it to `json` when asked.
@@ -380,6 +393,7 @@ fn emit(result: &impl serde::Serialize, json: Option<PathBuf>) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     meanflow_repro::progress::set_quiet(cli.quiet);
+    meanflow_repro::settings::check()?;
     // Long work stops at its next safe point on SIGINT, SIGTERM or SIGUSR1.
     if matches!(
         cli.command,
@@ -455,7 +469,7 @@ impl PrepareArgs {
         use meanflow_repro::data::prepare;
         use meanflow_repro::model::vae::VaeConfig;
         let dev = device::parse(&self.device)?;
-        let weights = meanflow_repro::sample::vae_weights(&self.vae)?;
+        let weights = assets::local(&self.vae, "the SD-VAE")?;
         let (_vs, net) = meanflow_repro::import::vae::load(&weights, &VaeConfig::sd(), dev)?;
         let opts = prepare::Options {
             size: self.size,
@@ -508,12 +522,17 @@ impl FetchArgs {
         opts.sha256 = self.sha256;
         let wanted: Vec<assets::Asset> = match (self.name, self.all) {
             (Some(name), _) => vec![assets::find(&name)?],
-            (None, true) => assets::pinned(),
+            (None, true) => assets::pinned()?,
             (None, false) => {
-                print!("{}", assets::listing(&opts.cache));
+                print!("{}", assets::listing(&assets::manifest()?, &opts.cache));
                 return Ok(());
             }
         };
+        if let (Some(file), [asset]) = (&self.file, wanted.as_slice()) {
+            let path = assets::adopt(asset, file, &opts)?;
+            println!("{}: {}", asset.name, path.display());
+            return Ok(());
+        }
         for asset in wanted {
             let path = assets::fetch(&asset, &opts)?;
             println!("{}: {}", asset.name, path.display());
@@ -529,7 +548,10 @@ impl ImportArgs {
             None => meanflow_repro::import::inception::bundled_torchscript()?,
         };
         let opts = meanflow_repro::import::Options {
-            out: self.out,
+            out: self
+                .out
+                .map(|p| meanflow_repro::files::regular_output(&p))
+                .transpose()?,
             preset: self.preset,
             cache: default_cache(),
         };

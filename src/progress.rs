@@ -25,14 +25,12 @@ fn quiet() -> bool {
     QUIET.load(Ordering::Relaxed) || std::env::var("MFR_QUIET").is_ok_and(|v| v == "1")
 }
 
-/// Seconds between two progress lines in a log file.
+/// Seconds between two progress lines in a log file (checked at start-up by
+/// [`crate::settings::check`]).
 fn interval() -> Duration {
-    let secs = std::env::var("MFR_LOG_INTERVAL")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .unwrap_or(60.0);
-    Duration::from_secs_f64(secs)
+    crate::settings::LOG_INTERVAL
+        .get()
+        .unwrap_or(Duration::from_secs(60))
 }
 
 /// A UTC timestamp, `2026-11-30T01:02:03Z`.

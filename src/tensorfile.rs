@@ -1,17 +1,24 @@
 //! Our safetensors files (checkpoints, converted weights, cached features): written through
-//! [`AtomicFile`] one tensor on the host at a time, with the sha256 of every tensor byte in the
-//! metadata, so [`verify`] finds a flipped bit; nothing non-finite is ever written. Files from
-//! elsewhere (diffusers' SD-VAE) have no checksum and are read with their sizes checked.
+//! [`AtomicFile`] one tensor on the host at a time, with the sha256 of the whole file in the
+//! metadata (its header and metadata included, the checksum's own value read as zeros), so
+//! [`verify`] finds a flipped bit anywhere, a step number as well as a weight; nothing
+//! non-finite is ever written. Files from elsewhere (diffusers' SD-VAE) have no checksum and are
+//! read with their sizes checked; a header that names a tensor or a metadata key twice is refused.
 use crate::files::{hex, AtomicFile};
 use anyhow::{bail, Context, Result};
+use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-/// The metadata key of the checksum over every tensor byte (the file after its header).
-const CHECKSUM: &str = "tensors_sha256";
+/// The metadata key of the checksum over the whole file, its own 64 hex digits read as '0's.
+const CHECKSUM: &str = "file_sha256";
+
+/// The key of the checksum older versions wrote, over the tensor bytes only (the header and the
+/// training state in it uncovered).
+const TENSORS_CHECKSUM: &str = "tensors_sha256";
 
 /// A header larger than this is not one we wrote (a SiT-XL/2 checkpoint's is ~60 KB).
 const MAX_HEADER: u64 = 64 << 20;
@@ -53,16 +60,14 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: &[(&str, Strin
     while text.len() % 8 != 0 {
         text.push(' ');
     }
-    let at = text
-        .find(&format!("\"{CHECKSUM}\":\"{placeholder}\""))
-        .expect("the placeholder is in the header")
-        + CHECKSUM.len()
-        + 4;
+    let at = checksum_at(text.as_bytes()).expect("the placeholder is in the header");
     let mut file = AtomicFile::create(path)?;
     let mut written = || -> Result<String> {
-        file.write_all(&(text.len() as u64).to_le_bytes())?;
-        file.write_all(text.as_bytes())?;
         let mut hasher = Sha256::new();
+        for part in [&(text.len() as u64).to_le_bytes()[..], text.as_bytes()] {
+            hasher.update(part);
+            file.write_all(part)?;
+        }
         for (name, t) in tensors {
             let host = t.detach().to_device(Device::Cpu).contiguous();
             if host.is_floating_point() && host.isfinite().all().int64_value(&[]) == 0 {
@@ -80,11 +85,22 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: &[(&str, Strin
     file.commit()
 }
 
+/// Where the checksum's 64 hex digits start in a header's text: after `"file_sha256":"`, which
+/// a header holds once (keys are unique, and the key's quotes cannot occur inside a JSON string
+/// unescaped).
+fn checksum_at(text: &[u8]) -> Option<usize> {
+    let key = format!("\"{CHECKSUM}\":\"");
+    let at = text.windows(key.len()).position(|w| w == key.as_bytes())? + key.len();
+    (text.len() >= at + 64).then_some(at)
+}
+
 /// A file's header: its metadata and where its data starts, after checking that the file is a
 /// regular file whose size is what the header declares.
 pub struct Header {
     pub metadata: BTreeMap<String, String>,
     data_start: u64,
+    /// The header's text, for the checksum over it.
+    text: Vec<u8>,
 }
 
 /// The header of `path`, the data it declares all there (the data itself is not read).
@@ -95,14 +111,11 @@ pub fn header(path: &Path) -> Result<Header> {
             path.display()
         )
     };
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    if !meta.is_file() {
-        bail!("{}: not a regular file", path.display());
-    }
-    let size = meta.len();
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut file = crate::files::open_regular(path)?;
+    let size = file
+        .metadata()
+        .with_context(|| format!("{}: cannot read", path.display()))?
+        .len();
     let mut len = [0u8; 8];
     file.read_exact(&mut len).with_context(corrupt)?;
     let len = u64::from_le_bytes(len);
@@ -111,7 +124,9 @@ pub fn header(path: &Path) -> Result<Header> {
     }
     let mut text = vec![0u8; len as usize];
     file.read_exact(&mut text).with_context(corrupt)?;
-    let header: serde_json::Value = serde_json::from_slice(&text).with_context(corrupt)?;
+    let header = serde_json::from_slice::<UniqueKeys>(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", corrupt()))?
+        .0;
     let entries = header.as_object().with_context(corrupt)?;
     let end = entries
         .iter()
@@ -136,33 +151,125 @@ pub fn header(path: &Path) -> Result<Header> {
     Ok(Header {
         metadata,
         data_start: 8 + len,
+        text,
     })
 }
 
-/// [`header`] after recomputing the checksum of every tensor byte: a flipped bit anywhere fails
-/// it. Files without a checksum (written elsewhere, or before checksums) pass on their size.
+/// [`header`] after recomputing the file's checksum: a flipped bit anywhere fails it. Files
+/// without one (written elsewhere) pass on their size; files of older versions, whose checksum
+/// covers the tensors only, on that.
 pub fn verify(path: &Path) -> Result<Header> {
     let header = header(path)?;
+    let damaged = |got: &str, want: &str| {
+        anyhow::anyhow!(
+            "{}: damaged (its sha256 is {}..., the file says {}...)",
+            path.display(),
+            &got[..12],
+            &want[..12.min(want.len())]
+        )
+    };
+    let mut file = crate::files::open_regular(path)?;
+    file.seek(SeekFrom::Start(header.data_start))?;
+    let unreadable = || format!("{}: cannot read", path.display());
     if let Some(want) = header.metadata.get(CHECKSUM) {
-        let mut file = std::fs::File::open(path)?;
-        file.seek(SeekFrom::Start(header.data_start))?;
-        let got = crate::files::sha256_of(file)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let mut text = header.text.clone();
+        let at = checksum_at(&text).ok_or_else(|| damaged("(no checksum field)", want))?;
+        text[at..at + 64].fill(b'0');
+        let prefix = [&(text.len() as u64).to_le_bytes()[..], &text].concat();
+        let got =
+            crate::files::sha256_of(prefix.as_slice().chain(file)).with_context(unreadable)?;
         if &got != want {
-            bail!(
-                "{}: damaged (its tensors' sha256 is {}..., the file says {}...)",
-                path.display(),
-                &got[..12],
-                &want[..12.min(want.len())]
-            );
+            return Err(damaged(&got, want));
+        }
+    } else if let Some(want) = header.metadata.get(TENSORS_CHECKSUM) {
+        let got = crate::files::sha256_of(file).with_context(unreadable)?;
+        if &got != want {
+            return Err(damaged(&got, want));
         }
     }
     Ok(header)
 }
 
+/// [`verify`] for a file that must be ours: one without the whole-file checksum (its metadata
+/// unprotected: written elsewhere, by an older version, or with the checksum removed) is refused.
+pub fn verify_ours(path: &Path) -> Result<Header> {
+    let header = verify(path)?;
+    if !header.metadata.contains_key(CHECKSUM) {
+        bail!(
+            "{}: no checksum over its header and metadata (written by another program or an older mfr), so it is not trusted",
+            path.display()
+        );
+    }
+    Ok(header)
+}
+
+/// A JSON value whose objects never name a key twice: serde_json keeps the last copy silently,
+/// safetensors readers may keep either, so a header with a repeated name is refused.
+struct UniqueKeys(serde_json::Value);
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueKeysVisitor)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> Visitor<'de> for UniqueKeysVisitor {
+    type Value = UniqueKeys;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys(v.into()))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys(v.into()))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys(v.into()))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys(v.into()))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys(v.into()))
+    }
+    fn visit_unit<E>(self) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys(serde_json::Value::Null))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueKeys, A::Error> {
+        let mut out = Vec::new();
+        while let Some(UniqueKeys(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(UniqueKeys(out.into()))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let UniqueKeys(value) = map.next_value()?;
+            if out.insert(key.clone(), value).is_some() {
+                return Err(A::Error::custom(format!("the name `{key}` appears twice")));
+            }
+        }
+        Ok(UniqueKeys(out.into()))
+    }
+}
+
 /// Every tensor of `path`, after [`verify`], each float tensor checked finite.
 pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
     verify(path)?;
+    read_verified(path)
+}
+
+/// [`read`] for a file that must be ours ([`verify_ours`]).
+pub fn read_ours(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    verify_ours(path)?;
+    read_verified(path)
+}
+
+fn read_verified(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let list = Tensor::read_safetensors(path)
         .with_context(|| format!("{}: not a readable safetensors file", path.display()))?;
     for (name, t) in &list {

@@ -3,7 +3,7 @@
 //! check in bf16.
 use meanflow_repro::bench;
 use meanflow_repro::meanflow::JvpMethod;
-use meanflow_repro::sample::DecodePrecision;
+use meanflow_repro::model::vae::DecodePrecision;
 use meanflow_repro::spec::Precision;
 use tch::Device;
 

@@ -193,6 +193,29 @@ fn spec_values_that_would_change_results_are_refused_by_key() {
             "[sample]\nnum_samples = 0",
             "sample.num_samples",
         ),
+        // Fewer samples than precision and recall's neighbours: refused before training, not
+        // a panic in the evaluate stage.
+        (
+            "samples-3",
+            "[sample]\nnum_samples = 3",
+            "sample.num_samples",
+        ),
+        // (l + eps)^p overflows: the weighted loss would be 0 and nothing would train.
+        (
+            "norm-p-huge",
+            "[meanflow]\nnorm_p = 1e308",
+            "meanflow.norm_p",
+        ),
+        (
+            "classes-float",
+            "[model]\nnum_classes = 2e24",
+            "model.num_classes",
+        ),
+        (
+            "classes-huge",
+            "[model]\nnum_classes = 9223372036854775807",
+            "model.num_classes",
+        ),
     ];
     for (name, edit, key) in cases {
         // Re-opening a section is a TOML error: put the edit's key into the base's section,
@@ -476,4 +499,241 @@ fn a_png_folder_of_mixed_sizes_is_named_without_a_stack() {
     npz(&reference, &[("arr_0", u8_images(&[6, 16, 16, 3]))]);
     let out = mfr(&dir, &["evaluate", "ref.npz", "pngs", "--batch", "8"]);
     refused(&out, "3.png");
+}
+
+// --- Sweeps that would abort or name folders badly -------------------------------------------
+
+#[test]
+fn a_sweep_of_too_many_points_is_refused_before_it_is_built() {
+    let dir = temp_dir("spec-sweep-size");
+    // 10^8 points: counted, not built (building them aborted on allocation).
+    let values: Vec<String> = (0..100).map(|i| format!("{}", 1.0 + i as f64)).collect();
+    let list = values.join(", ");
+    let path = spec_with(
+        &dir,
+        "huge",
+        &format!(
+            "[sweep]\n\"meanflow.omega\" = [{list}]\n\"meanflow.P_mean\" = [{list}]\n\"train.lr\" = [{list}]\n\"train.seed\" = [{}]",
+            (0..100).map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+        ),
+    );
+    refused(
+        &mfr(&dir, &["resolve", path.to_str().unwrap()]),
+        "10000 runs",
+    );
+}
+
+#[test]
+fn a_sweep_value_with_a_control_character_names_no_folder() {
+    let dir = temp_dir("spec-sweep-newline");
+    let path = spec_with(&dir, "nl", "[sweep]\n\"sample.vae\" = [\"a\\nb\", \"c\"]");
+    refused(
+        &mfr(&dir, &["run", path.to_str().unwrap(), "--dry-run"]),
+        "control character",
+    );
+    assert!(!dir.join("results").exists());
+}
+
+// --- Numbers from the environment ---------------------------------------------------------------
+
+#[test]
+fn durations_from_the_environment_are_range_checked() {
+    let dir = temp_dir("env-ranges");
+    let path = spec_with(&dir, "env", "");
+    for (key, value) in [
+        ("MFR_DIST_TIMEOUT", "inf"),
+        ("MFR_DIST_TIMEOUT", "1e30"),
+        ("MFR_DIST_TIMEOUT", "-5"),
+        ("MFR_LOG_INTERVAL", "1e30"),
+        ("MFR_LOG_INTERVAL", "nan"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mfr"))
+            .args(["resolve", path.to_str().unwrap()])
+            .env(key, value)
+            .output()
+            .unwrap();
+        let stderr = refused(&out, key);
+        assert!(stderr.contains("seconds in ["), "{stderr}");
+    }
+    let out = mfr(
+        &dir,
+        &[
+            "launch",
+            "--nproc",
+            "1",
+            "--timeout",
+            "1e30",
+            path.to_str().unwrap(),
+        ],
+    );
+    refused(&out, "--timeout");
+}
+
+// --- What mfr writes: never through a link, never over a device -------------------------------
+
+/// `mfr bench train` on the smallest network, one step: the cheapest command with --json.
+fn bench_json(dir: &Path, json: &Path) -> Output {
+    mfr(
+        dir,
+        &[
+            "bench",
+            "train",
+            "--model",
+            "micro/2",
+            "--batch",
+            "2",
+            "--precision",
+            "f32",
+            "--device",
+            "cpu",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    )
+}
+
+fn is_fifo(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_fifo())
+}
+
+#[test]
+fn a_json_output_is_written_through_links_and_devices_never_replacing_them() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = temp_dir("json-targets");
+    // A symlink the user pointed at their own file: the file gets the JSON, the link stays.
+    let mine = dir.join("mine.json");
+    std::fs::write(&mine, "old").unwrap();
+    let link = dir.join("link.json");
+    std::os::unix::fs::symlink(&mine, &link).unwrap();
+    let out = bench_json(&dir, &link);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::read_to_string(&mine)
+        .unwrap()
+        .contains("ms_per_step"));
+
+    // A FIFO with a reader: the JSON goes down the pipe, the FIFO stays a FIFO.
+    let fifo = dir.join("out.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
+    };
+    // The reader must have opened the FIFO before mfr writes (mfr refuses a FIFO nobody reads).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = bench_json(&dir, &fifo);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(reader.join().unwrap().contains("ms_per_step"));
+    assert!(is_fifo(&fifo), "the FIFO was replaced");
+
+    // A FIFO nobody reads: one sentence at once, not a hang.
+    let lonely = dir.join("lonely.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&lonely)
+        .status()
+        .unwrap()
+        .success());
+    refused(&bench_json(&dir, &lonely), "no reader");
+    assert!(is_fifo(&lonely));
+
+    // A character device (a twin of /dev/null, where mknod is allowed): written into, not
+    // replaced by a regular file.
+    let twin = dir.join("null");
+    let made = Command::new("mknod")
+        .args([twin.to_str().unwrap(), "c", "1", "3"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if made {
+        let out = bench_json(&dir, &twin);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let kind = std::fs::symlink_metadata(&twin).unwrap().file_type();
+        assert!(
+            kind.is_char_device(),
+            "the device was replaced by a {kind:?}"
+        );
+    }
+    // A directory is refused by name.
+    refused(&bench_json(&dir, &dir), "directory");
+}
+
+#[test]
+fn a_symlinked_lock_or_log_in_a_run_is_not_written_through() {
+    let dir = temp_dir("run-links");
+    let spec = common::micro_spec(&dir, "links", "epochs = 1\n");
+    let run = dir.join("results/links/default");
+    std::fs::create_dir_all(&run).unwrap();
+    let victim = dir.join("victim.txt");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::os::unix::fs::symlink(&victim, run.join("lock")).unwrap();
+    refused(
+        &mfr(&dir, &["train", spec.to_str().unwrap()]),
+        "symbolic link",
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+
+    // The same for the append-only log once the lock is a file again.
+    std::fs::remove_file(run.join("lock")).unwrap();
+    std::os::unix::fs::symlink(&victim, run.join("stats.jsonl")).unwrap();
+    refused(
+        &mfr(&dir, &["train", spec.to_str().unwrap()]),
+        "symbolic link",
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+}
+
+#[test]
+fn an_overflowing_distance_names_the_reference_and_a_zero_batch_the_batch() {
+    let dir = temp_dir("evaluate-overflow");
+    let samples = dir.join("samples.npz");
+    npz(&samples, &[("arr_0", u8_images(&[6, 16, 16, 3]))]);
+    // Finite statistics whose distance to anything overflows: |mu|^2 = 2048e400.
+    let d = 2048usize;
+    let reference = dir.join("huge-mu.npz");
+    npz(
+        &reference,
+        &[
+            ("mu", f64_array(&[d], |_| 1e200)),
+            (
+                "sigma",
+                f64_array(&[d, d], |i| f64::from(u8::from(i % (d + 1) == 0))),
+            ),
+        ],
+    );
+    let stderr = refused(
+        &mfr(&dir, &["evaluate", "huge-mu.npz", "samples.npz"]),
+        "not finite",
+    );
+    assert!(stderr.contains("huge-mu.npz"), "{stderr}");
+    let stderr = refused(
+        &mfr(
+            &dir,
+            &["evaluate", "samples.npz", "samples.npz", "--batch", "0"],
+        ),
+        "batch",
+    );
+    assert!(!stderr.contains("no images"), "{stderr}");
 }

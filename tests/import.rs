@@ -31,7 +31,7 @@ use meanflow_repro::import::{self, detect, FileKind};
 use meanflow_repro::pipeline::evaluate_files;
 use meanflow_repro::rundir::checkpoint;
 use meanflow_repro::spec::Spec;
-use meanflow_repro::train::{optim::AdamW, run, trainable, Networks};
+use meanflow_repro::train::{optim::AdamW, run, trainable, Networks, TrainConfig};
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Tensor};
@@ -254,7 +254,7 @@ fn a_training_checkpoint_imports_and_restores_through_the_trainer() {
 
     // The trainer's own resume path loads it, every name and shape checked.
     let spec = micro_spec();
-    let nets = Networks::on(&spec.train_config(), Device::Cpu, true).unwrap();
+    let nets = Networks::on(&TrainConfig::of(&spec), Device::Cpu, true).unwrap();
     let ema_vs = &nets.ema.as_ref().unwrap().0;
     let mut opt = AdamW::new(trainable(&nets.vs), 1e-4, [0.9, 0.95], 0.0);
     run::restore(&out, &state, &nets.vs, Some(ema_vs), &mut opt).unwrap();
@@ -265,9 +265,10 @@ fn a_training_checkpoint_imports_and_restores_through_the_trainer() {
         assert_same(&name, &v, &want[&format!("ema.{name}")]);
     }
     assert_eq!(opt.step(), 2);
-    for (name, _, m, v) in &opt.params {
-        assert_same(name, m, &want[&format!("exp_avg.{name}")]);
-        assert_same(name, v, &want[&format!("exp_avg_sq.{name}")]);
+    for p in &opt.params {
+        let name = &p.name;
+        assert_same(name, &p.exp_avg, &want[&format!("exp_avg.{name}")]);
+        assert_same(name, &p.exp_avg_sq, &want[&format!("exp_avg_sq.{name}")]);
     }
 }
 
@@ -283,8 +284,8 @@ fn an_ema_only_checkpoint_fills_the_model_and_reads_a_numpy_step() {
         assert_same(name, &got[&format!("ema.{name}")], t);
     }
     assert_eq!(checkpoint::read_state(&out).unwrap().step, 99);
-    let nets = Networks::on(&micro_spec().train_config(), Device::Cpu, false).unwrap();
-    run::load_ema(&nets.vs, &out).unwrap();
+    let nets = Networks::on(&TrainConfig::of(&micro_spec()), Device::Cpu, false).unwrap();
+    checkpoint::load_ema(&nets.vs, &out).unwrap();
 }
 
 #[test]

@@ -104,7 +104,7 @@ fn precision_and_recall_match_brute_force() {
         f["real"].to_kind(tch::Kind::Double),
         f["fake"].to_kind(tch::Kind::Double),
     );
-    let (precision, recall) = precision_recall(&real, &fake, 3);
+    let (precision, recall) = precision_recall(&real, &fake, 3).unwrap();
     assert_eq!(precision, scalar(&f["precision"], 0));
     assert_eq!(recall, scalar(&f["recall"], 0));
     assert!(precision > 0.0 && precision < 1.0 && recall > 0.0 && recall < 1.0);

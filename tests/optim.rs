@@ -1,5 +1,5 @@
 //! The fused AdamW step and gradient clip against torch.optim.AdamW's update written out.
-use meanflow_repro::train::optim::{clip_grad_norm, AdamW};
+use meanflow_repro::train::optim::{clip_grad_norm, AdamW, Param};
 use tch::{Kind, Tensor};
 
 fn param(values: &[f64]) -> Tensor {
@@ -57,7 +57,7 @@ fn fused_adamw_matches_the_update_written_out() {
         }
     }
     assert_eq!(opt.step(), 3);
-    let moments = Vec::<f64>::try_from(&opt.params[0].2).unwrap();
+    let moments = Vec::<f64>::try_from(&opt.params[0].exp_avg).unwrap();
     assert!((moments[2] - rm[2]).abs() < 1e-15);
 }
 
@@ -83,13 +83,11 @@ fn clipping_scales_to_the_max_norm_and_reports_the_norm_before() {
     let (a, b) = (param(&[3.0, 0.0]), param(&[0.0, 4.0]));
     set_grad(&a, &[3.0, 0.0]);
     set_grad(&b, &[0.0, 4.0]);
-    let named = |t: &Tensor| {
-        (
-            "x".to_owned(),
-            t.shallow_clone(),
-            t.zeros_like(),
-            t.zeros_like(),
-        )
+    let named = |t: &Tensor| Param {
+        name: "x".to_owned(),
+        value: t.shallow_clone(),
+        exp_avg: t.zeros_like(),
+        exp_avg_sq: t.zeros_like(),
     };
     let params = [named(&a), named(&b)];
     let total = clip_grad_norm(&params, 1.0).unwrap();

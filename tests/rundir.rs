@@ -124,54 +124,99 @@ fn a_kill_mid_log_then_resume_logs_what_an_uninterrupted_run_logs() {
     assert_same_weights(&whole.join("faults/default"), &run, 120);
 }
 
+/// Ways a checkpoint can be damaged after it was written, each to be caught before a resume
+/// builds on it.
+enum Damage {
+    /// One bit of a weight.
+    WeightBit,
+    /// One bit of the training state's step in the header ("step":9 -> "step":8).
+    StepBit,
+    /// The checksum entry renamed away (same length, so the file stays well formed), and a bit
+    /// of a weight flipped: without the entry the flip would go through.
+    ChecksumRemoved,
+}
+
+fn damage(path: &Path, how: &Damage) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let find = |bytes: &[u8], what: &[u8]| {
+        bytes
+            .windows(what.len())
+            .position(|w| w == what)
+            .unwrap_or_else(|| panic!("{} not in the header", String::from_utf8_lossy(what)))
+    };
+    match how {
+        Damage::WeightBit => {
+            let at = bytes.len() - 100;
+            bytes[at] ^= 0x10;
+        }
+        Damage::StepBit => {
+            let at = find(&bytes, b"\\\"step\\\":9") + 9;
+            bytes[at] ^= 0x01; // '9' -> '8'
+        }
+        Damage::ChecksumRemoved => {
+            let at = find(&bytes, b"\"file_sha256\"");
+            bytes[at + 1] = b'x';
+            let last = bytes.len() - 100;
+            bytes[last] ^= 0x10;
+        }
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
 #[test]
-fn a_flipped_bit_in_the_newest_checkpoint_resumes_from_the_one_before() {
+fn a_damaged_newest_checkpoint_resumes_from_the_one_before() {
     let root = temp_dir("bitflip");
     let spec = latent_spec(&root, 4, "");
     let spec = spec.to_str().unwrap();
-    let (whole, damaged) = (root.join("whole"), root.join("damaged"));
+    let whole = root.join("whole");
     ok(mfr(&["train", spec], &whole).output().unwrap());
     let src = whole.join("faults/default");
 
-    // An interrupted run holding steps 6 and 9, the newest with one bit flipped in a weight.
-    let run = damaged.join("faults/default");
-    std::fs::create_dir_all(run.join("checkpoints")).unwrap();
-    for f in ["spec.toml", "spec.sha256", "env.json"] {
-        std::fs::copy(src.join(f), run.join(f)).unwrap();
-    }
-    for step in [6, 9] {
-        let name = checkpoint::file_name(step);
-        std::fs::copy(
-            src.join("checkpoints").join(&name),
-            run.join("checkpoints").join(&name),
-        )
-        .unwrap();
-    }
-    let newest = run.join("checkpoints").join(checkpoint::file_name(9));
-    let mut bytes = std::fs::read(&newest).unwrap();
-    let at = bytes.len() - 100;
-    bytes[at] ^= 0x10;
-    std::fs::write(&newest, bytes).unwrap();
-    // Neither a folder nor a FIFO named like a checkpoint is one (nor hangs or aborts anything).
-    std::fs::create_dir(run.join("checkpoints").join(checkpoint::file_name(7))).unwrap();
-    let fifo = run.join("checkpoints").join(checkpoint::file_name(8));
-    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
-    assert!(made.success());
+    for (i, how) in [Damage::WeightBit, Damage::StepBit, Damage::ChecksumRemoved]
+        .iter()
+        .enumerate()
+    {
+        // An interrupted run holding steps 6 and 9, the newest damaged.
+        let damaged = root.join(format!("damaged{i}"));
+        let run = damaged.join("faults/default");
+        std::fs::create_dir_all(run.join("checkpoints")).unwrap();
+        for f in ["spec.toml", "spec.sha256", "env.json"] {
+            std::fs::copy(src.join(f), run.join(f)).unwrap();
+        }
+        for step in [6, 9] {
+            let name = checkpoint::file_name(step);
+            std::fs::copy(
+                src.join("checkpoints").join(&name),
+                run.join("checkpoints").join(&name),
+            )
+            .unwrap();
+        }
+        damage(&run.join("checkpoints").join(checkpoint::file_name(9)), how);
+        // Neither a folder nor a FIFO named like a checkpoint is one (nor hangs or aborts anything).
+        std::fs::create_dir(run.join("checkpoints").join(checkpoint::file_name(7))).unwrap();
+        let fifo = run.join("checkpoints").join(checkpoint::file_name(8));
+        let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
 
-    let stderr = ok(mfr(&["train", spec, "--resume"], &damaged)
-        .output()
-        .unwrap());
-    assert!(
-        stderr.contains("step-00000009.safetensors: damaged") && stderr.contains("falling back"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("resuming from") && stderr.contains("step-00000006.safetensors"),
-        "{stderr}"
-    );
-    assert_same_weights(&src, &run, 12);
-    // The resumed run wrote step 9 anew, whole.
-    assert_same_weights(&src, &run, 9);
+        let stderr = ok(mfr(&["train", spec, "--resume"], &damaged)
+            .output()
+            .unwrap());
+        let named = match how {
+            Damage::ChecksumRemoved => "step-00000009.safetensors: no checksum",
+            _ => "step-00000009.safetensors: damaged",
+        };
+        assert!(
+            stderr.contains(named) && stderr.contains("falling back"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("resuming from") && stderr.contains("step-00000006.safetensors"),
+            "{stderr}"
+        );
+        assert_same_weights(&src, &run, 12);
+        // The resumed run wrote step 9 anew, whole.
+        assert_same_weights(&src, &run, 9);
+    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 mod common;
 use common::{serial, temp_dir};
 use meanflow_repro::eval::npz::Npz;
-use meanflow_repro::sample::{Decoder, Sampler};
+use meanflow_repro::pipeline::sample::{Decoder, SampleConfig, Sampler};
 use meanflow_repro::spec::Spec;
 
 use std::path::PathBuf;
@@ -59,7 +59,7 @@ fn a_batch_regenerated_alone_equals_its_slice_and_a_resumed_call_the_whole() {
     let _turn = serial();
     let spec = spec();
     let (_vs, net) = network(&spec);
-    let cfg = spec.sample_config();
+    let cfg = SampleConfig::of(&spec);
     let sampler = Sampler {
         cfg: &cfg,
         net: &net,
@@ -103,7 +103,7 @@ fn numpy_reads_the_images_and_the_balanced_labels() {
     let _turn = serial();
     let spec = spec();
     let (_vs, net) = network(&spec);
-    let cfg = spec.sample_config();
+    let cfg = SampleConfig::of(&spec);
     let sampler = Sampler {
         cfg: &cfg,
         net: &net,
@@ -139,7 +139,7 @@ fn a_damaged_part_is_drawn_again_and_never_assembled() {
     let _turn = serial();
     let spec = spec();
     let (_vs, net) = network(&spec);
-    let cfg = spec.sample_config();
+    let cfg = SampleConfig::of(&spec);
     let sampler = Sampler {
         cfg: &cfg,
         net: &net,

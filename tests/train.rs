@@ -8,7 +8,7 @@ use meanflow_repro::data::{self, latents::Latents, npy, Dataset};
 use meanflow_repro::pipeline::{self, Options, Stage};
 use meanflow_repro::rundir::{checkpoint, Contention, RunDir};
 use meanflow_repro::spec::Spec;
-use meanflow_repro::train::{ema, run};
+use meanflow_repro::train::{ema, run, TrainConfig};
 use std::path::Path;
 use tch::{nn, Device, Tensor};
 
@@ -42,7 +42,7 @@ keep_checkpoints = 5
 /// Trains `spec` in the run directory `dir`.
 fn train(spec: &Spec, dir: &Path) -> anyhow::Result<run::Trained> {
     let ds = data::open(&spec.train.data)?;
-    run::train(&spec.train_config(), ds, &RunDir::new(dir))
+    run::train(&TrainConfig::of(spec), ds, &RunDir::new(dir))
 }
 
 fn weights(path: &Path, prefix: &str) -> Vec<(String, Tensor)> {

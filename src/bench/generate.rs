@@ -6,9 +6,9 @@ use super::{
 use crate::device;
 use crate::eval::metrics::{frechet_distance, Stats};
 use crate::model::inception::Inception;
+use crate::model::vae::{decode_latents, DecodePrecision};
 use crate::model::vae::{AutoencoderKl, VaeConfig};
 use crate::model::SiT;
-use crate::sample::{decode_latents, DecodePrecision};
 use crate::spec::Precision;
 use crate::train;
 use anyhow::{bail, Result};
@@ -126,6 +126,7 @@ pub fn sample(
     batches: usize,
     decode: Option<DecodePrecision>,
 ) -> Result<ThroughputResult> {
+    super::check_sizes(batch, batches)?;
     let (_vs, net, e, labels) = sampling_network(model, batch, precision, dev)?;
     let vae = decode.map(|_| vae_for(model, dev)).transpose()?;
     let seconds = time_batches(dev, warmup, batches, || {
@@ -178,9 +179,10 @@ pub fn fid(
     decode: DecodePrecision,
     dev: Device,
 ) -> Result<FidBenchResult> {
-    if num < 4 {
-        bail!("--num {num}: the two halves need at least 2 samples each");
+    if !(4..=10_000_000).contains(&num) {
+        bail!("--num {num}: expected an integer in [4, 10000000] (the two halves need at least 2 samples each)");
     }
+    super::check_sizes(batch, 1)?;
     let (_vs, net, e, labels) = sampling_network(model, batch, precision, dev)?;
     let (_vae_vs, vae) = vae_for(model, dev)?;
     let inception_vs = nn::VarStore::new(dev);
@@ -259,6 +261,7 @@ pub fn evaluate(
     warmup: usize,
     batches: usize,
 ) -> Result<ThroughputResult> {
+    super::check_sizes(batch, batches)?;
     let vs = nn::VarStore::new(dev);
     let net = Inception::new(&vs.root());
     randomise_inception(&vs);

@@ -73,6 +73,22 @@ pub(crate) fn peak_memory_of(dev: Device) -> &'static str {
     }
 }
 
+/// The largest batch and the most timed batches a bench takes: beyond them a typo, not a
+/// measurement.
+const MAX_BATCH: i64 = 1 << 20;
+const MAX_BATCHES: usize = 1_000_000;
+
+/// A bench's batch size and number of timed batches (steps), checked before anything is built.
+pub(crate) fn check_sizes(batch: i64, batches: usize) -> Result<()> {
+    if !(1..=MAX_BATCH).contains(&batch) {
+        anyhow::bail!("--batch {batch}: expected an integer in [1, {MAX_BATCH}]");
+    }
+    if !(1..=MAX_BATCHES).contains(&batches) {
+        anyhow::bail!("{batches} timed batches: expected an integer in [1, {MAX_BATCHES}]");
+    }
+    Ok(())
+}
+
 /// Seconds per batch after the warm-up, and one more batch op by op.
 pub(crate) fn time_batches(
     device: Device,

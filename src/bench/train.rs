@@ -118,6 +118,7 @@ fn trainer<'a>(
 }
 
 pub fn train(b: &TrainBench) -> Result<TrainBenchResult> {
+    super::check_sizes(b.batch, b.steps)?;
     let config = preset(&b.model)?;
     let (vs, net) = network(b, &config)?;
     let train_defaults = TrainSection::default();

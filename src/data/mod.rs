@@ -35,6 +35,20 @@ pub fn is_pixels(data: &str) -> bool {
     data == "digits"
 }
 
+/// Pixel-space samples in [-1, 1], (N, 1 or 3, H, W), as uint8 RGB NHWC.
+pub fn pixels_to_u8(images: &Tensor) -> Tensor {
+    let rgb = if images.size()[1] == 1 {
+        images.repeat([1, 3, 1, 1])
+    } else {
+        images.shallow_clone()
+    };
+    ((rgb.to_kind(Kind::Float).clamp(-1.0, 1.0) + 1.0) * 127.5)
+        .round()
+        .to_kind(Kind::Uint8)
+        .permute([0, 2, 3, 1])
+        .contiguous()
+}
+
 /// The file the digits are read from (reports give its hash).
 pub fn digits_file() -> Result<std::path::PathBuf> {
     digits::locate()

@@ -33,11 +33,21 @@ fn describe(status: ExitStatus) -> String {
 }
 
 /// Runs `mfr ARGS...` as ranks 0..nproc of one group and waits for all of them.
+/// More processes than any machine has GPUs or cores for is a typo, not a launch.
+const MAX_NPROC: usize = 1024;
+
 pub fn launch(opts: &Options, args: &[String]) -> Result<()> {
-    if opts.nproc == 0 {
-        bail!("--nproc must be at least 1");
+    if !(1..=MAX_NPROC).contains(&opts.nproc) {
+        bail!(
+            "--nproc {}: expected an integer in [1, {MAX_NPROC}]",
+            opts.nproc
+        );
     }
-    let exe = std::env::current_exe().context("cannot find the mfr executable")?;
+    if let Some(t) = opts.timeout {
+        crate::settings::DIST_TIMEOUT
+            .parse(&t.to_string())
+            .context("--timeout")?;
+    }
     let port = match opts.port {
         Some(p) => p,
         None => free_port()?,
@@ -48,6 +58,20 @@ pub fn launch(opts: &Options, args: &[String]) -> Result<()> {
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
     }
+    let children = spawn(opts, args, port)?;
+    match supervise(children, opts)? {
+        Some((rank, status)) => bail!(
+            "rank {rank} of {} failed first ({status}): its error above is the cause",
+            opts.nproc
+        ),
+        None => Ok(()),
+    }
+}
+
+/// Starts every rank with torchrun's variables; if one cannot start, the started ones are
+/// killed.
+fn spawn(opts: &Options, args: &[String], port: u16) -> Result<Vec<(usize, Child)>> {
+    let exe = std::env::current_exe().context("cannot find the mfr executable")?;
     let mut children: Vec<(usize, Child)> = Vec::new();
     for rank in 0..opts.nproc {
         let mut cmd = Command::new(&exe);
@@ -61,7 +85,7 @@ pub fn launch(opts: &Options, args: &[String]) -> Result<()> {
             .env_remove("TORCHELASTIC_USE_AGENT_STORE")
             .env_remove("TORCHELASTIC_RESTART_COUNT");
         if let Some(t) = opts.timeout {
-            cmd.env("MFR_DIST_TIMEOUT", t.to_string());
+            cmd.env(crate::settings::DIST_TIMEOUT.key, t.to_string());
         }
         // The children take SIGINT's default disposition back (the trainer installs its own).
         // SAFETY: the pre-exec hook only calls signal(), async-signal-safe after fork.
@@ -84,9 +108,14 @@ pub fn launch(opts: &Options, args: &[String]) -> Result<()> {
             }
         }
     }
+    Ok(children)
+}
+
+/// Waits for every rank. After the first failure the others get `opts.grace` to stop on their
+/// own, then SIGTERM, then 10 s later SIGKILL. Returns the first failed rank and its status.
+fn supervise(mut children: Vec<(usize, Child)>, opts: &Options) -> Result<Option<(usize, String)>> {
     let mut first_failure: Option<(usize, String, Instant)> = None;
-    let mut terminated = false;
-    let mut killed = false;
+    let (mut terminated, mut killed) = (false, false);
     while !children.is_empty() {
         let mut i = 0;
         while i < children.len() {
@@ -127,11 +156,5 @@ pub fn launch(opts: &Options, args: &[String]) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    match first_failure {
-        Some((rank, status, _)) => bail!(
-            "rank {rank} of {} failed first ({status}): its error above is the cause",
-            opts.nproc
-        ),
-        None => Ok(()),
-    }
+    Ok(first_failure.map(|(rank, status, _)| (rank, status)))
 }

@@ -20,10 +20,6 @@ use tch::{Device, Kind, Tensor};
 /// Gradients are all-reduced this many bytes at a time (DDP's default bucket).
 pub const BUCKET_BYTES: i64 = 25 << 20;
 
-/// The process group's timeout when $MFR_DIST_TIMEOUT (seconds) does not set one: a rank that
-/// waits longer than this for the others (a rendezvous, a collective) stops with an error.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
-
 /// What a launcher told this process: torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
 /// LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT, or SLURM's SLURM_PROCID, SLURM_NTASKS,
 /// SLURM_LOCALID (MASTER_ADDR then defaults to the job's first node, MASTER_PORT to one derived
@@ -157,20 +153,9 @@ pub fn first_host(list: &str) -> String {
     first.trim().to_owned()
 }
 
-/// The process group's timeout: $MFR_DIST_TIMEOUT seconds, or [`DEFAULT_TIMEOUT`].
+/// The process group's timeout: $MFR_DIST_TIMEOUT seconds (range-checked), 1800 by default.
 pub fn timeout_from_env() -> Result<Duration> {
-    match std::env::var("MFR_DIST_TIMEOUT") {
-        Ok(v) => v
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|s| *s > 0.0)
-            .map(Duration::from_secs_f64)
-            .with_context(|| {
-                format!("MFR_DIST_TIMEOUT={v}: expected a positive number of seconds")
-            }),
-        Err(_) => Ok(DEFAULT_TIMEOUT),
-    }
+    crate::settings::DIST_TIMEOUT.get()
 }
 
 /// A c10d process group: Gloo when its device is the CPU, NCCL when it is a CUDA device.

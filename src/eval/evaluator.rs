@@ -2,14 +2,14 @@
 //! Inception port. The reference's stored statistics (mu, sigma, mu_s, sigma_s) are used when
 //! present; its images' features (needed for precision and recall, or for missing statistics)
 //! are cached by the file's sha256.
-use super::bootstrap::{fid_interval, Interval};
+use super::bootstrap::{check_resamples, fid_interval, Interval};
 use super::metrics::{inception_score, precision_recall, Reference, Stats};
 use super::npz::Npz;
 use crate::files::{hex, sha256_file};
 use crate::model::inception::{Features, Inception, POOL_FEATURES, SPATIAL_FEATURES};
 use crate::progress::Progress;
-use crate::rundir::AdmScores;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,10 +18,24 @@ use tch::{Device, Kind, Tensor};
 pub struct Options {
     pub batch: usize,
     pub device: Device,
-    /// Bootstrap resamples of FID's 95% interval (0: none).
+    /// Half-samples of FID's 95% interval (0: none; see [`super::bootstrap`]).
     pub bootstrap: usize,
     /// Where reference features and file hashes are cached ($MFR_CACHE).
     pub cache: PathBuf,
+}
+
+impl Options {
+    /// Refuses settings that could not finish, before any work starts.
+    pub fn check(&self) -> Result<()> {
+        check_resamples(self.bootstrap).map_err(|e| anyhow!("--bootstrap: {e}"))?;
+        if !(1..=MAX_BATCH).contains(&self.batch) {
+            bail!(
+                "an Inception batch of {} images: expected an integer in [1, {MAX_BATCH}]",
+                self.batch
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The Inception network that scores, and the file its weights came from (reports name it; the
@@ -265,7 +279,7 @@ const IS_SPLIT: i64 = 5000;
 
 /// Images a metric needs at least: two for a covariance, k + 1 = 4 for precision and recall
 /// (each point's third-nearest neighbour among the others).
-const MIN_IMAGES: usize = 4;
+const MIN_IMAGES: usize = super::MIN_SAMPLES as usize;
 
 /// What a reference batch holds, read and checked before any sample is featurised.
 struct ReferenceBatch {
@@ -365,23 +379,29 @@ pub fn evaluate(
     samples: &Path,
     opts: &Options,
 ) -> Result<AdmScores> {
-    let net = scorer.net;
+    opts.check()?;
+    // Read and checked before any sample is featurised; its features come after the samples'.
     let refs = read_reference(reference)?;
     let mut sample_npz = None;
     let mut source = sample_source(samples, &mut sample_npz)?;
-    if source.len() < MIN_IMAGES {
-        bail!(
-            "{}: {} images; the metrics need at least {MIN_IMAGES}",
-            samples.display(),
-            source.len()
-        );
-    }
-    if opts.device.is_cuda() {
-        // Full float32: libtorch lets cuDNN convolutions use TF32 (~1e-3 relative) by default.
-        crate::device::set_tf32(false)?;
-    }
-    let (pool, spatial, img_per_s) =
-        featurise(net, &mut source, opts.batch, opts.device, "samples")?;
+    let features = featurise_samples(scorer, &mut source, samples, opts)?;
+    let against = against_batch(scorer, reference, refs, opts)?;
+    score_features(scorer, &against, features, samples, opts)
+}
+
+/// The reference side of an evaluation, from a reference batch file (read once, scored
+/// against many samples).
+pub fn against_file(scorer: &Scorer, reference: &Path, opts: &Options) -> Result<Against> {
+    opts.check()?;
+    against_batch(scorer, reference, read_reference(reference)?, opts)
+}
+
+fn against_batch(
+    scorer: &Scorer,
+    reference: &Path,
+    refs: ReferenceBatch,
+    opts: &Options,
+) -> Result<Against> {
     let features = match refs.images {
         Some(_) => Some(reference_features(scorer, reference, opts)?),
         None => None,
@@ -394,23 +414,127 @@ pub fn evaluate(
         };
         Reference::new(&stats).map(Some)
     };
-    let against = Against {
-        pool: ref_stats(refs.pool, features.as_ref().map(|f| &f.0))?
+    let named = |e: anyhow::Error| e.context(format!("the reference {}", reference.display()));
+    Ok(Against {
+        pool: ref_stats(refs.pool, features.as_ref().map(|f| &f.0))
+            .map_err(named)?
             .expect("a reference has images or statistics"),
-        spatial: ref_stats(refs.spatial, features.as_ref().map(|f| &f.1))?,
-        pool_features: features.as_ref().map(|f| &f.0),
-    };
-    let s = score(net, &against, &pool, &spatial, opts.bootstrap, opts.device)?;
+        spatial: ref_stats(refs.spatial, features.as_ref().map(|f| &f.1)).map_err(named)?,
+        pool_features: features.map(|f| f.0),
+        description: reference.display().to_string(),
+        images: refs.images.unwrap_or(0),
+    })
+}
+
+/// The reference side of an evaluation from images in memory (uint8 NHWC; pixel-space data,
+/// whose reference is the training images), their features cached under `key`.
+pub fn against_images(
+    scorer: &Scorer,
+    images: &Tensor,
+    key: &str,
+    description: String,
+    opts: &Options,
+) -> Result<Against> {
+    opts.check()?;
+    let n = images.size()[0] as usize;
+    if n < MIN_IMAGES {
+        bail!("{description}: {n} images; precision and recall need at least {MIN_IMAGES}");
+    }
+    let (pool, spatial) = cached_features(&opts.cache, key, || {
+        let mut source = Source::Memory {
+            images: images.shallow_clone(),
+            next: 0,
+        };
+        let (pool, spatial, _) = featurise(
+            scorer.net,
+            &mut source,
+            opts.batch,
+            opts.device,
+            &description,
+        )?;
+        Ok((pool, spatial))
+    })?;
+    Ok(Against {
+        pool: Reference::new(&Stats::of(&pool)?)?,
+        spatial: Some(Reference::new(&Stats::of(&spatial)?)?),
+        pool_features: Some(pool),
+        description,
+        images: n,
+    })
+}
+
+/// ADM's five metrics of `samples` (an .npz or a folder of PNGs) against a reference side.
+pub fn score_samples(
+    scorer: &Scorer,
+    against: &Against,
+    samples: &Path,
+    opts: &Options,
+) -> Result<AdmScores> {
+    opts.check()?;
+    let mut sample_npz = None;
+    let mut source = sample_source(samples, &mut sample_npz)?;
+    let features = featurise_samples(scorer, &mut source, samples, opts)?;
+    score_features(scorer, against, features, samples, opts)
+}
+
+/// The largest Inception batch asked for (a 299 x 299 batch of this size is ~5 GB of input).
+const MAX_BATCH: usize = 4096;
+
+/// A sample's features: (pool, spatial, Inception images per second).
+type SampleFeatures = (Tensor, Tensor, f64);
+
+fn featurise_samples(
+    scorer: &Scorer,
+    source: &mut Source,
+    samples: &Path,
+    opts: &Options,
+) -> Result<SampleFeatures> {
+    if source.len() < MIN_IMAGES {
+        bail!(
+            "{}: {} images; the metrics need at least {MIN_IMAGES}",
+            samples.display(),
+            source.len()
+        );
+    }
+    if opts.device.is_cuda() {
+        // Full float32: libtorch lets cuDNN convolutions use TF32 (~1e-3 relative) by default.
+        crate::device::set_tf32(false)?;
+    }
+    featurise(scorer.net, source, opts.batch, opts.device, "samples")
+}
+
+fn score_features(
+    scorer: &Scorer,
+    against: &Against,
+    (pool, spatial, img_per_s): SampleFeatures,
+    samples: &Path,
+    opts: &Options,
+) -> Result<AdmScores> {
+    let s = score(
+        scorer.net,
+        against,
+        &pool,
+        &spatial,
+        opts.bootstrap,
+        opts.device,
+    )
+    .with_context(|| {
+        format!(
+            "scoring {} against the reference {}",
+            samples.display(),
+            against.description
+        )
+    })?;
     Ok(AdmScores {
         inception_score: s.inception_score,
         fid: s.fid,
         sfid: s.sfid,
         precision: s.precision,
         recall: s.recall,
-        reference: reference.display().to_string(),
+        reference: against.description.clone(),
         samples: samples.display().to_string(),
         num_samples: pool.size()[0] as usize,
-        num_reference: refs.images.unwrap_or(0),
+        num_reference: against.images,
         inception_weights: scorer.weights.display().to_string(),
         device: crate::device::describe(opts.device),
         img_per_s,
@@ -418,12 +542,61 @@ pub fn evaluate(
     })
 }
 
+/// The ADM evaluator's five numbers for one sample batch, and what they were computed from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdmScores {
+    /// None: the Inception weights have no softmax layer (the bundled TorchScript network).
+    pub inception_score: Option<f64>,
+    pub fid: f64,
+    /// None: a reference of statistics without the spatial ones.
+    pub sfid: Option<f64>,
+    /// None (with recall): a reference of statistics alone, without images.
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+    pub reference: String,
+    pub samples: String,
+    pub num_samples: usize,
+    pub num_reference: usize,
+    pub inception_weights: String,
+    pub device: String,
+    /// Inception throughput on the samples.
+    pub img_per_s: f64,
+    /// FID's bootstrap interval, when one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fid_interval: Option<super::bootstrap::Interval>,
+}
+
+impl AdmScores {
+    /// The lines the ADM evaluator prints.
+    pub fn adm_lines(&self) -> String {
+        let is = self.inception_score.map_or_else(|| "unavailable (these Inception weights have no softmax layer: `mfr fetch pt_inception`, or pass --inception pt_inception-2015-12-05-6726825d.pth)".to_owned(), |v| v.to_string());
+        let or = |v: Option<f64>, why: &str| {
+            v.map_or_else(|| format!("unavailable ({why})"), |v| v.to_string())
+        };
+        let stats_only = "the reference holds statistics, not images";
+        format!(
+            "Inception Score: {is}\nFID: {}\nsFID: {}\nPrecision: {}\nRecall: {}",
+            self.fid,
+            or(
+                self.sfid,
+                "the reference has no spatial statistics (mu_s, sigma_s)"
+            ),
+            or(self.precision, stats_only),
+            or(self.recall, stats_only)
+        )
+    }
+}
+
 /// The reference side of the metrics: its statistics, and its pool features where it has
 /// images (precision and recall need them).
-pub struct Against<'a> {
+pub struct Against {
     pub pool: Reference,
     pub spatial: Option<Reference>,
-    pub pool_features: Option<&'a Tensor>,
+    pub pool_features: Option<Tensor>,
+    /// The reference as the scores name it (a file, or what the images are).
+    pub description: String,
+    /// Its number of images (0: statistics alone).
+    pub images: usize,
 }
 
 /// What can be computed of ADM's metrics for one sample's features.
@@ -437,7 +610,7 @@ pub struct Scores {
 }
 
 /// ADM's metrics of a sample's `pool` and `spatial` features against a reference, with FID's
-/// 95% bootstrap interval from `bootstrap` resamples (0: none).
+/// 95% interval from `bootstrap` half-samples (0: none).
 pub fn score(
     net: &Inception,
     against: &Against,
@@ -449,19 +622,19 @@ pub fn score(
     let fid = against.pool.fid(pool)?;
     let fid_interval = match bootstrap {
         0 => None,
-        n => Some(fid_interval(&against.pool, pool, n, 0, 0.95, device)?),
+        n => Some(fid_interval(&against.pool, pool, fid, n, 0, device)?),
     };
     let sfid = match &against.spatial {
         Some(s) => Some(s.fid(spatial)?),
         None => None,
     };
-    let (precision, recall) = match against.pool_features {
+    let (precision, recall) = match &against.pool_features {
         Some(reference) => {
             let (p, r) = precision_recall(
                 &reference.to_kind(Kind::Float),
                 &pool.to_kind(Kind::Float),
-                3,
-            );
+                super::NEIGHBOURS,
+            )?;
             (Some(p), Some(r))
         }
         None => (None, None),

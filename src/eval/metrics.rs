@@ -251,13 +251,26 @@ fn coverage(queries: &Tensor, centres: &Tensor, radii: &Tensor) -> f64 {
     inside as f64 / n as f64
 }
 
+/// The neighbours of ADM's precision and recall (its ManifoldEstimator's k).
+pub const NEIGHBOURS: i64 = 3;
+
+/// The fewest samples every metric can be computed on: each point needs its k-th neighbour
+/// besides itself for precision and recall (FID needs 2).
+pub const MIN_SAMPLES: i64 = NEIGHBOURS + 1;
+
 /// Improved precision and recall (Kynkaanniemi et al.) with k nearest neighbours, as ADM's
 /// ManifoldEstimator: precision = share of samples inside the reference manifold, recall = share
 /// of references inside the sample manifold. Computed in the features' dtype.
-pub fn precision_recall(reference: &Tensor, samples: &Tensor, k: i64) -> (f64, f64) {
+pub fn precision_recall(reference: &Tensor, samples: &Tensor, k: i64) -> Result<(f64, f64)> {
+    for (what, set) in [("reference", reference), ("sample", samples)] {
+        let n = set.size()[0];
+        if n < k + 1 {
+            bail!("precision and recall with k = {k} need at least {} images in each set; the {what} set has {n}", k + 1);
+        }
+    }
     let (r_radii, s_radii) = (radii(reference, k), radii(samples, k));
-    (
+    Ok((
         coverage(samples, reference, &r_radii),
         coverage(reference, samples, &s_radii),
-    )
+    ))
 }

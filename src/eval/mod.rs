@@ -6,4 +6,8 @@ pub mod evaluator;
 pub mod metrics;
 pub mod npz;
 
-pub use metrics::{frechet_distance, inception_score, precision_recall, Reference, Stats};
+pub use evaluator::AdmScores;
+
+pub use metrics::{
+    frechet_distance, inception_score, precision_recall, Reference, Stats, MIN_SAMPLES, NEIGHBOURS,
+};

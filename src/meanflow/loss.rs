@@ -45,7 +45,7 @@ pub struct Tangent {
 
 /// How du/dt is computed. Both give the same numbers (to rounding); `Manual` records no
 /// autograd graph for the tangent and lets attention's primal use the fused kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JvpMethod {
     /// Hand-written tangent rules carried beside the primal ([`crate::model::Dual`]).

@@ -21,7 +21,7 @@
 //! `encode` and `decode` run under `no_grad`: the VAE is never trained here.
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 /// Latents the diffusion model sees are the VAE's latents times this (SD's `scaling_factor`).
 pub const SCALING_FACTOR: f64 = 0.18215;
@@ -446,4 +446,39 @@ pub fn to_uint8_nhwc(images: &Tensor) -> Tensor {
         .to_kind(Kind::Uint8)
         .permute([0, 2, 3, 1])
         .contiguous()
+}
+
+/// How the SD-VAE decodes on CUDA (on a CPU it is always float32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecodePrecision {
+    /// float32 throughout.
+    F32,
+    /// float32 with TF32 matrix products and convolutions: how both references decode (the
+    /// PyTorch port's `--tf32` default and PyTorch's cuDNN default; XLA's default precision),
+    /// and so how the sample stage decodes.
+    Tf32,
+    /// bf16 autocast.
+    Bf16,
+}
+
+/// SD-VAE latents (times 0.18215) as uint8 NHWC images.
+pub fn decode_latents(
+    net: &AutoencoderKl,
+    x: &Tensor,
+    precision: DecodePrecision,
+) -> anyhow::Result<Tensor> {
+    let decode = || {
+        let images =
+            crate::device::autocast_bf16(x.device(), precision == DecodePrecision::Bf16, || {
+                Ok(tch::no_grad(|| {
+                    net.decode(&(x.to_kind(Kind::Float) / SCALING_FACTOR))
+                }))
+            })?;
+        Ok(to_uint8_nhwc(&images))
+    };
+    match x.device() {
+        Device::Cuda(_) => crate::device::with_tf32(precision == DecodePrecision::Tf32, decode),
+        _ => decode(),
+    }
 }

@@ -5,7 +5,7 @@
 mod evaluate;
 mod plan;
 mod preflight;
-pub(crate) mod sample;
+pub mod sample;
 mod summary;
 
 pub use evaluate::evaluate_files;
@@ -91,15 +91,27 @@ pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
 }
 
 /// The training data of a run: opened once per data directory and shared by a sweep's points
-/// (opening lists every file).
+/// (opening lists every file), a failure to open it as well.
 #[derive(Default)]
-struct DataCache(BTreeMap<String, Result<Arc<dyn Dataset>, String>>);
+struct DataCache(BTreeMap<String, Result<Arc<dyn Dataset>, Unreadable>>);
+
+/// Why a run's data cannot be read, shared by every run that names it.
+#[derive(Debug, Clone)]
+pub struct Unreadable(Arc<anyhow::Error>);
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Unreadable {}
 
 impl DataCache {
-    fn get(&mut self, name: &str) -> Result<Arc<dyn Dataset>, String> {
+    fn get(&mut self, name: &str) -> Result<Arc<dyn Dataset>, Unreadable> {
         self.0
             .entry(name.to_owned())
-            .or_insert_with(|| data::open(name).map_err(|e| format!("{e:#}")))
+            .or_insert_with(|| data::open(name).map_err(|e| Unreadable(Arc::new(e))))
             .clone()
     }
 }
@@ -194,7 +206,7 @@ fn run_in(spec: &Spec, spec_path: &Path, opts: &Options, world: &World) -> Resul
                 run.dir.path().display()
             );
         }
-        let ds = ds.transpose().map_err(anyhow::Error::msg)?;
+        let ds = ds.transpose()?;
         for stage in Stage::ALL.into_iter().filter(|s| todo & s.bit() != 0) {
             crate::signals::check(|| format!("before the {} stage of {name}", stage.name()))?;
             run_stage(stage, &run, ds.as_ref(), world)?;
@@ -213,8 +225,12 @@ fn run_stage(stage: Stage, run: &Run, ds: Option<&Arc<dyn Dataset>>, world: &Wor
     match stage {
         Stage::Train => {
             let ds = ds.context("training needs the data")?.clone();
-            let trained =
-                crate::train::run::train_in(&run.spec.train_config(), ds, &run.dir, world)?;
+            let trained = crate::train::run::train_in(
+                &crate::train::TrainConfig::of(run.spec),
+                ds,
+                &run.dir,
+                world,
+            )?;
             if main {
                 println!("  trained: {}", trained.checkpoint.display());
             }
@@ -248,7 +264,7 @@ fn plan_and_prepare(
     index: usize,
     world_size: usize,
     run: &Run,
-    total: &Result<u64, String>,
+    total: &Result<u64, Unreadable>,
     opts: &Options,
     blocked: &mut Vec<String>,
 ) -> Result<(i64, Option<RunLock>)> {
@@ -269,7 +285,7 @@ fn plan_and_prepare(
     if opts.dry_run {
         return Ok((0, None));
     }
-    total.clone().map_err(anyhow::Error::msg)?;
+    total.clone()?;
     let command = match opts.only {
         None => "mfr run".to_owned(),
         Some(stage) => format!("mfr {}", stage.name()),
@@ -289,29 +305,29 @@ fn plan_and_prepare(
     let wanted = opts
         .only
         .and_then(|only| stages.iter().position(|(s, _)| *s == only));
+    // Stages run in order up to the first that cannot; every stage that cannot run is named
+    // with what it lacks, so one look shows everything to provide.
     let mut todo = 0i64;
+    let mut stopped = false;
     for (i, (stage, status)) in stages.iter().enumerate() {
-        if let Some(w) = wanted {
-            if i > w {
-                break;
-            }
-            if i < w && !matches!(status, Status::Done(_)) {
-                let what = format!("{}: the {} stage must run first", run.name, stage.name());
-                blocked.push(what);
-                break;
-            }
+        if wanted.is_some_and(|w| i > w) {
+            break;
         }
+        let name = stage.name();
         match status {
-            Status::Todo(_) => todo |= stage.bit(),
             Status::Waiting(why) => {
-                blocked.push(format!(
-                    "{}: the {} stage cannot run: {why}",
-                    run.name,
-                    stage.name()
-                ));
-                break;
+                blocked.push(format!("{}: the {name} stage cannot run: {why}", run.name));
+                stopped = true;
             }
-            Status::Done(_) => {}
+            Status::Todo(_) if wanted.is_some_and(|w| i < w) => {
+                blocked.push(format!(
+                    "{}: the {name} stage must run first (`mfr {name} SPEC`)",
+                    run.name
+                ));
+                stopped = true;
+            }
+            Status::Todo(_) if !stopped => todo |= stage.bit(),
+            _ => {}
         }
     }
     Ok((todo, Some(lock)))

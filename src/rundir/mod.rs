@@ -22,7 +22,7 @@ mod stats;
 mod tensorboard;
 
 pub use crate::files::{Contention, Lock as RunLock};
-pub use records::{AdmScores, Env, ExperimentIndex, HistoryPoint, Metrics, SampleInputs, StatLine};
+pub use records::{Env, ExperimentIndex, HistoryPoint, Metrics, SampleInputs, StatLine};
 pub use stats::{read_stats, StatsLog};
 pub use tensorboard::Events;
 

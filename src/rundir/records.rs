@@ -108,51 +108,6 @@ pub struct SampleInputs {
     pub labels: String,
 }
 
-/// The ADM evaluator's five numbers for one sample batch, and what they were computed from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AdmScores {
-    /// None: the Inception weights have no softmax layer (the bundled TorchScript network).
-    pub inception_score: Option<f64>,
-    pub fid: f64,
-    /// None: a reference of statistics without the spatial ones.
-    pub sfid: Option<f64>,
-    /// None (with recall): a reference of statistics alone, without images.
-    pub precision: Option<f64>,
-    pub recall: Option<f64>,
-    pub reference: String,
-    pub samples: String,
-    pub num_samples: usize,
-    pub num_reference: usize,
-    pub inception_weights: String,
-    pub device: String,
-    /// Inception throughput on the samples.
-    pub img_per_s: f64,
-    /// FID's bootstrap interval, when one was asked for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fid_interval: Option<crate::eval::bootstrap::Interval>,
-}
-
-impl AdmScores {
-    /// The lines the ADM evaluator prints.
-    pub fn adm_lines(&self) -> String {
-        let is = self.inception_score.map_or_else(|| "unavailable (these Inception weights have no softmax layer: `mfr fetch pt_inception`, or pass --inception pt_inception-2015-12-05-6726825d.pth)".to_owned(), |v| v.to_string());
-        let or = |v: Option<f64>, why: &str| {
-            v.map_or_else(|| format!("unavailable ({why})"), |v| v.to_string())
-        };
-        let stats_only = "the reference holds statistics, not images";
-        format!(
-            "Inception Score: {is}\nFID: {}\nsFID: {}\nPrecision: {}\nRecall: {}",
-            self.fid,
-            or(
-                self.sfid,
-                "the reference has no spatial statistics (mu_s, sigma_s)"
-            ),
-            or(self.precision, stats_only),
-            or(self.recall, stats_only)
-        )
-    }
-}
-
 /// One point of FID against training step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryPoint {
@@ -160,6 +115,9 @@ pub struct HistoryPoint {
     /// "1-NFE", "2-NFE", ...
     pub nfe: String,
     pub fid: f64,
+    /// Its interval, as for the final weights' (none in files from before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fid_interval: Option<crate::eval::bootstrap::Interval>,
 }
 
 /// samples/metrics.json: the evaluate stage's results.
@@ -174,7 +132,7 @@ pub struct Metrics {
     pub history: Vec<HistoryPoint>,
     /// ADM's five metrics per schedule (latent runs scored against a reference batch).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub adm: BTreeMap<String, AdmScores>,
+    pub adm: BTreeMap<String, crate::eval::AdmScores>,
     pub num_samples: i64,
     pub num_reference: usize,
     pub note: String,

@@ -68,11 +68,7 @@ impl StatsLog {
             let body: String = kept.iter().map(|l| format!("{l}\n")).collect();
             crate::files::write_atomic(path, body.as_bytes())?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("{}: cannot open", path.display()))?;
+        let file = crate::files::open_append(path)?;
         events.rewrite(&read_stats(path)?)?;
         Ok(StatsLog {
             path: path.to_owned(),

@@ -129,13 +129,11 @@ impl Events {
     }
 
     fn append(&self, bytes: &[u8]) -> Result<()> {
-        if !self.path.exists() {
+        if std::fs::symlink_metadata(&self.path).is_err() {
             self.rewrite(&[])?;
         }
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .and_then(|mut f| f.write_all(bytes))
+        crate::files::open_append(&self.path)?
+            .write_all(bytes)
             .with_context(|| format!("{}: cannot write", self.path.display()))
     }
 

@@ -145,6 +145,13 @@ impl Spec {
     }
 }
 
+/// More runs than this in one spec is a typo (a list pasted twice, a range too fine), not an
+/// experiment; the grid is counted before any point is built.
+pub const MAX_POINTS: usize = 10_000;
+
+/// A run's name is a folder of results/ (at most 255 bytes on common filesystems).
+const MAX_NAME: usize = 255;
+
 /// Every point of the grid `keys` spans around `base`, named by its values.
 fn grid(
     base: &Spec,
@@ -153,6 +160,20 @@ fn grid(
     file: &str,
 ) -> Result<Vec<(String, Spec)>, SpecError> {
     let base = toml::Value::try_from(base).expect("a resolved spec is TOML");
+    let points = keys
+        .values()
+        .try_fold(1usize, |n, values| n.checked_mul(values.len()))
+        .filter(|n| *n <= MAX_POINTS);
+    if points.is_none() {
+        let sizes: Vec<String> = keys.values().map(|v| v.len().to_string()).collect();
+        return Err(SpecError::whole(
+            file,
+            format!(
+                "`{table}` spans {} points, more than the {MAX_POINTS} runs one spec may hold: split it",
+                sizes.join(" x ")
+            ),
+        ));
+    }
     let mut grid: Vec<Vec<(&String, &toml::Value)>> = vec![Vec::new()];
     for (key, values) in keys {
         if key == "model.preset" {
@@ -194,10 +215,23 @@ fn grid(
                     toml::Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
+                if shown.chars().any(char::is_control) {
+                    return Err(SpecError::whole(
+                        file,
+                        format!("`{table}.{key}`: the value {shown:?} holds a control character, and run folders are named by their values: remove it"),
+                    ));
+                }
                 names.push(
                     format!("{}={}", key.rsplit('.').next().unwrap_or(key), shown)
                         .replace(['/', ' '], "_"),
                 );
+            }
+            let name = names.join(",");
+            if name.len() > MAX_NAME {
+                return Err(SpecError::whole(
+                    file,
+                    format!("`{table}`: the run name `{}...` is longer than {MAX_NAME} bytes (a folder name): use shorter values", &name[..name.floor_char_boundary(40)]),
+                ));
             }
             let keys: Vec<String> = point.iter().map(|(k, _)| format!("{table}.{k}")).collect();
             let at =
@@ -205,7 +239,7 @@ fn grid(
             let spec: Spec =
                 serde_path_to_error::deserialize(value).map_err(|e| at(e.inner().to_string()))?;
             spec.validate().map_err(|(_, msg)| at(msg))?;
-            Ok((names.join(","), spec))
+            Ok((name, spec))
         })
         .collect()
 }

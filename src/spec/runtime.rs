@@ -26,53 +26,6 @@ impl Spec {
     pub fn meanflow_config(&self) -> MeanFlowConfig {
         self.meanflow.config()
     }
-
-    /// The training loop's checked runtime config (call on a validated spec).
-    pub fn train_config(&self) -> crate::train::TrainConfig {
-        let t = &self.train;
-        let count = |v: i64| u64::try_from(v).expect("validated as positive");
-        crate::train::TrainConfig {
-            spec_sha256: self.sha256(),
-            label: self.experiment.name.clone(),
-            data: t.data.clone(),
-            model: self.model_config(),
-            meanflow: self.meanflow_config(),
-            batch: count(t.batch) as usize,
-            epochs: count(t.epochs),
-            lr: t.lr,
-            warmup_steps: count(t.warmup_steps),
-            betas: [t.betas[0], t.betas[1]],
-            weight_decay: t.weight_decay,
-            grad_clip: t.grad_clip,
-            ema_decay: t.ema_decay,
-            precision: t.precision,
-            seed: t.seed,
-            accumulation: count(t.grad_accumulation) as usize,
-            log_every: count(t.log_every),
-            checkpoint_every: count(t.checkpoint_every),
-            keep_checkpoints: count(t.keep_checkpoints) as usize,
-            pin_checkpoints: t.pin_checkpoints.clone(),
-            eval_steps: self.eval.steps.clone(),
-            device: t.device.clone(),
-            cuda_graph: t.cuda_graph,
-        }
-    }
-
-    /// Sampling's checked runtime config.
-    pub fn sample_config(&self) -> crate::sample::SampleConfig {
-        let m = &self.model;
-        crate::sample::SampleConfig {
-            in_channels: m.in_channels,
-            input_size: m.input_size,
-            num_classes: m.num_classes,
-            bf16: self.sample.precision == super::SamplePrecision::Bf16,
-            input_kind: crate::train::input_kind(self.train.precision),
-            random_labels: self.sample.labels == super::SampleLabels::Random,
-            seed: self.sample.seed,
-            batch: self.sample.batch,
-            num_samples: self.sample.num_samples,
-        }
-    }
 }
 
 impl MeanFlowSection {

@@ -185,7 +185,7 @@ impl Default for MeanFlowSection {
 
 /// Training precision: f32 params with bf16 autocast (the PyTorch port), plain f32 (the
 /// official code), f32 with TF32 matrix products, or f64 (CPU checks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     Bf16,
@@ -293,12 +293,12 @@ pub struct EvalSection {
     /// final one: the report's FID against training step.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<u64>,
-    /// Bootstrap resamples of each FID's 95% interval (0: none).
+    /// Resamples (half-samples) of each FID's 95% interval (0: none; see eval::bootstrap).
     #[serde(skip_serializing_if = "is_default_bootstrap")]
     pub bootstrap: i64,
 }
 
-/// Resamples of an FID's bootstrap interval unless a spec says otherwise.
+/// Resamples of an FID's interval unless a spec says otherwise.
 pub const DEFAULT_BOOTSTRAP: i64 = 200;
 
 fn is_default_bootstrap(v: &i64) -> bool {

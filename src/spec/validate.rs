@@ -122,7 +122,9 @@ impl Spec {
             "meanflow.t_end",
             "must not be below meanflow.t_start",
         )?;
-        number("meanflow.norm_p", m.norm_p, 0.0, f64::MAX)?;
+        // The paper's Table 1 tries p in [0, 2]; far beyond it (l + eps)^p overflows and the
+        // weighted loss is 0.
+        number("meanflow.norm_p", m.norm_p, 0.0, 4.0)?;
         positive("meanflow.norm_eps", m.norm_eps)?;
         below_one("meanflow.class_dropout", m.class_dropout)
     }
@@ -184,7 +186,13 @@ impl Spec {
                 ),
             )?;
         }
-        count("sample.num_samples", s.num_samples, 1, 100_000_000)?;
+        // Every metric the evaluate stage computes must be defined on the samples.
+        count(
+            "sample.num_samples",
+            s.num_samples,
+            crate::eval::MIN_SAMPLES,
+            100_000_000,
+        )?;
         count("sample.batch", s.batch, 1, 1 << 20)?;
         require(
             !s.vae.is_empty(),
@@ -192,14 +200,8 @@ impl Spec {
             "expected an asset name or a file",
         )?;
         count("eval.batch", self.eval.batch, 1, 1 << 20)?;
-        require(
-            self.eval.bootstrap == 0 || (2..=100_000).contains(&self.eval.bootstrap),
-            "eval.bootstrap",
-            &format!(
-                "expected 0 (no intervals) or an integer in [2, 100000], got {}",
-                self.eval.bootstrap
-            ),
-        )?;
+        crate::eval::bootstrap::check_resamples(self.eval.bootstrap)
+            .map_err(|e| ("eval.bootstrap".to_owned(), e))?;
         positive("paper.tolerance", self.paper.tolerance)
     }
 }

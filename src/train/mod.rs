@@ -10,12 +10,12 @@ mod state;
 use crate::dist::Group;
 use crate::meanflow::{meanflow_loss, Draw, MeanFlowConfig};
 use crate::model::{SiT, SiTConfig};
-use crate::spec::Precision;
+use crate::spec::{Precision, Spec};
 use anyhow::{bail, Result};
 use optim::AdamW;
 use tch::{nn, Device, Kind, Tensor};
 
-/// What a training run needs to know, checked (built by `Spec::train_config`).
+/// What a training run needs to know, checked (built from a validated spec by [`TrainConfig::of`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
     /// The spec's identity: checkpoints record it and resume only into the same spec.
@@ -50,6 +50,37 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The training loop's checked runtime config (of a validated spec).
+    pub fn of(spec: &Spec) -> TrainConfig {
+        let t = &spec.train;
+        let count = |v: i64| u64::try_from(v).expect("validated as positive");
+        TrainConfig {
+            spec_sha256: spec.sha256(),
+            label: spec.experiment.name.clone(),
+            data: t.data.clone(),
+            model: spec.model_config(),
+            meanflow: spec.meanflow_config(),
+            batch: count(t.batch) as usize,
+            epochs: count(t.epochs),
+            lr: t.lr,
+            warmup_steps: count(t.warmup_steps),
+            betas: [t.betas[0], t.betas[1]],
+            weight_decay: t.weight_decay,
+            grad_clip: t.grad_clip,
+            ema_decay: t.ema_decay,
+            precision: t.precision,
+            seed: t.seed,
+            accumulation: count(t.grad_accumulation) as usize,
+            log_every: count(t.log_every),
+            checkpoint_every: count(t.checkpoint_every),
+            keep_checkpoints: count(t.keep_checkpoints) as usize,
+            pin_checkpoints: t.pin_checkpoints.clone(),
+            eval_steps: spec.eval.steps.clone(),
+            device: t.device.clone(),
+            cuda_graph: t.cuda_graph,
+        }
+    }
+
     /// The learning rate of `step`: linear warmup, then constant.
     pub fn lr_at(&self, step: u64) -> f64 {
         if step < self.warmup_steps {
@@ -168,6 +199,31 @@ pub struct Trainer<'a> {
     pub graph: Option<graph::StepGraph>,
 }
 
+impl<'a> Trainer<'a> {
+    /// The trainer of a run's network, stepping `opt`, averaging over `sync` when given.
+    pub fn for_run(
+        cfg: &TrainConfig,
+        nets: &'a Networks,
+        opt: AdamW,
+        sync: Option<&'a Group>,
+        device: Device,
+    ) -> Result<Trainer<'a>> {
+        Ok(Trainer {
+            net: &nets.net,
+            opt,
+            cfg: cfg.meanflow.clone(),
+            precision: cfg.precision,
+            grad_clip: cfg.grad_clip,
+            accumulation: cfg.accumulation as i64,
+            sync,
+            graph: match cfg.cuda_graph {
+                true => Some(graph::StepGraph::new(device)?),
+                false => None,
+            },
+        })
+    }
+}
+
 /// Which rows of a step's global batch a data-parallel process trains on. Each of the
 /// `accumulation` micro-batches (batch / accumulation samples, in batch order) is split into
 /// `world` equal parts and process `rank` takes part `rank` of each, so N processes compute the
@@ -271,7 +327,7 @@ impl Trainer<'_> {
                 .opt
                 .params
                 .iter()
-                .map(|(_, p, _, _)| p.grad())
+                .map(|p| p.value.grad())
                 .filter(|g| g.defined())
                 .collect();
             list.push(numbers.shallow_clone());

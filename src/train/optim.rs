@@ -15,17 +15,27 @@ pub struct AdamW {
     step: i64,
     /// The step as the fused kernel keeps it: a float tensor per parameter, on its device.
     steps: Vec<Tensor>,
-    /// (name, parameter, exp_avg, exp_avg_sq) for every trainable parameter.
-    pub params: Vec<(String, Tensor, Tensor, Tensor)>,
+    /// Every trainable parameter with its moments.
+    pub params: Vec<Param>,
+}
+
+/// A trainable parameter and AdamW's two moments of it (torch's `exp_avg`, `exp_avg_sq`).
+pub struct Param {
+    pub name: String,
+    pub value: Tensor,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
 }
 
 impl AdamW {
     pub fn new(named: Vec<(String, Tensor)>, lr: f64, betas: [f64; 2], weight_decay: f64) -> Self {
         let params = named
             .into_iter()
-            .map(|(name, p)| {
-                let (m, v) = (p.zeros_like().detach(), p.zeros_like().detach());
-                (name, p, m, v)
+            .map(|(name, value)| Param {
+                exp_avg: value.zeros_like().detach(),
+                exp_avg_sq: value.zeros_like().detach(),
+                name,
+                value,
             })
             .collect();
         Self {
@@ -57,7 +67,7 @@ impl AdamW {
     /// Drops every gradient (torch's `zero_grad(set_to_none=True)`): the next backward
     /// writes them afresh instead of adding into zeroed tensors.
     pub fn zero_grad(&mut self) -> Result<()> {
-        let params = handles(self.params.iter().map(|(_, p, _, _)| p));
+        let params = handles(self.params.iter().map(|p| &p.value));
         // SAFETY: the shim gets handles of tensors alive for the call and an error buffer of `l` bytes.
         shim_call("clear the gradients", |e, l| unsafe {
             mfr_clear_grads(params.as_ptr(), params.len(), e, l)
@@ -71,17 +81,19 @@ impl AdamW {
             self.steps = self
                 .params
                 .iter()
-                .map(|(_, p, _, _)| Tensor::full([], step, (Kind::Float, p.device())))
+                .map(|p| Tensor::full([], step, (Kind::Float, p.value.device())))
                 .collect();
         }
         let live: Vec<usize> = (0..self.params.len())
-            .filter(|&i| self.params[i].1.grad().defined())
+            .filter(|&i| self.params[i].value.grad().defined())
             .collect();
-        let grads: Vec<Tensor> = live.iter().map(|&i| self.params[i].1.grad()).collect();
-        let pick = |f: fn(&(String, Tensor, Tensor, Tensor)) -> &Tensor| {
-            handles(live.iter().map(|&i| f(&self.params[i])))
-        };
-        let (params, m, v) = (pick(|e| &e.1), pick(|e| &e.2), pick(|e| &e.3));
+        let grads: Vec<Tensor> = live.iter().map(|&i| self.params[i].value.grad()).collect();
+        let pick = |f: fn(&Param) -> &Tensor| handles(live.iter().map(|&i| f(&self.params[i])));
+        let (params, m, v) = (
+            pick(|p| &p.value),
+            pick(|p| &p.exp_avg),
+            pick(|p| &p.exp_avg_sq),
+        );
         let (grads, steps) = (
             handles(&grads),
             handles(live.iter().map(|&i| &self.steps[i])),
@@ -114,13 +126,10 @@ impl AdamW {
 
 /// Global L2 norm of the gradients, and gradients scaled down to `max_norm` when above it
 /// (0 = never), without a host sync: the norm stays on the device (torch's clip_grad_norm_).
-pub fn clip_grad_norm(
-    params: &[(String, Tensor, Tensor, Tensor)],
-    max_norm: f64,
-) -> Result<Tensor> {
+pub fn clip_grad_norm(params: &[Param], max_norm: f64) -> Result<Tensor> {
     let grads: Vec<Tensor> = params
         .iter()
-        .map(|(_, p, _, _)| p.grad())
+        .map(|p| p.value.grad())
         .filter(|g| g.defined())
         .collect();
     if grads.is_empty() {

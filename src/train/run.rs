@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tch::Tensor;
 
-pub use super::state::{load_ema, restore};
+pub use super::state::restore;
 
 pub struct Trained {
     pub steps: u64,
@@ -114,19 +114,7 @@ pub fn train_in(
         });
     }
 
-    let mut trainer = Trainer {
-        net: &nets.net,
-        opt,
-        cfg: cfg.meanflow.clone(),
-        precision: cfg.precision,
-        grad_clip: cfg.grad_clip,
-        accumulation: cfg.accumulation as i64,
-        sync: world.group(),
-        graph: match cfg.cuda_graph {
-            true => Some(super::graph::StepGraph::new(device)?),
-            false => None,
-        },
-    };
+    let mut trainer = Trainer::for_run(cfg, &nets, opt, world.group(), device)?;
     let rows = part.rows();
     let row_index = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>());
     let mut loader = Loader::with_rows(ds.clone(), cfg.batch, rows, cfg.seed, start, 4)?;
@@ -157,22 +145,12 @@ pub fn train_in(
         log.add(step, &s);
         let done = step + 1;
         let interrupted = stop.now(world, done)?;
-        let write_log = done % cfg.log_every == 0 || done == length.total || interrupted.is_some();
-        let save = done % cfg.checkpoint_every == 0
-            || done == length.total
-            || interrupted.is_some()
-            || cfg.eval_steps.contains(&done);
+        let last = done == length.total || interrupted.is_some();
+        let write_log = done % cfg.log_every == 0 || last;
+        let save = done % cfg.checkpoint_every == 0 || last || cfg.eval_steps.contains(&done);
         if write_log || save {
             // The loss and gradients were averaged over the group: every rank stops here alike.
-            if let Some(bad) = log.first_bad_step() {
-                log.abandon();
-                let kept = last_saved
-                    .or_else(|| checkpoint::newest_verified(&dir.checkpoints()).map(|c| c.0));
-                bail!(
-                    "non-finite loss or gradient at step {bad}; stopped without saving it. Last good checkpoint: {}. Lower train.lr, set train.grad_clip, or train in bf16/f32 rather than fp16",
-                    kept.map_or("none".to_owned(), |p| p.display().to_string())
-                );
-            }
+            stop_if_non_finite(&mut log, last_saved.as_ref(), dir)?;
         }
         if write_log {
             log.write(done, step / length.per_epoch, lr)?;
@@ -221,6 +199,22 @@ pub fn train_in(
         steps: length.total,
         checkpoint: last_saved.expect("the last step saves"),
     })
+}
+
+/// Stops the run at the first non-finite loss or gradient since the last check, naming the last
+/// good checkpoint; nothing non-finite is saved.
+fn stop_if_non_finite(log: &mut StepLog, last_saved: Option<&PathBuf>, dir: &RunDir) -> Result<()> {
+    let Some(bad) = log.first_bad_step() else {
+        return Ok(());
+    };
+    log.abandon();
+    let kept = last_saved
+        .cloned()
+        .or_else(|| checkpoint::newest_verified(&dir.checkpoints()).map(|c| c.0));
+    bail!(
+        "non-finite loss or gradient at step {bad}; stopped without saving it. Last good checkpoint: {}. Lower train.lr, set train.grad_clip, or train in bf16/f32 rather than fp16",
+        kept.map_or("none".to_owned(), |p| p.display().to_string())
+    )
 }
 
 /// Says which `eval.steps` no checkpoint of this run can serve.

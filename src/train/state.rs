@@ -73,9 +73,9 @@ pub(super) fn broadcast_start(
         .into_iter()
         .map(|(_, v)| v)
         .collect();
-    for (_, _, m, v) in &opt.params {
-        state.push(m.shallow_clone());
-        state.push(v.shallow_clone());
+    for p in &opt.params {
+        state.push(p.exp_avg.shallow_clone());
+        state.push(p.exp_avg_sq.shallow_clone());
     }
     group.broadcast(&state, 0, "rank 0's weights and optimizer state")?;
     Ok(shared[0] as u64)
@@ -96,7 +96,10 @@ pub(super) fn save_checkpoint(
     }
     let path = dir.checkpoint(state.step);
     if let Some((ema_vs, _)) = &nets.ema {
-        let moments = opt.params.iter().map(|(n, _, m, v)| (n.as_str(), m, v));
+        let moments = opt
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), &p.exp_avg, &p.exp_avg_sq));
         checkpoint::write(&path, &checkpoint::layout(&nets.vs, ema_vs, moments), state)?;
         // The steps to evaluate stay, like the pinned ones.
         let kept: Vec<u64> = cfg
@@ -157,8 +160,12 @@ pub fn restore(
     let by_name: std::collections::HashMap<&str, &Tensor> =
         tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     tch::no_grad(|| -> Result<()> {
-        for (name, _, m, v) in &mut opt.params {
-            for (prefix, dst) in [(checkpoint::EXP_AVG, m), (checkpoint::EXP_AVG_SQ, v)] {
+        for p in &mut opt.params {
+            let name = &p.name;
+            for (prefix, dst) in [
+                (checkpoint::EXP_AVG, &mut p.exp_avg),
+                (checkpoint::EXP_AVG_SQ, &mut p.exp_avg_sq),
+            ] {
                 let src = by_name
                     .get(format!("{prefix}{name}").as_str())
                     .with_context(|| format!("{source}: no {prefix}{name}"))?;
@@ -176,10 +183,4 @@ pub fn restore(
     })?;
     opt.set_step(state.adam_step);
     Ok(())
-}
-
-/// Loads the EMA weights of a checkpoint into a network's store (what sampling uses).
-pub fn load_ema(vs: &nn::VarStore, path: &Path) -> Result<()> {
-    let tensors: Vec<(String, Tensor)> = checkpoint::read_tensors(path)?.into_iter().collect();
-    crate::model::load_state_dict(vs, &tensors, checkpoint::EMA, &path.display().to_string())
 }
