@@ -9,11 +9,12 @@
 mod common;
 use common::temp_dir;
 use meanflow_repro::eval::bootstrap::Interval;
+use meanflow_repro::eval::AdmScores;
 use meanflow_repro::report::safe::Href;
 use meanflow_repro::report::tables::{pearson, ranks};
 use meanflow_repro::report::{discrepancy, render, sample_grid};
 use meanflow_repro::rundir::{
-    AdmScores, Contention, Env, HistoryPoint, Metrics, RunDir, SampleInputs, StatLine,
+    Contention, Env, HistoryPoint, Metrics, RunDir, SampleInputs, StatLine,
 };
 use meanflow_repro::spec::Spec;
 use pulldown_cmark::{Event, Options, Parser, Tag, TagEnd};
@@ -72,6 +73,7 @@ fn interval(fid: f64, below: f64, above: f64) -> Interval {
         "high": fid + above,
         "level": 0.95,
         "resamples": 200,
+        "method": "half-samples",
     }))
     .unwrap()
 }
@@ -166,7 +168,7 @@ fn demo_tree(root: &Path) -> PathBuf {
             "/x/default_1.pt",
         );
         // FID at a checkpoint of eval.steps and at the end (the run has no checkpoint here,
-        // so both are rows of their own in the frame).
+        // so both are rows of their own in the frame); the checkpoint's without an interval.
         for (step, nfe, value) in [
             (100, 1, fid + 10.0),
             (200, 1, fid),
@@ -177,6 +179,7 @@ fn demo_tree(root: &Path) -> PathBuf {
                 step,
                 nfe: format!("{nfe}-NFE"),
                 fid: value,
+                fid_interval: (step == 200).then(|| interval(value, below, above)),
             });
         }
         dir.write_metrics(&m).unwrap();
@@ -232,9 +235,7 @@ fn the_report_names_runs_by_paper_row_with_intervals_orderings_and_links() {
         assert!(!text.contains("/x/"), "no machine's folders: {text}");
         // How the intervals are made, said once.
         assert!(
-            text.contains(
-                "95% interval of FID's sampling noise at this sample size, from 200 resamples"
-            ),
+            text.contains("95% interval from 200 resamples: the spread of FID over half-samples"),
             "{text}"
         );
     }
@@ -917,37 +918,16 @@ fn mfr_results_gathers_every_run_into_csv_and_parquet() {
         (early.is_final, early.fid, early.fid_low),
         (false, Some(75.0), None)
     );
+    let late = rows
+        .iter()
+        .find(|r| r.run == "data_proportion=1.0" && r.step == Some(200) && r.nfe == Some(2))
+        .unwrap();
+    assert_eq!(
+        (late.fid, late.fid_low, late.fid_high),
+        (Some(62.0), Some(60.0), Some(68.0))
+    );
     let control = rows.iter().find(|r| r.experiment == "b4-public").unwrap();
     assert_eq!(control.weights.as_deref(), Some("meanflow-B4.safetensors"));
     assert_eq!(control.step, None, "imported weights have no training step");
     assert!(csv.contains("demo-digits,data_proportion=1.0,0% r != t (flow matching),table1a.ratio0,digits,tiny/2,,true,"), "{csv}");
-}
-
-#[test]
-fn an_interval_that_misses_its_fid_is_called_out() {
-    // metrics.json from the with-replacement bootstrap: every resampled FID above the FID.
-    let root = temp_dir("stale-interval");
-    let exp = demo_tree(&root.join("results"));
-    let dir = RunDir::new(exp.join("data_proportion=0.75"));
-    let mut m = dir.read_metrics().unwrap().unwrap();
-    let old: Interval = serde_json::from_value(serde_json::json!({
-        "low": 40.23, "high": 45.11, "level": 0.95, "resamples": 200,
-    }))
-    .unwrap();
-    m.fid_interval.insert("1-NFE".into(), old);
-    dir.write_metrics(&m).unwrap();
-    let out = render::report(&exp, &root.join("reports")).unwrap();
-    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(md.contains("34.50 [40.23, 45.11]"), "{md}");
-    assert!(
-        md.contains("> The intervals of 25% r != t at 1-NFE do not contain their FIDs: they were made by the with-replacement bootstrap of earlier versions"),
-        "{md}"
-    );
-    let fresh = render::report(
-        &demo_tree(&temp_dir("fresh-interval").join("results")),
-        &root.join("fresh"),
-    )
-    .unwrap();
-    let md = std::fs::read_to_string(fresh.join("report.md")).unwrap();
-    assert!(!md.contains("do not contain their FIDs"), "{md}");
 }

@@ -178,11 +178,16 @@ pub fn rows(runs: &[RunResult], paper: &Paper) -> Result<Vec<ResultRow>> {
             if Some(point.step) == final_step {
                 continue;
             }
+            let interval = point.fid_interval.as_ref();
             out.push(ResultRow {
                 is_final: false,
                 step: Some(point.step),
                 nfe: point.nfe.strip_suffix("-NFE").and_then(|n| n.parse().ok()),
                 fid: Some(point.fid),
+                fid_low: interval.map(|i| i.low),
+                fid_high: interval.map(|i| i.high),
+                fid_level: interval.map(|i| i.level),
+                fid_resamples: interval.map(|i| i.resamples as u64),
                 ..base.clone()
             });
         }

@@ -204,12 +204,6 @@ fn plot_figures(
     )
     .into_iter()
     .filter(|s| s.points.len() > 1)
-    .map(|mut s| {
-        // Only the final weights have intervals: bars on one point of a line would read as
-        // the others having none to speak of.
-        s.points.iter_mut().for_each(|p| p.interval = None);
-        s
-    })
     .collect();
     if !by_step.is_empty() {
         plots::fid_by_step(&by_step, experiment, &stem("fid-by-step"))?;
@@ -378,26 +372,6 @@ fn notes(runs: &[RunResult], compared: &[Compared], orderings: &[Ordering]) -> V
                 n => format!(" {n} of the pairs have overlapping intervals: their order is not resolved by this sample size."),
             }
         )));
-    }
-    let stale: Vec<String> = runs
-        .iter()
-        .flat_map(|r| r.fids().into_iter().map(move |(nfe, f)| (r, nfe, f)))
-        .filter(|(_, _, f)| {
-            f.interval
-                .is_some_and(|i| !(i.low..=i.high).contains(&f.value))
-        })
-        .map(|(r, nfe, _)| format!("{} at {nfe}-NFE", r.label))
-        .collect();
-    if !stale.is_empty() {
-        notes.push(
-            Prose::new()
-                .text(format!(
-                    "The intervals of {} do not contain their FIDs: they were made by the with-replacement bootstrap of earlier versions, which shifts every resampled FID upward. Score the runs again (",
-                    stale.join(", ")
-                ))
-                .code("mfr run SPEC --resume")
-                .text(" after deleting samples/metrics.json) for intervals that hold their estimates."),
-        );
     }
     if runs.iter().any(|r| {
         r.metrics

@@ -69,13 +69,13 @@ impl fmt::Display for Fid {
     }
 }
 
-/// How the FID intervals are made, said in one place for every caption and note (README,
-/// "Reports and discrepancy reports", says more).
+/// How the FID intervals are made, said once per report (from the interval's own method).
 pub fn interval_method(i: &Interval) -> String {
     format!(
-        "{:.0}% interval of FID's sampling noise at this sample size, from {} resamples of the samples' Inception features against fixed reference statistics",
+        "{:.0}% interval from {} resamples: {}",
         i.level * 100.0,
-        i.resamples
+        i.resamples,
+        i.method.describe()
     )
 }
 
