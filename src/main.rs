@@ -65,6 +65,14 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Gather every run under RESULTS_DIR (default: $MFR_RESULTS or ./results) into one table
+    /// (experiment, run, paper rows, step, NFE, FID with its interval, sFID, precision, recall,
+    /// IS, training) written as results.csv and results.parquet in --out (default: RESULTS_DIR).
+    Results {
+        results: Option<PathBuf>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write reports/<experiment>/discrepancy-<run>.md for a run that misses the paper.
     Discrepancy {
         run: PathBuf,
@@ -407,6 +415,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Report { path, out } => {
             let out = report::render::report(&path, &out.unwrap_or_else(default_reports))?;
             println!("{}", out.join("index.html").display());
+            Ok(())
+        }
+        Command::Results { results, out } => {
+            let results = results.unwrap_or_else(default_results);
+            let mut frame = report::frame::gather(&results)?;
+            for file in report::frame::write(&mut frame, &out.unwrap_or(results))? {
+                println!("{}", file.display());
+            }
             Ok(())
         }
         Command::Discrepancy { run, out } => {

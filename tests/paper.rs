@@ -87,7 +87,7 @@ fn the_recipe_diff_names_the_keys_a_spec_changes() {
         .recipe
         .departures(&b4)
         .into_iter()
-        .map(|d| d.0)
+        .map(|d| d.key)
         .collect();
     // bf16 autocast, the ft-ema decoder, the time embedders' init and balanced labels (the
     // PyTorch port's choices, left at their defaults); the rest is the paper's.
@@ -106,7 +106,7 @@ fn the_recipe_diff_names_the_keys_a_spec_changes() {
         .recipe
         .departures(&official)
         .into_iter()
-        .map(|d| d.0)
+        .map(|d| d.key)
         .collect();
     assert!(keys.is_empty(), "b4-official departs on {keys:?}");
     let demo = Spec::load(&root.join("experiments/demo-digits.toml")).unwrap();
@@ -114,7 +114,7 @@ fn the_recipe_diff_names_the_keys_a_spec_changes() {
         .recipe
         .departures(&demo)
         .into_iter()
-        .map(|d| d.0)
+        .map(|d| d.key)
         .collect();
     for k in ["train.batch", "train.lr", "train.ema_decay"] {
         assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
@@ -136,10 +136,37 @@ fn a_demo_run_matches_its_row_but_is_not_held_to_its_number() {
     assert_eq!(rows[0].id, "table1a.ratio50");
     let why = rows[0].incomparable(half).unwrap();
     assert!(
-        why.contains("tiny/2 instead of SiT-B/4") && why.contains("digits"),
+        why.contains("tiny/2 instead of SiT-B/4")
+            && why.contains("8x8 pixel images (digits) instead of ImageNet 256 latents"),
         "{why}"
     );
     let b4 = Spec::load(&root.join("experiments/b4.toml")).unwrap();
     let row = paper.row("table1.default").unwrap();
     assert!(row.matches(&b4) && row.incomparable(&b4).is_none());
+}
+
+#[test]
+fn every_cause_names_a_recipe_key_where_it_needs_one() {
+    let bundled = include_str!("../paper/meanflow.toml");
+    let paper = Paper::bundled();
+    assert!(paper.causes.len() >= 10, "{}", paper.causes.len());
+    // A `departs` cause must name a key of [recipe]; other causes take none.
+    let unknown =
+        format!("{bundled}\n[[cause]]\nwhen = \"departs\"\nkey = \"train.nope\"\ntext = \"x\"\n");
+    let err = Paper::parse(&unknown, "crafted.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("crafted.toml: cause 11 (`departs`) needs a `key` of [recipe]"),
+        "{err}"
+    );
+    let keyed = format!(
+        "{bundled}\n[[cause]]\nwhen = \"undertrained\"\nkey = \"train.batch\"\ntext = \"x\"\n"
+    );
+    let err = Paper::parse(&keyed, "crafted.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("only `departs` causes take one"), "{err}");
+    let spelled = format!("{bundled}\n[[cause]]\nwhen = \"sometimes\"\ntext = \"x\"\n");
+    assert!(Paper::parse(&spelled, "crafted.toml").is_err());
 }

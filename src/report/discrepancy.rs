@@ -2,14 +2,19 @@
 //! upstream maintainer can act on: the gap with its interval, a control (the released weights
 //! scored through the same pipeline), the configuration against the paper's recipe with the
 //! official code's key for each departure, the training done, the environment with the hashes
-//! of the files scored, and the known causes, each decided from the run's files. Paths are
-//! printed relative to $MFR_CACHE or as file names with hashes, never one machine's folders.
-use super::paper::{Departure, Paper, Row};
-use super::tables::{self, file_name, RunResult};
+//! of the files scored, and the known causes (paper/meanflow.toml `[[cause]]`), each decided
+//! from the run's files. Paths are printed relative to $MFR_CACHE or as file names with
+//! hashes, never one machine's folders. Rendered by templates/discrepancy.md: every string of
+//! the run is escaped as Markdown text.
+use super::paper::{Departure, Paper, Row, When};
+use super::runs::{self, file_name, interval_method, RunResult};
+use super::tables::{discrepancy_file, Verdict};
+use super::templates::{self, Prose};
 use crate::eval::evaluator::content_sha256;
 use crate::paths::default_cache;
 use anyhow::{bail, Result};
-use std::fmt::Write as _;
+use serde::Serialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// `mfr discrepancy RUN`: renders the run's report under `root`/<experiment>.
@@ -20,7 +25,7 @@ pub fn discrepancy(run_dir: &Path, root: &Path) -> Result<PathBuf> {
             run_dir.display()
         );
     }
-    let (experiment, runs) = tables::collect(run_dir)?;
+    let (experiment, runs) = runs::collect(run_dir)?;
     let results = run_dir
         .parent()
         .and_then(Path::parent)
@@ -29,7 +34,7 @@ pub fn discrepancy(run_dir: &Path, root: &Path) -> Result<PathBuf> {
         &runs[0],
         &controls(results),
         &Paper::bundled(),
-        &root.join(experiment),
+        &root.join(super::safe::file_stem(&experiment)),
     )
 }
 
@@ -43,10 +48,7 @@ pub fn write(
     let text = render(run, controls, paper)?;
     std::fs::create_dir_all(out)
         .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", out.display()))?;
-    let path = out.join(format!(
-        "discrepancy-{}.md",
-        run.name.replace(['=', ',', '/'], "_")
-    ));
+    let path = out.join(discrepancy_file(&run.name));
     crate::files::write_atomic(&path, text.as_bytes())?;
     Ok(path)
 }
@@ -62,34 +64,44 @@ pub fn controls(results: &Path) -> Vec<RunResult> {
         .filter_map(|e| crate::rundir::runs_of(&e.path()).ok())
         .flatten()
         .filter_map(|d| RunResult::read(&d).ok())
-        .filter(|r| r.spec.model.weights.is_some() && r.metrics.is_some())
+        .filter(|r| r.imported() && r.metrics.is_some())
         .collect();
     out.sort_by(|a, b| a.dir.path().cmp(b.dir.path()));
     out
 }
 
-/// What must agree for two runs' FIDs to differ only by their weights: the reference, the
-/// number of samples and their labels, the decoder and the Inception weights.
-fn evaluation_settings(run: &RunResult) -> Option<(String, i64, Option<String>, String, String)> {
-    let m = run.metrics.as_ref()?;
-    Some((
-        m.reference.as_deref().map(file_name).unwrap_or_default(),
-        m.num_samples,
-        m.inputs.vae.clone(),
-        file_name(&m.inception_weights),
-        m.inputs.labels.clone(),
-    ))
+/// What must agree for two runs' FIDs to differ only by their weights.
+#[derive(Debug, PartialEq)]
+struct EvalSettings {
+    reference: String,
+    num_samples: i64,
+    vae: Option<String>,
+    inception: String,
+    labels: String,
+}
+
+impl EvalSettings {
+    fn of(run: &RunResult) -> Option<EvalSettings> {
+        let m = run.metrics.as_ref()?;
+        Some(EvalSettings {
+            reference: m.reference.as_deref().map(file_name).unwrap_or_default(),
+            num_samples: m.num_samples,
+            vae: m.inputs.vae.clone(),
+            inception: file_name(&m.inception_weights),
+            labels: m.inputs.labels.clone(),
+        })
+    }
 }
 
 /// The control of `run` at `nfe`: released weights of the same network, scored with the same
 /// evaluation settings.
 fn control<'a>(run: &RunResult, controls: &'a [RunResult], nfe: i64) -> Option<&'a RunResult> {
-    let settings = evaluation_settings(run)?;
+    let settings = EvalSettings::of(run)?;
     controls.iter().find(|c| {
         c.dir.path() != run.dir.path()
             && c.spec.model.preset == run.spec.model.preset
             && c.fid(nfe).is_some()
-            && evaluation_settings(c).as_ref() == Some(&settings)
+            && EvalSettings::of(c).as_ref() == Some(&settings)
     })
 }
 
@@ -102,440 +114,486 @@ fn value_text(v: &toml::Value) -> String {
 
 /// A file as a report names it: relative to $MFR_CACHE when it lies there, else its name;
 /// with its sha256 where it can be read.
-fn shown(path: &Path) -> String {
-    let cache = default_cache();
-    let name = match path.strip_prefix(&cache) {
-        Ok(rel) => format!("$MFR_CACHE/{}", rel.display()),
-        Err(_) => file_name(&path.to_string_lossy()),
-    };
-    match content_sha256(path, &cache) {
-        Ok(sha) => format!("`{name}` (sha256 `{sha}`)"),
-        Err(_) => format!("`{name}` (not on this machine)"),
+#[derive(Serialize)]
+struct Shown {
+    name: String,
+    sha256: Option<String>,
+}
+
+impl Shown {
+    fn of(path: &Path) -> Shown {
+        let cache = default_cache();
+        let name = match path.strip_prefix(&cache) {
+            Ok(rel) => format!("$MFR_CACHE/{}", rel.display()),
+            Err(_) => file_name(&path.to_string_lossy()),
+        };
+        Shown {
+            name,
+            sha256: content_sha256(path, &cache).ok(),
+        }
     }
 }
 
 /// The report's heading, from the verdicts of the run's rows.
-fn headline(verdicts: &[String]) -> &'static str {
-    let any = |p: &str| verdicts.iter().any(|v| v.starts_with(p));
+fn headline(verdicts: &[Verdict]) -> &'static str {
+    let any = |f: fn(&Verdict) -> bool| verdicts.iter().any(f);
+    let incomparable = |v: &Verdict| matches!(v, Verdict::NotComparable(_));
     if verdicts.is_empty() {
         "names no paper row"
-    } else if any("missed") {
+    } else if any(|v| *v == Verdict::Missed) {
         "misses the paper"
-    } else if any("not evaluated") {
+    } else if any(|v| *v == Verdict::NotEvaluated) {
         "is not evaluated yet"
-    } else if verdicts.iter().all(|v| v.starts_with("not comparable")) {
+    } else if verdicts.iter().all(incomparable) {
         "cannot be held to the paper's numbers"
-    } else if any("not comparable") {
+    } else if any(incomparable) {
         "matches the paper where comparable"
     } else {
         "matches the paper"
     }
 }
 
+/// A line of the gap table.
+#[derive(Serialize)]
+struct GapLine {
+    what: Prose,
+    nfe: i64,
+    paper: String,
+    ours: String,
+    delta: String,
+    relative: String,
+    verdict: String,
+}
+
+/// What the gap table tells, said below it (templates/discrepancy.md words each).
+#[derive(Serialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+enum GapNote {
+    OtherScale,
+    Imported,
+    NoControl,
+    ControlHolds,
+    ControlMisses,
+}
+
+#[derive(Serialize)]
+struct CauseLine {
+    applies: bool,
+    /// Markdown rendered from the cause's template, its values escaped.
+    text: String,
+}
+
+#[derive(Serialize)]
+struct Network {
+    paper: String,
+    rows: Vec<NetworkRow>,
+}
+
+#[derive(Serialize)]
+struct NetworkRow {
+    name: &'static str,
+    paper: i64,
+    ours: i64,
+}
+
+#[derive(Serialize)]
+struct DepartureLine {
+    key: String,
+    official: Option<String>,
+    paper: String,
+    ours: String,
+    note: String,
+}
+
+#[derive(Serialize)]
+struct Trained {
+    step: u64,
+    epoch: u64,
+    epochs: i64,
+    hours: String,
+    batch: i64,
+}
+
+#[derive(Serialize)]
+struct LastLine {
+    step: u64,
+    v_loss: String,
+    weight: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Fact {
+    key: &'static str,
+    value: String,
+    code: bool,
+}
+
+#[derive(Serialize)]
+struct Evaluation {
+    samples: i64,
+    labels: String,
+    inception: Shown,
+    reference: Option<Shown>,
+    /// The data file the training images came from (pixel-space data scored against them).
+    training_file: Option<Shown>,
+    num_reference: usize,
+    sample_files: Vec<SampleFile>,
+}
+
+#[derive(Serialize)]
+struct SampleFile {
+    nfe: usize,
+    file: Shown,
+}
+
+/// Everything templates/discrepancy.md shows.
+#[derive(Serialize)]
+struct Page {
+    label: Option<String>,
+    run_path: String,
+    headline: &'static str,
+    description: String,
+    level: String,
+    gap: Vec<GapLine>,
+    note: GapNote,
+    scale: String,
+    samples: i64,
+    interval_method: Option<String>,
+    causes: Vec<CauseLine>,
+    preset: String,
+    network: Option<Network>,
+    departures: Vec<DepartureLine>,
+    weights: Option<Shown>,
+    state: Option<Trained>,
+    last: Option<LastLine>,
+    env: Option<Vec<Fact>>,
+    evaluation: Option<Evaluation>,
+    spec_sha256: String,
+    spec_toml: String,
+    fence: String,
+}
+
 /// The report's Markdown: a GitHub issue body.
 pub fn render(run: &RunResult, controls: &[RunResult], paper: &Paper) -> Result<String> {
     let spec = &run.spec;
-    let rows = paper.rows_for(&spec.paper.rows, spec)?;
-    let verdicts: Vec<String> = rows
+    let rows = run.rows(paper)?;
+    let verdicts: Vec<Verdict> = rows
         .iter()
-        .map(|row| {
-            let nfe = row.nfe.unwrap_or(1);
-            let why = row.incomparable(spec);
-            tables::verdict(
-                row.value,
-                run.fid(nfe),
-                spec.paper.tolerance,
-                why.as_deref(),
-            )
-        })
+        .map(|row| super::tables::Compared::new(run, row).verdict)
         .collect();
-    let title = match run.label == run.name {
-        true => format!("`{}/{}`", spec.experiment.name, run.name),
-        false => format!("{} (`{}/{}`)", run.label, spec.experiment.name, run.name),
-    };
-    let mut s = format!(
-        "### MeanFlow reproduction: {title} {}\n\n{}\n\n",
-        headline(&verdicts),
-        spec.experiment.description
-    );
-    gap(&mut s, run, controls, paper, &rows, &verdicts);
+    let (gap, note) = gap(run, controls, paper, &rows, &verdicts);
     let departures = departures(run, paper, &rows);
-    s += "\n#### Known causes (each decided from this run's files)\n\n";
-    for (applies, text) in causes(run, paper, &departures) {
-        let _ = writeln!(s, "- [{}] {text}", if applies { "x" } else { " " });
-    }
-    configuration(&mut s, run, paper, &rows, &departures);
-    training(&mut s, run);
-    environment(&mut s, run);
-    s += "\n<details><summary>Resolved spec</summary>\n\n```toml\n";
-    s += &spec.to_toml();
-    s += "```\n</details>\n";
-    Ok(s)
+    let interval = RunResult::first_interval(std::slice::from_ref(run));
+    let spec_toml = spec.to_toml();
+    let page = Page {
+        label: (run.label != run.name).then(|| run.label.clone()),
+        run_path: format!("{}/{}", spec.experiment.name, run.name),
+        headline: headline(&verdicts),
+        description: spec.experiment.description.clone(),
+        level: interval.map_or("95%".to_owned(), |i| format!("{:.0}%", i.level * 100.0)),
+        gap,
+        note,
+        scale: run.scale().describe(),
+        samples: spec.sample.num_samples,
+        interval_method: interval.map(interval_method),
+        causes: causes(run, paper, &rows, &departures)?,
+        preset: spec.model.preset.clone().unwrap_or_else(|| "custom".into()),
+        network: network(run, paper, &rows),
+        departures: departures
+            .iter()
+            .map(|d| DepartureLine {
+                key: d.key.clone(),
+                official: paper.recipe.official.get(&d.key).cloned(),
+                paper: value_text(&d.paper),
+                ours: d.ours.as_ref().map_or("-".to_owned(), value_text),
+                note: paper.recipe.port.get(&d.key).cloned().unwrap_or_default(),
+            })
+            .collect(),
+        weights: spec
+            .model
+            .weights
+            .as_deref()
+            .map(|w| Shown::of(Path::new(w))),
+        state: run.state.as_ref().map(|s| Trained {
+            step: s.step,
+            epoch: s.epoch,
+            epochs: spec.train.epochs,
+            hours: format!("{:.2}", s.wall_s / 3600.0),
+            batch: spec.train.batch,
+        }),
+        last: run.stats.last().map(|l| LastLine {
+            step: l.step,
+            v_loss: format!("{:.4}", l.v_loss),
+            weight: l.adaptive_weight.map(|w| format!("{w:.4}")),
+        }),
+        env: run.env.as_ref().map(environment),
+        evaluation: evaluation(run),
+        spec_sha256: spec.sha256(),
+        fence: super::safe::fence(&spec_toml),
+        spec_toml: spec_toml.trim_end().to_owned(),
+    };
+    templates::render("discrepancy.md", page)
 }
 
-/// The gap table, a control row per NFE where the results hold one, and what it tells.
+/// The gap lines: per paper row, ours against it, the other sources' values, and a control
+/// row where the results hold one; and what they tell.
 fn gap(
-    s: &mut String,
     run: &RunResult,
     controls: &[RunResult],
     paper: &Paper,
     rows: &[&Row],
-    verdicts: &[String],
-) {
-    let spec = &run.spec;
-    *s += "#### The gap\n\n| | NFE | paper | ours (± 95% CI) | delta | relative | verdict |\n|---|---|---|---|---|---|---|\n";
-    if rows.is_empty() {
-        *s +=
-            "| (the spec names no paper row matching this run: set `[paper] rows`) | | | | | | |\n";
-    }
-    let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
-    let relative = |o: Option<f64>, p: f64| {
-        o.map_or("-".to_owned(), |o| format!("{:+.1}%", 100.0 * (o - p) / p))
-    };
-    let mut found = Vec::new();
+    verdicts: &[Verdict],
+) -> (Vec<GapLine>, GapNote) {
+    let mut lines = Vec::new();
+    let mut found: Vec<Verdict> = Vec::new();
     for (row, verdict) in rows.iter().zip(verdicts) {
         let nfe = row.nfe.unwrap_or(1);
         let ours = run.fid(nfe);
-        let _ = writeln!(
-            s,
-            "| {} (`{}`, {}) | {nfe} | {:.2} | {} | {} | {} | {verdict} |",
-            row.label,
-            row.id,
-            paper.source(&row.source),
-            row.value,
-            run.fid_text(nfe).unwrap_or_else(|| "-".to_owned()),
-            fmt(ours.map(|o| o - row.value)),
-            relative(ours, row.value),
-        );
+        let value = ours.map(|o| o.value);
+        lines.push(GapLine {
+            what: Prose::new()
+                .text(format!("{} (", row.label))
+                .code(&row.id)
+                .text(format!(", {})", paper.source(&row.source))),
+            nfe,
+            paper: format!("{:.2}", row.value),
+            ours: ours.map_or("-".to_owned(), |f| f.to_string()),
+            delta: two_places(value.map(|o| o - row.value)),
+            relative: relative(value, Some(row.value)),
+            verdict: verdict.words(),
+        });
         for also in &row.also {
-            let _ = writeln!(
-                s,
-                "| ... as {} gives it{} | {nfe} | {:.2} | | | | |",
-                paper.source(&also.source),
-                also.note
-                    .as_deref()
-                    .map_or(String::new(), |n| format!(" ({n})")),
-                also.value
-            );
+            let note = also
+                .note
+                .as_deref()
+                .map_or(String::new(), |n| format!(" ({n})"));
+            lines.push(GapLine {
+                what: Prose::new().text(format!(
+                    "... as {} gives it{note}",
+                    paper.source(&also.source)
+                )),
+                nfe,
+                paper: format!("{:.2}", also.value),
+                ours: String::new(),
+                delta: String::new(),
+                relative: String::new(),
+                verdict: String::new(),
+            });
         }
-        if spec.model.weights.is_some() {
+        if run.imported() {
             continue;
         }
-        if let Some(c) = control(run, controls, nfe) {
-            // The control is held to its own paper row (the released weights' number).
-            let own = paper
-                .rows_for(&c.spec.paper.rows, &c.spec)
-                .ok()
-                .and_then(|rows| rows.into_iter().find(|r| r.nfe.unwrap_or(1) == nfe));
-            let fid = c.fid(nfe);
-            let (value, v) = match own {
-                Some(r) => {
-                    let why = r.incomparable(&c.spec);
-                    let v = tables::verdict(r.value, fid, c.spec.paper.tolerance, why.as_deref());
-                    (Some(r.value), v)
-                }
-                None => (None, "no paper row for the control".to_owned()),
-            };
-            let _ = writeln!(
-                s,
-                "| control: released weights `{}` through this pipeline (`{}/{}`{}) | {nfe} | {} | {} | {} | {} | {v} |",
-                file_name(c.spec.model.weights.as_deref().unwrap_or_default()),
-                c.spec.experiment.name,
-                c.name,
-                own.map_or_else(String::new, |r| format!(", row `{}`", r.id)),
-                fmt(value),
-                c.fid_text(nfe).unwrap_or_else(|| "-".to_owned()),
-                fmt(fid.zip(value).map(|(f, p)| f - p)),
-                value.map_or("-".to_owned(), |p| relative(fid, p)),
-            );
-            found.push(v);
+        if let Some((line, verdict)) = control_line(run, controls, paper, nfe) {
+            lines.push(line);
+            found.push(verdict);
         }
     }
-    *s += "\n";
-    if run.small_sample() {
-        *s += "These are small-sample FIDs of the demo data, not FID-50K on ImageNet: no gap to the paper can be read from them, and no released weights exist for this data to serve as a control.\n";
-    } else if spec.model.weights.is_some() {
-        *s += "This run scores released weights: it is itself the control for runs trained with the same evaluation settings.\n";
+    let note = if !run.scale().is_papers() {
+        GapNote::OtherScale
+    } else if run.imported() {
+        GapNote::Imported
     } else if found.is_empty() {
-        *s += "No control in the results: score the released checkpoint with the same evaluation settings (`make reproduce-b4 CKPT=path/to/checkpoint`), then render this report again.\n";
-    } else if found
-        .iter()
-        .all(|v| v.starts_with("reproduced") || v.starts_with("better"))
-    {
-        *s += "The control reproduces the paper through this pipeline: the gap lies in training, not in sampling or evaluation.\n";
+        GapNote::NoControl
+    } else if found.iter().all(Verdict::holds) {
+        GapNote::ControlHolds
     } else {
-        *s += "The control misses the paper too: look at sampling and evaluation (VAE, reference batch, Inception) before training.\n";
+        GapNote::ControlMisses
+    };
+    (lines, note)
+}
+
+/// The control's line at `nfe` where the results hold one, and its verdict against its own
+/// paper row (the released weights' number).
+fn control_line(
+    run: &RunResult,
+    controls: &[RunResult],
+    paper: &Paper,
+    nfe: i64,
+) -> Option<(GapLine, Verdict)> {
+    let c = control(run, controls, nfe)?;
+    let own = c
+        .rows(paper)
+        .ok()
+        .and_then(|rows| rows.into_iter().find(|r| r.nfe.unwrap_or(1) == nfe));
+    let fid = c.fid(nfe);
+    let verdict = own.map(|r| super::tables::Compared::new(c, r).verdict);
+    let value = own.map(|r| r.value);
+    let mut what = Prose::new()
+        .text("control: released weights ")
+        .code(file_name(
+            c.spec.model.weights.as_deref().unwrap_or_default(),
+        ))
+        .text(" through this pipeline (")
+        .code(format!("{}/{}", c.spec.experiment.name, c.name));
+    if let Some(r) = own {
+        what = what.text(", row ").code(&r.id);
+    }
+    let line = GapLine {
+        what: what.text(")"),
+        nfe,
+        paper: two_places(value),
+        ours: fid.map_or("-".to_owned(), |f| f.to_string()),
+        delta: two_places(fid.zip(value).map(|(f, p)| f.value - p)),
+        relative: relative(fid.map(|f| f.value), value),
+        verdict: verdict
+            .as_ref()
+            .map_or("no paper row for the control".to_owned(), Verdict::words),
+    };
+    Some((line, verdict.unwrap_or(Verdict::NotEvaluated)))
+}
+
+fn two_places(v: Option<f64>) -> String {
+    v.map_or("-".to_owned(), |v| format!("{v:.2}"))
+}
+
+/// `ours` against `paper` in percent ("+31.0%"), "-" where either is missing.
+fn relative(ours: Option<f64>, paper: Option<f64>) -> String {
+    match (ours, paper) {
+        (Some(o), Some(p)) => format!("{:+.1}%", 100.0 * (o - p) / p),
+        _ => "-".to_owned(),
     }
 }
 
-/// Table 4 against this run's network, and the recipe keys it departs in, with the official
-/// code's key for each.
-fn configuration(
-    s: &mut String,
-    run: &RunResult,
-    paper: &Paper,
-    rows: &[&Row],
-    departures: &[Departure],
-) {
+/// Table 4 against this run's network: the network the paper row used (a demo's tiny network
+/// is compared with it too).
+fn network(run: &RunResult, paper: &Paper, rows: &[&Row]) -> Option<Network> {
     let spec = &run.spec;
-    *s += "\n<details><summary>Configuration against the paper (Table 4 and the training recipe)</summary>\n\n";
-    let cfg = spec.model_config();
-    // The network the paper row used (a demo's tiny network is compared with it too).
     let preset = rows
         .first()
         .map(|r| r.model.as_str())
-        .or(spec.model.preset.as_deref())
-        .unwrap_or("custom");
-    match paper.model(preset) {
-        Some(m) => {
-            let _ = writeln!(
-                s,
-                "| | paper (Table 4, {}) | this run |\n|---|---|---|\n| depth | {} | {} |\n| hidden | {} | {} |\n| heads | {} | {} |\n| patch | {} | {} |\n| epochs | {} | {} |",
-                m.preset,
-                m.depth,
-                cfg.depth,
-                m.hidden,
-                cfg.hidden_size,
-                m.heads,
-                cfg.num_heads,
-                m.patch,
-                cfg.patch_size,
-                m.epochs,
-                spec.train.epochs
-            );
-        }
-        None => {
-            let _ = writeln!(s, "The network `{preset}` is not in the paper's Table 4.");
-        }
-    }
-    if departures.is_empty() {
-        *s += "\nEvery key of the paper's recipe (paper/meanflow.toml `[recipe]`) has the paper's value.\n";
-    } else {
-        *s += "\n| spec key | official config key | paper | this run | note |\n|---|---|---|---|---|\n";
-        for (key, want, got) in departures {
-            let _ = writeln!(
-                s,
-                "| `{key}` | {} | {} | {} | {} |",
-                paper
-                    .recipe
-                    .official
-                    .get(key)
-                    .map_or("-".to_owned(), |k| format!("`{k}`")),
-                value_text(want),
-                got.as_ref().map_or("-".to_owned(), value_text),
-                paper.recipe.port.get(key).map_or("", String::as_str)
-            );
-        }
-    }
-    *s += "</details>\n";
+        .or(spec.model.preset.as_deref())?;
+    let m = paper.model(preset)?;
+    let cfg = spec.model_config();
+    let row = |name, paper, ours| NetworkRow { name, paper, ours };
+    Some(Network {
+        paper: m.preset.clone(),
+        rows: vec![
+            row("depth", m.depth, cfg.depth),
+            row("hidden", m.hidden, cfg.hidden_size),
+            row("heads", m.heads, cfg.num_heads),
+            row("patch", m.patch, cfg.patch_size),
+            row("epochs", m.epochs, spec.train.epochs),
+        ],
+    })
 }
 
-fn training(s: &mut String, run: &RunResult) {
-    let spec = &run.spec;
-    *s += "\n#### Training actually done\n\n";
-    match (&spec.model.weights, &run.state) {
-        (Some(w), _) => {
-            let _ = writeln!(
-                s,
-                "None here: the weights were imported from {} (their training is the publisher's).",
-                shown(Path::new(w))
-            );
-        }
-        (None, Some(state)) => {
-            let _ = writeln!(
-                s,
-                "{} steps, {} of {} epochs, {:.2} h of training (global batch {}).",
-                state.step,
-                state.epoch,
-                spec.train.epochs,
-                state.wall_s / 3600.0,
-                spec.train.batch
-            );
-        }
-        (None, None) => *s += "No checkpoint: the run has not trained yet.\n",
-    }
-    if let Some(last) = run.stats.last() {
-        let weight = last
-            .adaptive_weight
-            .map_or_else(String::new, |w| format!(", mean adaptive weight {w:.4}"));
-        let _ = writeln!(
-            s,
-            "Last logged step {}: v loss {:.4}{weight}.",
-            last.step, last.v_loss
-        );
-    }
+/// What ran (device, driver, CUDA, libtorch, processes, command).
+fn environment(env: &crate::rundir::Env) -> Vec<Fact> {
+    let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "- (no GPU)".to_owned());
+    let fact = |key, value, code| Fact { key, value, code };
+    vec![
+        fact("device", env.device.clone(), false),
+        fact(
+            "NVIDIA driver (CUDA version)",
+            or_none(&env.cuda_driver),
+            false,
+        ),
+        fact(
+            "CUDA runtime of libtorch",
+            or_none(&env.cuda_runtime),
+            false,
+        ),
+        fact("libtorch", env.libtorch.clone(), false),
+        fact("tch", env.tch.clone(), false),
+        fact("processes (world size)", env.world_size.to_string(), false),
+        fact("command", env.command.clone(), true),
+        fact("code commit", env.code_commit.clone(), false),
+        fact("mfr version", env.mfr_version.clone(), false),
+    ]
 }
 
-/// What ran (device, driver, CUDA, libtorch, processes, command) and the files scored.
-fn environment(s: &mut String, run: &RunResult) {
-    *s += "\n<details><summary>Environment and the files scored</summary>\n\n";
-    match &run.env {
-        Some(env) => {
-            let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "- (no GPU)".to_owned());
-            for (key, value) in [
-                ("device", env.device.clone()),
-                ("NVIDIA driver (CUDA version)", or_none(&env.cuda_driver)),
-                ("CUDA runtime of libtorch", or_none(&env.cuda_runtime)),
-                ("libtorch", env.libtorch.clone()),
-                ("tch", env.tch.clone()),
-                ("processes (world size)", env.world_size.to_string()),
-                ("command", format!("`{}`", env.command)),
-                ("code commit", env.code_commit.clone()),
-                ("mfr version", env.mfr_version.clone()),
-            ] {
-                let _ = writeln!(s, "- {key}: {value}");
-            }
-        }
-        None => *s += "- (not recorded: the run has no env.json)\n",
-    }
-    if let Some(m) = &run.metrics {
-        let _ = writeln!(
-            s,
-            "- evaluation: {} samples per schedule (labels {}), Inception weights {}",
-            m.num_samples,
-            match m.inputs.labels.as_str() {
-                "" => "not recorded",
-                l => l,
-            },
-            shown(Path::new(&m.inception_weights))
-        );
-        let reference = match &m.reference {
-            Some(r) => shown(Path::new(r)),
-            None => match crate::data::digits_file() {
-                Ok(f) if run.small_sample() => {
-                    format!("the {} training images of {}", m.num_reference, shown(&f))
+/// The files scored: Inception weights, reference, samples.
+fn evaluation(run: &RunResult) -> Option<Evaluation> {
+    let m = run.metrics.as_ref()?;
+    let training_file = match (&m.reference, run.scale().pixels) {
+        (None, true) => crate::data::digits_file().ok().map(|f| Shown::of(&f)),
+        _ => None,
+    };
+    Some(Evaluation {
+        samples: m.num_samples,
+        labels: match m.inputs.labels.as_str() {
+            "" => "not recorded".to_owned(),
+            l => l.to_owned(),
+        },
+        inception: Shown::of(Path::new(&m.inception_weights)),
+        reference: m.reference.as_deref().map(|r| Shown::of(Path::new(r))),
+        training_file,
+        num_reference: m.num_reference,
+        sample_files: m
+            .inputs
+            .schedules
+            .iter()
+            .map(|s| {
+                let nfe = s.len() - 1;
+                SampleFile {
+                    nfe,
+                    file: Shown::of(&run.dir.samples_npz(None, nfe)),
                 }
-                _ => "the training images".to_owned(),
-            },
-        };
-        let _ = writeln!(s, "- reference: {reference}");
-        for schedule in &m.inputs.schedules {
-            let nfe = schedule.len() - 1;
-            let npz = run.dir.samples_npz(None, nfe);
-            let _ = writeln!(s, "- {nfe}-NFE samples: {}", shown(&npz));
-        }
-    }
-    let _ = writeln!(s, "- spec sha256: `{}`", run.spec.sha256());
-    *s += "</details>\n";
+            })
+            .collect(),
+    })
 }
 
 /// The recipe keys where the run departs from the paper, leaving out those its paper rows set
 /// on purpose (an ablation's factor) and the VAE of pixel-space data (no VAE is used).
 fn departures(run: &RunResult, paper: &Paper, rows: &[&Row]) -> Vec<Departure> {
+    let pixels = run.scale().pixels;
     paper
         .recipe
         .departures(&run.spec)
         .into_iter()
-        .filter(|(key, _, _)| !rows.iter().any(|r| r.settings.contains_key(key)))
-        .filter(|(key, _, _)| !(run.small_sample() && key == "sample.vae"))
+        .filter(|d| !rows.iter().any(|r| r.settings.contains_key(&d.key)))
+        .filter(|d| !(pixels && d.key == "sample.vae"))
         .collect()
 }
 
-/// The causes users of the public code found behind FID gaps, and whether each applies here
-/// (`departed`: the run's departures from the paper's recipe).
-fn causes(run: &RunResult, paper: &Paper, departed: &[Departure]) -> Vec<(bool, String)> {
+/// The known causes (paper/meanflow.toml `[[cause]]`) that bear on the run's data, each ticked
+/// when it applies (`departed`: the run's departures from the paper's recipe).
+fn causes(
+    run: &RunResult,
+    paper: &Paper,
+    rows: &[&Row],
+    departed: &[Departure],
+) -> Result<Vec<CauseLine>> {
     let spec = &run.spec;
-    let recipe = |key: &str| {
-        paper
-            .recipe
-            .keys
-            .get(key)
-            .map(value_text)
-            .unwrap_or_default()
-    };
-    let differs = |key: &str| departed.iter().any(|d| d.0 == key);
-    let trained_here = spec.model.weights.is_none();
-    let planned = spec.train.epochs;
+    let scale = run.scale();
     let done = run.state.as_ref().map(|s| s.epoch as i64);
     // Guidance is trained in (omega, kappa): a row the run is held to pins both (and then
     // agrees, or it would not match), or leaves ours unchecked against its number.
-    let unpinned = paper
-        .rows_for(&spec.paper.rows, spec)
-        .unwrap_or_default()
-        .into_iter()
+    let unpinned = rows
+        .iter()
         .find(|r| {
             !["meanflow.omega", "meanflow.kappa"]
                 .iter()
                 .all(|k| r.settings.contains_key(*k))
         })
         .map(|r| r.id.clone());
-    vec![
-        (
-            differs("sample.vae"),
-            format!(
-                "VAE variant: samples decoded with `{}`; the paper encodes with `{}` (the PyTorch port decodes with ft-ema).",
-                spec.sample.vae,
-                recipe("sample.vae")
-            ),
-        ),
-        (
-            differs("train.batch"),
-            format!(
-                "Global batch: {} here (x{} accumulation) vs the paper's {}.",
-                spec.train.batch,
-                spec.train.grad_accumulation,
-                recipe("train.batch")
-            ),
-        ),
-        (
-            trained_here && !run.small_sample(),
-            "Cached vs online latents: this run trained on cached posterior moments, drawing a latent each step (REPA layout); online encoding with augmentation differs.".to_owned(),
-        ),
-        (
-            differs("train.ema_decay"),
-            format!(
-                "EMA: decay {} vs the paper's {}; samples use the EMA weights.",
-                spec.train.ema_decay,
-                recipe("train.ema_decay")
-            ),
-        ),
-        (
-            differs("meanflow.norm_eps"),
-            format!(
-                "Adaptive-loss eps: {} vs the official {} (1e-3 in the CIFAR code, 1.0 in one PyTorch port's CLI).",
-                spec.meanflow.norm_eps,
-                recipe("meanflow.norm_eps")
-            ),
-        ),
-        (
-            differs("meanflow.class_dropout"),
-            format!(
-                "Label dropout: applied once here (rate {}); one public PyTorch port drops labels a second time inside the model.",
-                spec.meanflow.class_dropout
-            ),
-        ),
-        (
-            spec.sample.num_samples != 50_000 || run.small_sample(),
-            format!(
-                "FID pipeline: our Inception port (TF1 bilinear resize to 299, ADM statistics in float64) on {} samples; FID-50K needs 50,000 against VIRTUAL_imagenet256_labeled.",
-                spec.sample.num_samples
-            ),
-        ),
-        (
-            trained_here && done.is_none_or(|d| d < planned),
-            format!(
-                "Not fully trained: {} of {planned} epochs.",
-                done.map_or("0".to_owned(), |d| d.to_string())
-            ),
-        ),
-        (
-            differs("train.precision"),
-            format!(
-                "Precision: {} here; the official code trains in float32 (fp16 produced NaN late in training for users).",
-                format!("{:?}", spec.train.precision).to_lowercase()
-            ),
-        ),
-        (
-            unpinned.is_some(),
-            format!(
-                "Guidance: trained in with omega = {} and kappa = {}, sampled at scale 1 (trained-in guidance takes no CFG at sampling){}.",
-                spec.meanflow.omega,
-                spec.meanflow.kappa,
-                unpinned.map_or_else(
-                    || "; the paper rows pin the same values".to_owned(),
-                    |id| format!("; the paper row `{id}` does not pin omega and kappa, so its number may rest on other guidance")
-                )
-            ),
-        ),
-    ]
+    let scored_fid50k = spec.sample.num_samples == 50_000
+        && run.metrics.as_ref().is_none_or(|m| m.reference.is_some());
+    let context = minijinja::context! {
+        run => spec,
+        recipe => paper.recipe.keys.iter().map(|(k, v)| (k.clone(), value_text(v))).collect::<BTreeMap<_, _>>(),
+        port => &paper.recipe.port,
+        epochs_done => done.unwrap_or(0),
+        unpinned_row => &unpinned,
+    };
+    let mut out = Vec::new();
+    for (i, cause) in paper.causes.iter().enumerate() {
+        if cause.latents_only && scale.pixels {
+            continue;
+        }
+        let applies = match cause.when {
+            When::Departs => departed.iter().any(|d| Some(&d.key) == cause.key.as_ref()),
+            When::TrainedOnLatents => !run.imported() && !scale.pixels,
+            When::NotFid50k => !scored_fid50k,
+            When::Undertrained => !run.imported() && done.is_none_or(|d| d < spec.train.epochs),
+            When::GuidanceUnpinned => unpinned.is_some(),
+        };
+        let what = format!("paper/meanflow.toml, cause {}", i + 1);
+        out.push(CauseLine {
+            applies,
+            text: templates::render_markdown(&what, &cause.text, &context)?,
+        });
+    }
+    Ok(out)
 }

@@ -18,6 +18,9 @@ pub struct Paper {
     pub models: Vec<ModelRow>,
     #[serde(rename = "row")]
     pub rows: Vec<Row>,
+    /// The known causes of FID gaps, in the order a discrepancy report lists them.
+    #[serde(rename = "cause", default)]
+    pub causes: Vec<Cause>,
 }
 
 /// The paper's training recipe as resolved-spec keys, and how the PyTorch port departs from it.
@@ -33,8 +36,15 @@ pub struct Recipe {
     pub keys: BTreeMap<String, toml::Value>,
 }
 
-/// A key of the recipe where a spec departs from it: (key, paper's value, the spec's value).
-pub type Departure = (String, toml::Value, Option<toml::Value>);
+/// A key of the recipe where a spec departs from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Departure {
+    /// The dotted spec key ("train.batch").
+    pub key: String,
+    pub paper: toml::Value,
+    /// The spec's value (None: the spec has no such key).
+    pub ours: Option<toml::Value>,
+}
 
 impl Recipe {
     /// The recipe keys whose value in `spec` differs from the paper's.
@@ -48,8 +58,11 @@ impl Recipe {
                     .split('.')
                     .try_fold(&resolved, |v, k| v.get(k))
                     .or_else(|| implicit.iter().find(|(k, _)| k == key).map(|(_, v)| v));
-                (!got.is_some_and(|g| same_value(g, want)))
-                    .then(|| (key.clone(), want.clone(), got.cloned()))
+                (!got.is_some_and(|g| same_value(g, want))).then(|| Departure {
+                    key: key.clone(),
+                    paper: want.clone(),
+                    ours: got.cloned(),
+                })
             })
             .collect()
     }
@@ -100,6 +113,38 @@ pub struct Also {
     pub note: Option<String>,
 }
 
+/// A cause users of the public code found behind FID gaps: a discrepancy report lists it (for
+/// the data it bears on) and ticks it when `when` holds for the run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cause {
+    pub when: When,
+    /// The recipe key of a `departs` cause.
+    pub key: Option<String>,
+    /// Bears on latent data only (the VAE, the latent cache): not listed for pixel-space data.
+    #[serde(default)]
+    pub latents_only: bool,
+    /// A minijinja template (Markdown) over the run's resolved spec and the recipe: see the
+    /// comment above `[[cause]]` in paper/meanflow.toml.
+    pub text: String,
+}
+
+/// When a [`Cause`] applies to a run, each decided from the run's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum When {
+    /// The run's value of the cause's `key` departs from the recipe.
+    Departs,
+    /// The run trained here, on cached latents.
+    TrainedOnLatents,
+    /// The FIDs are not FID-50K.
+    NotFid50k,
+    /// Fewer epochs done than the spec plans.
+    Undertrained,
+    /// The paper row the run is held to does not pin the trained-in guidance.
+    GuidanceUnpinned,
+}
+
 fn fid50k() -> String {
     "FID-50K".to_owned()
 }
@@ -119,6 +164,20 @@ impl Paper {
     pub fn parse(text: &str, file: &str) -> Result<Paper> {
         let paper: Paper =
             toml::from_str(text).with_context(|| format!("{file}: not a paper table"))?;
+        for (i, cause) in paper.causes.iter().enumerate() {
+            match (cause.when, &cause.key) {
+                (When::Departs, Some(key)) if paper.recipe.keys.contains_key(key) => {}
+                (When::Departs, key) => bail!(
+                    "{file}: cause {} (`departs`) needs a `key` of [recipe], got {key:?}",
+                    i + 1
+                ),
+                (_, Some(key)) => bail!(
+                    "{file}: cause {} has a `key` ({key}) but only `departs` causes take one",
+                    i + 1
+                ),
+                (_, None) => {}
+            }
+        }
         let mut seen = std::collections::BTreeSet::new();
         for row in &paper.rows {
             if !seen.insert(&row.id) {
@@ -188,7 +247,7 @@ impl Row {
     }
 
     /// Why a run of `spec` cannot be held to this row's number (None when it can): another
-    /// network, another training length, or data that is not ImageNet latents.
+    /// network, another training length, or data at another scale than ImageNet 256 latents.
     pub fn incomparable(&self, spec: &Spec) -> Option<String> {
         // "SiT-XL/2+" is the XL/2 network trained longer; its epochs tell them apart.
         let model = self.model.trim_end_matches('+');
@@ -202,8 +261,12 @@ impl Row {
                 why.push(format!("{} epochs instead of {epochs}", spec.train.epochs));
             }
         }
-        if spec.train.data == "digits" {
-            why.push("8x8 digits instead of ImageNet 256 latents".to_owned());
+        let scale = super::runs::Scale::of(spec);
+        if !scale.is_papers() {
+            why.push(format!(
+                "{} instead of ImageNet 256 latents",
+                scale.describe()
+            ));
         }
         (!why.is_empty()).then(|| why.join(", "))
     }

@@ -1,6 +1,7 @@
 //! Pictures of a run: loss curves (PNG and SVG, from stats.jsonl) and sample grids (PNG).
 //! Text is drawn with the DejaVu Sans file in assets/fonts, so output does not depend on the
 //! fonts of the machine.
+use super::runs::Bounds;
 use crate::rundir::StatLine;
 use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
@@ -136,14 +137,26 @@ where
     Ok(())
 }
 
-/// A point of a FID chart: x, the FID, and its 95% interval where there is one.
-pub type FidPoint = (f64, f64, Option<(f64, f64)>);
+/// A point of a FID chart: x (NFE or step), the FID, and its interval where there is one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FidPoint {
+    pub x: f64,
+    pub fid: f64,
+    pub interval: Option<Bounds>,
+}
 
-/// FID against the number of network evaluations, one line per run, with error bars where the
-/// FIDs have intervals.
-pub fn fid_by_nfe(runs: &[(String, Vec<FidPoint>)], title: &str, stem: &Path) -> Result<()> {
+/// A line of a FID chart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    pub name: String,
+    pub points: Vec<FidPoint>,
+}
+
+/// FID against the number of network evaluations, one line per run, with error bars from each
+/// interval's ends where the FIDs have intervals.
+pub fn fid_by_nfe(runs: &[Series], title: &str, stem: &Path) -> Result<()> {
     let axis = Axis {
-        caption: "FID by NFE (95% bootstrap intervals)",
+        caption: "FID by NFE (with intervals)",
         desc: "network evaluations (NFE)",
         whole_numbers: true,
     };
@@ -151,7 +164,7 @@ pub fn fid_by_nfe(runs: &[(String, Vec<FidPoint>)], title: &str, stem: &Path) ->
 }
 
 /// FID against training step, one line per (run, NFE).
-pub fn fid_by_step(series: &[(String, Vec<FidPoint>)], title: &str, stem: &Path) -> Result<()> {
+pub fn fid_by_step(series: &[Series], title: &str, stem: &Path) -> Result<()> {
     let axis = Axis {
         caption: "FID against training step",
         desc: "step",
@@ -168,21 +181,23 @@ struct Axis {
     whole_numbers: bool,
 }
 
+// One chart is one pass over plotters' builder (mesh, lines, points, bars, legend) on one
+// coordinate system; split, each part would take the chart back as a generic argument.
 fn draw_fid_lines<DB: DrawingBackend>(
     root: Area<DB>,
-    series: &[(String, Vec<FidPoint>)],
+    series: &[Series],
     title: &str,
     axis: &Axis,
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    if series.iter().all(|(_, p)| p.is_empty()) {
+    if series.iter().all(|s| s.points.is_empty()) {
         bail!("no FIDs to plot for {title}");
     }
     root.fill(&WHITE).map_err(plot_err)?;
-    let points = || series.iter().flat_map(|(_, p)| p.iter());
-    let max_x = points().map(|p| p.0).fold(1.0, f64::max);
+    let points = || series.iter().flat_map(|s| s.points.iter());
+    let max_x = points().map(|p| p.x).fold(1.0, f64::max);
     // Whole numbers (NFE) leave room on the right for the legend.
     let x_range = if axis.whole_numbers {
         0.5..max_x.max(2.0) + 1.2
@@ -190,8 +205,11 @@ where
         0.0..max_x * 1.05
     };
     let (lo, hi) = padded_range(points().flat_map(|p| {
-        let (l, h) = p.2.unwrap_or((p.1, p.1));
-        [p.1, l, h]
+        let i = p.interval.unwrap_or(Bounds {
+            low: p.fid,
+            high: p.fid,
+        });
+        [p.fid, i.low, i.high]
     }));
     let mut chart = ChartBuilder::on(&root)
         .caption(format!("{title}: {}", axis.caption), ("sans-serif", 16))
@@ -213,7 +231,7 @@ where
             .x_label_formatter(&whole);
     }
     mesh.draw().map_err(plot_err)?;
-    for (i, (name, pts)) in series.iter().enumerate() {
+    for (i, Series { name, points: pts }) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         // Runs at one NFE would hide each other's bars: each is nudged a little sideways.
         let nudge = match axis.whole_numbers {
@@ -222,7 +240,7 @@ where
         };
         chart
             .draw_series(LineSeries::new(
-                pts.iter().map(|p| (p.0 + nudge, p.1)),
+                pts.iter().map(|p| (p.x + nudge, p.fid)),
                 &color,
             ))
             .map_err(plot_err)?
@@ -231,17 +249,17 @@ where
         chart
             .draw_series(
                 pts.iter()
-                    .map(|p| Circle::new((p.0 + nudge, p.1), 4, color.filled())),
+                    .map(|p| Circle::new((p.x + nudge, p.fid), 4, color.filled())),
             )
             .map_err(plot_err)?;
         chart
             .draw_series(pts.iter().filter_map(|p| {
-                let (l, h) = p.2?;
+                let i = p.interval?;
                 Some(ErrorBar::new_vertical(
-                    p.0 + nudge,
-                    l,
-                    p.1,
-                    h,
+                    p.x + nudge,
+                    i.low,
+                    p.fid,
+                    i.high,
                     color.stroke_width(2),
                     8,
                 ))
@@ -265,11 +283,11 @@ pub struct Ranked {
     pub label: String,
     pub paper: f64,
     pub ours: f64,
-    pub interval: Option<(f64, f64)>,
+    pub interval: Option<Bounds>,
 }
 
 /// Rows the runs cannot be held to in value, in the paper's order (its best FID on the left):
-/// our FID of each with its 95% interval. Where our order matches the paper's, the points rise
+/// our FID of each with its interval (from its ends: it need not be symmetric). Where our order matches the paper's, the points rise
 /// from left to right.
 pub fn ordering(rows: &[Ranked], title: &str, stem: &Path) -> Result<()> {
     if rows.len() < 2 {
@@ -285,8 +303,11 @@ where
 {
     root.fill(&WHITE).map_err(plot_err)?;
     let (lo, hi) = padded_range(rows.iter().flat_map(|r| {
-        let (l, h) = r.interval.unwrap_or((r.ours, r.ours));
-        [r.ours, l, h]
+        let i = r.interval.unwrap_or(Bounds {
+            low: r.ours,
+            high: r.ours,
+        });
+        [r.ours, i.low, i.high]
     }));
     let n = rows.len();
     let mut chart = ChartBuilder::on(&root)
@@ -324,12 +345,12 @@ where
         .map_err(plot_err)?;
     chart
         .draw_series(rows.iter().enumerate().filter_map(|(i, r)| {
-            let (l, h) = r.interval?;
+            let b = r.interval?;
             Some(ErrorBar::new_vertical(
                 i as f64,
-                l,
+                b.low,
                 r.ours,
-                h,
+                b.high,
                 color.stroke_width(2),
                 10,
             ))
@@ -371,6 +392,8 @@ pub fn paper_vs_ours(bars: &[Bar], title: &str, stem: &Path) -> Result<()> {
     png_and_svg!(stem, (width, 480), draw_bars(bars, title))
 }
 
+// One pass over plotters' builder, as draw_fid_lines (the labels under the bars need the
+// chart's coordinates at the end).
 fn draw_bars<DB: DrawingBackend>(root: Area<DB>, bars: &[Bar], title: &str) -> Result<()>
 where
     DB::ErrorType: 'static,

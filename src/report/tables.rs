@@ -1,175 +1,64 @@
-//! An experiment's results as tables (polars DataFrames), read from its run directories only
-//! (through [`crate::rundir`]'s records).
+//! An experiment's results held against the paper (verdicts, orderings) and every table of a
+//! report as typed cells, rendered to HTML and Markdown by the same template macros.
+use super::frame::ResultRow;
 use super::paper::{Paper, Row};
-use crate::eval::bootstrap::Interval;
-use crate::rundir::{
-    checkpoint::{self, TrainState},
-    Env, Metrics, RunDir, StatLine,
-};
-use crate::spec::Spec;
-use anyhow::{bail, Result};
-use polars::prelude::*;
-use std::path::Path;
+use super::runs::{Fid, RunResult};
+use super::safe::{file_stem, Href};
+use anyhow::Result;
+use serde::Serialize;
+use std::collections::BTreeSet;
 
-/// What one run directory holds.
-pub struct RunResult {
-    /// The run directory's name: the sweep point ("data_proportion=0.75") or the experiment's.
-    pub name: String,
-    /// The run in the paper's terms ("25% r != t") where its sweep point maps to a paper row;
-    /// else its name. Set by [`collect`].
-    pub label: String,
-    pub dir: RunDir,
-    pub spec: Spec,
-    /// None for a run prepared before env.json existed.
-    pub env: Option<Env>,
-    /// samples/metrics.json, once the evaluate stage ran.
-    pub metrics: Option<Metrics>,
-    /// The newest checkpoint's training state (none for imported weights).
-    pub state: Option<TrainState>,
-    pub stats: Vec<StatLine>,
+/// How one of our numbers compares with the paper's.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    NotEvaluated,
+    /// Why the run cannot be held to the row's number.
+    NotComparable(String),
+    /// Within `tolerance` (relative) of the paper's number.
+    Reproduced {
+        tolerance: f64,
+    },
+    Better,
+    Missed,
 }
 
-impl RunResult {
-    pub fn read(dir: &RunDir) -> Result<RunResult> {
-        Ok(RunResult {
-            name: dir.name(),
-            label: dir.name(),
-            spec: dir.read_spec()?,
-            env: dir.read_env()?,
-            metrics: dir.read_metrics()?,
-            state: checkpoint::latest(&dir.checkpoints()).map(|(_, s)| s),
-            stats: dir.read_stats()?,
-            dir: dir.clone(),
-        })
-    }
-
-    /// FID per NFE, e.g. [(1, 61.2), (2, 55.0)].
-    pub fn fids(&self) -> Vec<(i64, f64)> {
-        self.metrics.as_ref().map(Metrics::fids).unwrap_or_default()
-    }
-
-    /// FID against training step from metrics.json's history: (NFE label, [(step, FID)]).
-    pub fn history(&self) -> Vec<(String, Vec<(f64, f64)>)> {
-        let mut by_nfe: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
-        for point in self.metrics.iter().flat_map(|m| &m.history) {
-            by_nfe
-                .entry(point.nfe.clone())
-                .or_default()
-                .push((point.step as f64, point.fid));
+impl Verdict {
+    pub fn of(paper: f64, ours: Option<f64>, tolerance: f64, incomparable: Option<&str>) -> Self {
+        match (ours, incomparable) {
+            (None, _) => Verdict::NotEvaluated,
+            (Some(_), Some(why)) => Verdict::NotComparable(why.to_owned()),
+            (Some(v), None) if (v - paper).abs() <= tolerance * paper => {
+                Verdict::Reproduced { tolerance }
+            }
+            (Some(v), None) if v < paper => Verdict::Better,
+            (Some(_), None) => Verdict::Missed,
         }
-        by_nfe
-            .into_iter()
-            .map(|(nfe, mut points)| {
-                points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                (nfe, points)
-            })
-            .collect()
     }
 
-    pub fn fid(&self, nfe: i64) -> Option<f64> {
-        self.fids().into_iter().find(|p| p.0 == nfe).map(|p| p.1)
-    }
-
-    /// The 95% bootstrap interval of the final FID at `nfe`, where the evaluate stage made one.
-    pub fn interval(&self, nfe: i64) -> Option<Interval> {
-        self.metrics
-            .as_ref()?
-            .fid_interval
-            .get(&format!("{nfe}-NFE"))
-            .copied()
-    }
-
-    /// "34.96 [33.10, 37.20]", or the FID alone without an interval.
-    pub fn fid_text(&self, nfe: i64) -> Option<String> {
-        let fid = self.fid(nfe)?;
-        Some(match self.interval(nfe) {
-            Some(i) => format!("{fid:.2} {i}"),
-            None => format!("{fid:.2}"),
-        })
-    }
-
-    /// The paper row this run stands for: of the rows it matches, the one set by a key its
-    /// sweep point names (the first matched row without a sweep).
-    pub fn paper_row<'p>(&self, paper: &'p Paper) -> Result<Option<&'p Row>> {
-        let rows = paper.rows_for(&self.spec.paper.rows, &self.spec)?;
-        let swept: Vec<&str> = self
-            .name
-            .split(',')
-            .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
-            .collect();
-        Ok(rows
-            .iter()
-            .find(|r| {
-                r.settings
-                    .keys()
-                    .any(|k| swept.iter().any(|s| k.rsplit('.').next() == Some(s)))
-            })
-            .or(rows.first())
-            .copied())
-    }
-
-    /// Whether the FIDs are the demo's small-sample kind rather than FID-50K.
-    pub fn small_sample(&self) -> bool {
-        crate::data::is_pixels(&self.spec.train.data)
-    }
-}
-
-/// The runs of an experiment directory (results/<experiment>), or the one run `path` is.
-pub fn collect(path: &Path) -> Result<(String, Vec<RunResult>)> {
-    let one = RunDir::new(path);
-    if one.exists() {
-        let mut runs = vec![RunResult::read(&one)?];
-        label_runs(&mut runs, &Paper::bundled())?;
-        return Ok((runs[0].spec.experiment.name.clone(), runs));
-    }
-    let dirs = crate::rundir::runs_of(path)?;
-    if dirs.is_empty() {
-        bail!(
-            "{}: holds no run directories (run `mfr run SPEC` first)",
-            path.display()
-        );
-    }
-    let mut runs = dirs
-        .iter()
-        .map(RunResult::read)
-        .collect::<Result<Vec<_>>>()?;
-    label_runs(&mut runs, &Paper::bundled())?;
-    Ok((runs[0].spec.experiment.name.clone(), runs))
-}
-
-/// Names the points of a sweep by their paper rows ("25% r != t"); runs that share a row (seed
-/// repeats) or match none keep their names.
-fn label_runs(runs: &mut [RunResult], paper: &Paper) -> Result<()> {
-    let mut labels = Vec::new();
-    for r in runs.iter() {
-        let row = r.paper_row(paper)?.filter(|_| r.name.contains('='));
-        labels.push(row.map_or_else(|| r.name.clone(), |row| row.label.clone()));
-    }
-    for (i, r) in runs.iter_mut().enumerate() {
-        let shared = labels.iter().filter(|l| **l == labels[i]).count() > 1;
-        r.label = match shared && labels[i] != r.name {
-            true => format!("{} ({})", labels[i], r.name),
-            false => labels[i].clone(),
-        };
-    }
-    Ok(())
-}
-
-/// How a number compares with the paper's.
-pub fn verdict(
-    paper: f64,
-    ours: Option<f64>,
-    tolerance: f64,
-    incomparable: Option<&str>,
-) -> String {
-    match (ours, incomparable) {
-        (None, _) => "not evaluated yet".to_owned(),
-        (Some(_), Some(why)) => format!("not comparable ({why})"),
-        (Some(v), None) if (v - paper).abs() <= tolerance * paper => {
-            format!("reproduced (within {:.0}%)", tolerance * 100.0)
+    pub fn words(&self) -> String {
+        match self {
+            Verdict::NotEvaluated => "not evaluated yet".to_owned(),
+            Verdict::NotComparable(why) => format!("not comparable ({why})"),
+            Verdict::Reproduced { tolerance } => {
+                format!("reproduced (within {:.0}%)", tolerance * 100.0)
+            }
+            Verdict::Better => "better than the paper".to_owned(),
+            Verdict::Missed => "missed: file its discrepancy report".to_owned(),
         }
-        (Some(v), None) if v < paper => "better than the paper".to_owned(),
-        (Some(_), None) => "missed: file `mfr discrepancy`".to_owned(),
+    }
+
+    /// The CSS class of its cell in index.html.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Verdict::Reproduced { .. } | Verdict::Better => "ok",
+            Verdict::Missed => "miss",
+            Verdict::NotEvaluated | Verdict::NotComparable(_) => "muted",
+        }
+    }
+
+    /// The paper's number holds here (reproduced, or bettered).
+    pub fn holds(&self) -> bool {
+        matches!(self, Verdict::Reproduced { .. } | Verdict::Better)
     }
 }
 
@@ -178,11 +67,32 @@ pub struct Compared<'a> {
     pub run: &'a RunResult,
     pub row: &'a Row,
     pub nfe: i64,
-    pub ours: Option<f64>,
-    pub interval: Option<Interval>,
+    pub ours: Option<Fid>,
     /// Why the run cannot be held to the row's number (None when it can).
     pub incomparable: Option<String>,
-    pub verdict: String,
+    pub verdict: Verdict,
+}
+
+impl<'a> Compared<'a> {
+    pub fn new(run: &'a RunResult, row: &'a Row) -> Compared<'a> {
+        let nfe = row.nfe.unwrap_or(1);
+        let ours = run.fid(nfe);
+        let incomparable = row.incomparable(&run.spec);
+        let verdict = Verdict::of(
+            row.value,
+            ours.map(|f| f.value),
+            run.spec.paper.tolerance,
+            incomparable.as_deref(),
+        );
+        Compared {
+            run,
+            row,
+            nfe,
+            ours,
+            incomparable,
+            verdict,
+        }
+    }
 }
 
 /// Every (run, paper row it matches), in the order the spec lists its rows (the paper's),
@@ -190,25 +100,8 @@ pub struct Compared<'a> {
 pub fn comparisons<'a>(runs: &'a [RunResult], paper: &'a Paper) -> Result<Vec<Compared<'a>>> {
     let mut out = Vec::new();
     for run in runs {
-        for row in paper.rows_for(&run.spec.paper.rows, &run.spec)? {
-            let nfe = row.nfe.unwrap_or(1);
-            let ours = run.fid(nfe);
-            let incomparable = row.incomparable(&run.spec);
-            let verdict = verdict(
-                row.value,
-                ours,
-                run.spec.paper.tolerance,
-                incomparable.as_deref(),
-            );
-            out.push(Compared {
-                run,
-                row,
-                nfe,
-                ours,
-                interval: run.interval(nfe),
-                incomparable,
-                verdict,
-            });
+        for row in run.rows(paper)? {
+            out.push(Compared::new(run, row));
         }
     }
     let position = |c: &Compared| c.run.spec.paper.rows.iter().position(|id| *id == c.row.id);
@@ -222,54 +115,67 @@ pub fn comparisons<'a>(runs: &'a [RunResult], paper: &'a Paper) -> Result<Vec<Co
 
 /// Whether our runs order a group of rows as the paper does: rows of one NFE the runs cannot
 /// be held to in value (another scale), ranked by FID both ways (1 = best).
-pub struct Ordering<'a> {
+pub struct Ordering {
     pub nfe: i64,
-    /// In the paper's order, best first: (compared, paper rank, our rank).
-    pub rows: Vec<(&'a Compared<'a>, f64, f64)>,
+    /// In the paper's order, best first.
+    pub rows: Vec<Ranked>,
     /// Spearman's rank correlation of ours with the paper's (1: the same order).
     pub spearman: f64,
-    /// Pairs of rows (labels) whose 95% intervals overlap: their order is not resolved.
-    pub unresolved: Vec<(String, String)>,
+    /// How many pairs of the rows have overlapping intervals: their order is not resolved.
+    pub unresolved: usize,
+}
+
+/// A row of an [`Ordering`]: which comparison (its index in the slice given to
+/// [`orderings`]) and its two ranks.
+pub struct Ranked {
+    pub at: usize,
+    pub paper_rank: f64,
+    pub our_rank: f64,
 }
 
 /// The [`Ordering`] per NFE of the rows that are evaluated but not comparable in value, where
 /// there are at least two.
-pub fn orderings<'a>(compared: &'a [Compared<'a>]) -> Vec<Ordering<'a>> {
-    let nfes: std::collections::BTreeSet<i64> = compared.iter().map(|c| c.nfe).collect();
+pub fn orderings(compared: &[Compared]) -> Vec<Ordering> {
+    let nfes: BTreeSet<i64> = compared.iter().map(|c| c.nfe).collect();
     let mut out = Vec::new();
     for nfe in nfes {
-        let mut group: Vec<&Compared> = compared
-            .iter()
-            .filter(|c| c.nfe == nfe && c.incomparable.is_some() && c.ours.is_some())
+        let mut group: Vec<usize> = (0..compared.len())
+            .filter(|&i| {
+                let c = &compared[i];
+                c.nfe == nfe && c.incomparable.is_some() && c.ours.is_some()
+            })
             .collect();
         if group.len() < 2 {
             continue;
         }
-        group.sort_by(|a, b| a.row.value.total_cmp(&b.row.value));
-        let paper_ranks = ranks(&group.iter().map(|c| c.row.value).collect::<Vec<_>>());
-        let our_ranks = ranks(
-            &group
-                .iter()
-                .map(|c| c.ours.unwrap_or(f64::NAN))
-                .collect::<Vec<_>>(),
-        );
-        let mut unresolved = Vec::new();
-        for (i, a) in group.iter().enumerate() {
-            for b in &group[i + 1..] {
-                if let (Some(x), Some(y)) = (a.interval, b.interval) {
-                    if x.overlaps(&y) {
-                        unresolved.push((a.run.label.clone(), b.run.label.clone()));
-                    }
-                }
-            }
-        }
+        group.sort_by(|&a, &b| compared[a].row.value.total_cmp(&compared[b].row.value));
+        let paper: Vec<f64> = group.iter().map(|&i| compared[i].row.value).collect();
+        let ours: Vec<Option<Fid>> = group.iter().map(|&i| compared[i].ours).collect();
+        let our_values: Vec<f64> = ours
+            .iter()
+            .map(|f| f.map_or(f64::NAN, |f| f.value))
+            .collect();
+        let (paper_ranks, our_ranks) = (ranks(&paper), ranks(&our_values));
+        let intervals: Vec<_> = ours
+            .iter()
+            .filter_map(|f| f.and_then(|f| f.interval))
+            .collect();
+        let unresolved = intervals
+            .iter()
+            .enumerate()
+            .map(|(i, a)| intervals[i + 1..].iter().filter(|b| a.overlaps(b)).count())
+            .sum();
         out.push(Ordering {
             nfe,
             spearman: pearson(&paper_ranks, &our_ranks),
             rows: group
                 .into_iter()
                 .zip(paper_ranks.into_iter().zip(our_ranks))
-                .map(|(c, (p, o))| (c, p, o))
+                .map(|(at, (paper_rank, our_rank))| Ranked {
+                    at,
+                    paper_rank,
+                    our_rank,
+                })
                 .collect(),
             unresolved,
         });
@@ -309,9 +215,9 @@ pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
 
 /// Pairs of runs whose FID intervals at `nfe` overlap: their FIDs do not tell them apart.
 pub fn overlapping(runs: &[RunResult], nfe: i64) -> Vec<(&RunResult, &RunResult)> {
-    let with: Vec<(&RunResult, Interval)> = runs
+    let with: Vec<(&RunResult, _)> = runs
         .iter()
-        .filter_map(|r| Some((r, r.interval(nfe)?)))
+        .filter_map(|r| Some((r, r.fid(nfe)?.interval?)))
         .collect();
     let mut out = Vec::new();
     for (i, (a, x)) in with.iter().enumerate() {
@@ -324,144 +230,295 @@ pub fn overlapping(runs: &[RunResult], nfe: i64) -> Vec<(&RunResult, &RunResult)
     out
 }
 
-/// The comparisons as a table: one line per (run, paper row), paper / ours / delta and the
-/// verdict; where the group is ordered instead, the two ranks.
-pub fn comparison(compared: &[Compared], orderings: &[Ordering]) -> Result<DataFrame> {
-    let rank = |c: &Compared, pick: fn(&(&Compared, f64, f64)) -> f64| {
-        orderings
-            .iter()
-            .flat_map(|o| &o.rows)
-            .find(|r| std::ptr::eq(r.0, c))
-            .map(|r| format!("{}", pick(r)))
-    };
-    let ranked = orderings.iter().any(|o| !o.rows.is_empty());
-    let mut df = df!(
-        "run" => compared.iter().map(|c| c.run.label.clone()).collect::<Vec<_>>(),
-        "paper row" => compared.iter().map(|c| format!("{} ({})", row_label(c.row), c.row.id)).collect::<Vec<_>>(),
-        "NFE" => compared.iter().map(|c| c.nfe).collect::<Vec<_>>(),
-        "paper" => compared.iter().map(|c| c.row.value).collect::<Vec<_>>(),
-        "ours (± 95% CI)" => compared.iter().map(|c| c.run.fid_text(c.nfe)).collect::<Vec<_>>(),
-        "delta" => compared.iter().map(|c| c.ours.map(|o| o - c.row.value)).collect::<Vec<_>>(),
-    )?;
-    if ranked {
-        df.with_column(Column::new(
-            "paper rank".into(),
-            compared
-                .iter()
-                .map(|c| rank(c, |r| r.1))
-                .collect::<Vec<_>>(),
-        ))?;
-        df.with_column(Column::new(
-            "our rank".into(),
-            compared
-                .iter()
-                .map(|c| rank(c, |r| r.2))
-                .collect::<Vec<_>>(),
-        ))?;
-    }
-    df.with_column(Column::new(
-        "verdict".into(),
-        compared
-            .iter()
-            .map(|c| c.verdict.clone())
-            .collect::<Vec<_>>(),
-    ))?;
-    Ok(df)
+/// A table of a report: rendered in index.html (with a link to its twin), in report.md and
+/// alone as tables/<slug>.md.
+#[derive(Debug, Serialize)]
+pub struct Table {
+    pub slug: &'static str,
+    pub caption: String,
+    /// tables/<slug>.md.
+    pub twin: Href,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Cell>>,
 }
 
-fn row_label(row: &Row) -> String {
-    format!("Table {}: {}", row.table, row.label)
-}
-
-/// The metrics per (run, NFE) of the final weights: FID with its 95% bootstrap half-width, and
-/// where the evaluate stage computed them, sFID, precision, recall and IS.
-pub fn metrics(runs: &[RunResult]) -> Result<DataFrame> {
-    let (mut run, mut nfe, mut fid) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut sfid, mut prec, mut rec, mut is) = (vec![], vec![], vec![], vec![]);
-    for r in runs {
-        for (n, _) in r.fids() {
-            let adm = r
-                .metrics
-                .as_ref()
-                .and_then(|m| m.adm.get(&format!("{n}-NFE")));
-            run.push(r.label.clone());
-            nfe.push(n);
-            fid.push(r.fid_text(n));
-            sfid.push(adm.and_then(|a| a.sfid));
-            prec.push(adm.and_then(|a| a.precision));
-            rec.push(adm.and_then(|a| a.recall));
-            is.push(adm.and_then(|a| a.inception_score));
+impl Table {
+    fn new(slug: &'static str, caption: String, columns: &[&str], rows: Vec<Vec<Cell>>) -> Table {
+        Table {
+            slug,
+            caption,
+            twin: Href::file(&format!("tables/{slug}.md")).expect("a table's slug is a file name"),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            rows,
         }
     }
-    Ok(df!(
-        "run" => run,
-        "NFE" => nfe,
-        "FID (± 95% CI)" => fid,
-        "sFID" => sfid,
-        "precision" => prec,
-        "recall" => rec,
-        "IS" => is,
-    )?)
 }
 
-/// Training done per run: steps, epochs, wall time, and over the last tenth of the logged
-/// lines the v loss and the mean adaptive weight (the weighted loss itself sits near 1 by
-/// construction with p = 1, so it says nothing).
-pub fn training(runs: &[RunResult]) -> Result<DataFrame> {
-    let (mut name, mut steps, mut epochs, mut hours) = (vec![], vec![], vec![], vec![]);
-    let (mut v_loss, mut weight) = (vec![], vec![]);
-    for r in runs {
-        name.push(r.label.clone());
-        steps.push(r.state.as_ref().map(|s| s.step as i64));
-        epochs.push(r.state.as_ref().map(|s| s.epoch as i64));
-        hours.push(r.state.as_ref().map(|s| s.wall_s / 3600.0));
-        let tail = &r.stats[r.stats.len() - r.stats.len().div_ceil(10)..];
-        let mean = |f: &dyn Fn(&StatLine) -> Option<f64>| {
-            let v: Vec<f64> = tail.iter().filter_map(f).collect();
-            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-        };
-        v_loss.push(mean(&|s| Some(s.v_loss)));
-        weight.push(mean(&|s| s.adaptive_weight));
+/// A cell of a table, by what it holds; the templates decide how each kind looks.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Cell {
+    Text {
+        text: String,
+    },
+    /// A number (or "-") as this module formatted it: no string from a file gets here, so
+    /// Markdown shows it unescaped ("34.96 [33.10, 37.20]", not "34.96 \[33.10, ...").
+    Number {
+        text: String,
+    },
+    Code {
+        text: String,
+    },
+    Link {
+        text: String,
+        href: Href,
+    },
+    /// A run by its label, with its sweep point as hover text where the label is the paper's.
+    Run {
+        text: String,
+        point: Option<String>,
+    },
+    Verdict {
+        text: String,
+        class: &'static str,
+    },
+}
+
+impl Cell {
+    pub fn text(text: impl Into<String>) -> Cell {
+        Cell::Text { text: text.into() }
     }
-    let df = df!(
-        "run" => name,
-        "steps" => steps,
-        "epochs" => epochs,
-        "hours" => hours,
-        "final v loss" => v_loss,
-        "final adaptive weight" => weight,
-    )?;
-    Ok(df)
+
+    /// A number with `decimals` places, "-" when missing.
+    pub fn number(value: Option<f64>, decimals: usize) -> Cell {
+        Cell::Number {
+            text: value.map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}")),
+        }
+    }
+
+    /// A count or rank as Rust prints it ("3", "3.5"), "-" when missing.
+    pub fn count<T: Into<f64>>(value: Option<T>) -> Cell {
+        Cell::Number {
+            text: value.map_or_else(|| "-".to_owned(), |v| v.into().to_string()),
+        }
+    }
+
+    pub fn run(label: &str, name: &str) -> Cell {
+        Cell::Run {
+            text: label.to_owned(),
+            point: (label != name).then(|| format!("spec: {name}")),
+        }
+    }
+
+    pub fn fid(fid: Option<Fid>) -> Cell {
+        Cell::Number {
+            text: fid.map_or_else(|| "-".to_owned(), |f| f.to_string()),
+        }
+    }
+
+    fn verdict(v: &Verdict) -> Cell {
+        Cell::Verdict {
+            text: v.words(),
+            class: v.class(),
+        }
+    }
 }
 
-/// A path's last component (the path itself when it has none): reports name files, not one
-/// machine's folders.
-pub fn file_name(path: &str) -> String {
-    Path::new(path)
-        .file_name()
-        .map_or_else(|| path.to_owned(), |f| f.to_string_lossy().into_owned())
+/// The file of a run's discrepancy report, beside the report.
+pub fn discrepancy_file(run_name: &str) -> String {
+    format!("discrepancy-{}.md", file_stem(run_name))
 }
 
-/// A DataFrame's cells as text, numbers with `decimals` places, missing values as "-".
-pub fn cells(df: &DataFrame, decimals: usize) -> (Vec<String>, Vec<Vec<String>>) {
-    let header: Vec<String> = df
-        .get_column_names()
+/// Each run: its label, the sweep point it stands for, the paper rows it matches and its
+/// discrepancy report.
+pub fn runs_table(runs: &[RunResult], paper: &Paper) -> Result<Table> {
+    let mut rows = Vec::new();
+    for r in runs {
+        let own: Vec<&str> = r.rows(paper)?.iter().map(|row| row.id.as_str()).collect();
+        let file = discrepancy_file(&r.name);
+        rows.push(vec![
+            Cell::run(&r.label, &r.name),
+            Cell::Code {
+                text: r.name.clone(),
+            },
+            Cell::text(match own.is_empty() {
+                true => "-".to_owned(),
+                false => own.join(", "),
+            }),
+            Cell::Link {
+                href: Href::file(&file)?,
+                text: file,
+            },
+        ]);
+    }
+    Ok(Table::new(
+        "runs",
+        "Runs (labels in the paper's terms; the spec's sweep point beside each)".to_owned(),
+        &["run", "sweep point", "paper rows", "discrepancy report"],
+        rows,
+    ))
+}
+
+/// The comparison as the official README shows it: the paper's FID beside ours, and where the
+/// runs cannot be held to the values, the two rankings.
+pub fn comparison_table(compared: &[Compared], orderings: &[Ordering], level: &str) -> Table {
+    let ranked = |i: usize| orderings.iter().flat_map(|o| &o.rows).find(|r| r.at == i);
+    let with_ranks = orderings.iter().any(|o| !o.rows.is_empty());
+    let rows = compared
         .iter()
-        .map(|n| n.to_string())
-        .collect();
-    let rows = (0..df.height())
-        .map(|i| {
-            df.columns()
-                .iter()
-                .map(|c| match c.get(i) {
-                    Ok(AnyValue::Null) | Err(_) => "-".to_owned(),
-                    Ok(AnyValue::Float64(v)) => format!("{v:.decimals$}"),
-                    Ok(AnyValue::String(s)) => s.to_owned(),
-                    Ok(AnyValue::StringOwned(s)) => s.to_string(),
-                    Ok(other) => other.to_string(),
-                })
-                .collect()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut row = vec![
+                Cell::run(&c.run.label, &c.run.name),
+                Cell::text(format!(
+                    "Table {}: {} ({})",
+                    c.row.table, c.row.label, c.row.id
+                )),
+                Cell::count(Some(c.nfe as f64)),
+                Cell::number(Some(c.row.value), 2),
+                Cell::fid(c.ours),
+                Cell::number(c.ours.map(|o| o.value - c.row.value), 2),
+            ];
+            if with_ranks {
+                row.push(Cell::count(ranked(i).map(|r| r.paper_rank)));
+                row.push(Cell::count(ranked(i).map(|r| r.our_rank)));
+            }
+            row.push(Cell::verdict(&c.verdict));
+            row
         })
         .collect();
-    (header, rows)
+    let ours = format!("ours [{level} interval]");
+    let mut columns = vec!["run", "paper row", "NFE", "paper", ours.as_str(), "delta"];
+    if with_ranks {
+        columns.extend(["paper rank", "our rank"]);
+    }
+    columns.push("verdict");
+    Table::new(
+        "paper-vs-ours",
+        "Paper / ours (FID; lower is better)".to_owned(),
+        &columns,
+        rows,
+    )
+}
+
+/// The final weights' metrics per (run, NFE) from the results frame: FID with its interval,
+/// and where the evaluate stage computed them, sFID, precision, recall and IS.
+pub fn metrics_table(frame: &[ResultRow], caption: String, level: &str) -> Table {
+    let rows = frame
+        .iter()
+        .filter(|r| r.is_final && r.nfe.is_some())
+        .map(|r| {
+            vec![
+                Cell::run(&r.label, &r.run),
+                Cell::count(r.nfe.map(|n| n as f64)),
+                Cell::fid(r.fid()),
+                Cell::number(r.sfid, 3),
+                Cell::number(r.precision, 3),
+                Cell::number(r.recall, 3),
+                Cell::number(r.inception_score, 2),
+            ]
+        })
+        .collect();
+    let fid = format!("FID [{level} interval]");
+    Table::new(
+        "metrics",
+        caption,
+        &["run", "NFE", &fid, "sFID", "precision", "recall", "IS"],
+        rows,
+    )
+}
+
+/// Training done per run, from the results frame: steps, epochs, wall time, and over the last
+/// tenth of the logged lines the v loss and the mean adaptive weight (the weighted loss itself
+/// sits near 1 by construction with p = 1, so it says nothing).
+pub fn training_table(frame: &[ResultRow]) -> Table {
+    let mut seen = BTreeSet::new();
+    let rows = frame
+        .iter()
+        .filter(|r| seen.insert(&r.run))
+        .map(|r| {
+            vec![
+                Cell::run(&r.label, &r.run),
+                Cell::count(r.training_steps.map(|n| n as f64)),
+                Cell::count(r.epochs.map(|n| n as f64)),
+                Cell::number(r.hours, 4),
+                Cell::number(r.final_v_loss, 4),
+                Cell::number(r.final_adaptive_weight, 4),
+            ]
+        })
+        .collect();
+    Table::new(
+        "training",
+        "Training".to_owned(),
+        &[
+            "run",
+            "steps",
+            "epochs",
+            "hours",
+            "final v loss",
+            "final adaptive weight",
+        ],
+        rows,
+    )
+}
+
+/// Where every number came from: the spec's hash, the code, the machine, the weights, the
+/// samples, the Inception weights and the reference, by file name.
+pub fn provenance_table(runs: &[RunResult]) -> Table {
+    let rows = runs
+        .iter()
+        .map(|r| {
+            let m = r.metrics.as_ref();
+            let env = r.env.as_ref();
+            let reference = m.and_then(|m| m.reference.as_ref()).map_or_else(
+                || "training images".to_owned(),
+                |_| {
+                    crate::assets::find(&r.spec.eval.reference)
+                        .map(|a| format!("{} ({})", a.name, a.pin.describe()))
+                        .unwrap_or_else(|_| super::runs::file_name(&r.spec.eval.reference))
+                },
+            );
+            let weights = match (&r.spec.model.weights, &r.state) {
+                (Some(w), _) => super::runs::file_name(w),
+                (None, Some(s)) => format!("step {} (EMA)", s.step),
+                (None, None) => "-".to_owned(),
+            };
+            vec![
+                Cell::run(&r.label, &r.name),
+                Cell::Code {
+                    text: r.spec.sha256()[..16].to_owned(),
+                },
+                Cell::text(env.map_or("-", |e| &e.code_commit)),
+                Cell::text(env.map_or("-", |e| &e.device)),
+                Cell::count(env.map(|e| e.world_size as f64)),
+                Cell::text(weights),
+                Cell::text(m.map_or("-".to_owned(), |m| {
+                    format!(
+                        "{} per schedule, seed {}",
+                        m.num_samples, r.spec.sample.seed
+                    )
+                })),
+                Cell::text(m.map_or("-".to_owned(), |m| {
+                    super::runs::file_name(&m.inception_weights)
+                })),
+                Cell::text(reference),
+            ]
+        })
+        .collect();
+    Table::new(
+        "provenance",
+        "Provenance".to_owned(),
+        &[
+            "run",
+            "spec sha256",
+            "code",
+            "device",
+            "processes",
+            "weights",
+            "samples",
+            "Inception",
+            "reference",
+        ],
+        rows,
+    )
 }
