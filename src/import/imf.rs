@@ -435,7 +435,9 @@ fn write(
         &ema_vs,
         moments.iter().map(|(k, m, v)| (k.as_str(), m, v)),
     );
-    let sha256 = crate::files::sha256_file(source)?;
+    // The release's own hash for a zip or a file; the checkpoint file read, for a folder.
+    let hashed = if source.is_dir() { file } else { source };
+    let sha256 = crate::files::sha256_file(hashed)?;
     let train_state = TrainState {
         step: steps,
         epoch: 0,
