@@ -38,9 +38,8 @@ fn fixture_dir() -> PathBuf {
     )
 }
 
-fn fixtures() -> Vec<PathBuf> {
-    let dir = fixture_dir();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+fn fixtures_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("fixture directory {} unreadable: {e}", dir.display()))
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
@@ -48,6 +47,10 @@ fn fixtures() -> Vec<PathBuf> {
     files.sort();
     assert!(!files.is_empty(), "no *.safetensors in {}", dir.display());
     files
+}
+
+fn fixtures() -> Vec<PathBuf> {
+    fixtures_in(&fixture_dir())
 }
 
 fn num(v: &Value, key: &str) -> Result<f64, String> {
@@ -424,14 +427,14 @@ fn check(meta: &Value, file: &Tensors, jvp: JvpMethod) -> Result<(Vec<String>, f
     Ok((check.bad, check.worst))
 }
 
-#[test]
-fn every_official_imf_fixture_matches_our_step() {
+/// Every file against our step, both JVP methods: the failures.
+fn check_all(files: &[PathBuf]) -> Vec<String> {
     if std::env::var_os("MKL_CBWR").is_none() {
         std::env::set_var("MKL_CBWR", "COMPATIBLE");
     }
     let mut report = Vec::new();
-    for path in fixtures() {
-        let (meta, file) = read(&path);
+    for path in files {
+        let (meta, file) = read(path);
         for jvp in [JvpMethod::Manual, JvpMethod::ForwardAd] {
             let name = format!("{} [{jvp:?}]", path.display());
             match check(&meta, &file, jvp) {
@@ -443,6 +446,25 @@ fn every_official_imf_fixture_matches_our_step() {
             }
         }
     }
+    report
+}
+
+#[test]
+fn every_official_imf_fixture_matches_our_step() {
+    let report = check_all(&fixtures());
+    assert!(
+        report.is_empty(),
+        "iMF parity failures:\n{}",
+        report.join("\n")
+    );
+}
+
+/// A step the official code computed at a geometry of ours (tools/make_imf_fixture.py; its
+/// README): patch 1, an odd batch, three heads of 8, 3 + 2 blocks, 3/2/5/1 tokens, cfg_beta 1.5.
+#[test]
+fn a_step_at_another_geometry_matches_too() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/imeanflow-jax-variant");
+    let report = check_all(&fixtures_in(&dir));
     assert!(
         report.is_empty(),
         "iMF parity failures:\n{}",
