@@ -11,7 +11,7 @@
 //! every gradient, and `generate` at 1 and 2 NFE (and the state after its first step) must agree
 //! within TOLERANCE, for both ways of computing du/dt. Images are NHWC in the files, NCHW here.
 mod common;
-use common::rel_err;
+use common::parity::{fixture_dir, fixtures_in, nchw, num, perturbed, read, Checker, Tensors};
 use meanflow_repro::imf::loss::{guidance, imf_loss, u_and_du_dt, Draw, RawDraw};
 use meanflow_repro::imf::sampler::{self, SamplingGuidance};
 use meanflow_repro::imf::{ImfConfig, UncondOmega};
@@ -31,32 +31,11 @@ use tch::{nn, Device, Kind, Tensor};
 /// relative (checked below) and every float32 effect the fixture README measures (>= 1e-9).
 const TOLERANCE: f64 = 1e-9;
 
-fn fixture_dir() -> PathBuf {
-    std::env::var_os("MFR_IMF_FIXTURES").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/imeanflow-jax"),
-        PathBuf::from,
-    )
-}
-
-fn fixtures_in(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("fixture directory {} unreadable: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no *.safetensors in {}", dir.display());
-    files
-}
-
 fn fixtures() -> Vec<PathBuf> {
-    fixtures_in(&fixture_dir())
-}
-
-fn num(v: &Value, key: &str) -> Result<f64, String> {
-    v[key]
-        .as_f64()
-        .ok_or_else(|| format!("meta has no number `{key}`"))
+    fixtures_in(&fixture_dir(
+        "MFR_IMF_FIXTURES",
+        "tests/fixtures/imeanflow-jax",
+    ))
 }
 
 fn int(v: &Value, key: &str) -> Result<i64, String> {
@@ -65,38 +44,13 @@ fn int(v: &Value, key: &str) -> Result<i64, String> {
         .ok_or_else(|| format!("meta has no integer `{key}`"))
 }
 
-/// NHWC -> NCHW for image-shaped tensors.
-fn nchw(t: &Tensor) -> Tensor {
-    t.permute([0, 3, 1, 2])
+/// Exact comparisons beside the checker's relative ones.
+trait Exact {
+    fn same(&mut self, name: &str, ours: &Tensor, theirs: &Tensor);
+    fn equal<T: PartialEq + std::fmt::Debug>(&mut self, name: &str, ours: T, theirs: T);
 }
 
-#[derive(Default)]
-struct Checker {
-    bad: Vec<String>,
-    worst: f64,
-}
-
-impl Checker {
-    fn compare(&mut self, name: &str, ours: &Tensor, theirs: &Tensor) {
-        if ours.size() != theirs.size() {
-            self.bad.push(format!(
-                "{name}: shape {:?} vs {:?}",
-                ours.size(),
-                theirs.size()
-            ));
-            return;
-        }
-        let err = rel_err(ours, theirs);
-        self.worst = self.worst.max(err);
-        if std::env::var_os("PARITY_VERBOSE").is_some() {
-            println!("  {name}: {err:.2e}");
-        }
-        if err.is_nan() || err > TOLERANCE {
-            self.bad
-                .push(format!("{name}: relative error {err:.3e} > {TOLERANCE:e}"));
-        }
-    }
-
+impl Exact for Checker {
     fn same(&mut self, name: &str, ours: &Tensor, theirs: &Tensor) {
         if ours.size() != theirs.size() || ours != &theirs.to_kind(ours.kind()) {
             self.bad.push(format!("{name}: differs"));
@@ -109,19 +63,6 @@ impl Checker {
                 .push(format!("{name}: ours {ours:?}, the file's {theirs:?}"));
         }
     }
-}
-
-/// The tensors of a fixture by name, possibly with one of them changed.
-type Tensors = BTreeMap<String, Tensor>;
-
-fn read(path: &Path) -> (Value, Tensors) {
-    let header = meanflow_repro::tensorfile::header(path).unwrap();
-    let meta = serde_json::from_str(&header.metadata["meta"]).unwrap();
-    let tensors = Tensor::read_safetensors(path)
-        .unwrap()
-        .into_iter()
-        .collect();
-    (meta, tensors)
 }
 
 /// The network the metadata describes; its derived numbers must be ours.
@@ -242,7 +183,7 @@ fn check(meta: &Value, file: &Tensors, jvp: JvpMethod) -> Result<(Vec<String>, f
             .ok_or_else(|| format!("fixture lacks `{k}`"))
     };
     let image = |k: &str| get(k).map(|t| nchw(&t));
-    let mut check = Checker::default();
+    let mut check = Checker::new(TOLERANCE);
     let config = network_config(meta, &mut check)?;
     let cfg = objective(meta, jvp)?;
     let state = state_dict(meta, file, &mut check)?;
@@ -470,16 +411,6 @@ fn a_step_at_another_geometry_matches_too() {
         "iMF parity failures:\n{}",
         report.join("\n")
     );
-}
-
-/// The file with one tensor multiplied by 1 + 1e-6.
-fn perturbed(file: &Tensors, key: &str) -> Tensors {
-    let mut out: Tensors = file
-        .iter()
-        .map(|(k, t)| (k.clone(), t.shallow_clone()))
-        .collect();
-    out.insert(key.to_owned(), &file[key] * (1.0 + 1e-6));
-    out
 }
 
 #[test]

@@ -67,6 +67,37 @@ def use_float64():
     return iMeanFlow64
 
 
+def perturb(params, seed, hidden):
+    """The golden steps' perturbation of an official init (tests/fixtures/imeanflow-jax/README.md):
+    every parameter the official init leaves at zero or one made non-trivial, gates N(0, 1),
+    biases N(0, 0.2^2), final kernels N(0, 1/hidden), RMSNorm scales 1 + N(0, 0.2^2); the others
+    as initialised. Key: fold_in(PRNGKey(seed), i), i the index of the '/'-joined path in sorted
+    order. Not official code: the rule the tools here share."""
+    import flax
+    import numpy as np
+    from flax import traverse_util
+    f = traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+    base = jax.random.PRNGKey(seed)
+    out = {}
+    for i, k in enumerate(sorted(f)):
+        p = np.asarray(f[k])
+        n = np.asarray(jax.random.normal(jax.random.fold_in(base, i), p.shape, p.dtype))
+        leaf, parent = k.split("/")[-1], k.split("/")[-2]
+        if leaf in ("attn_scale", "mlp_scale"):
+            v = n
+        elif leaf == "bias":
+            v = 0.2 * n
+        elif leaf == "kernel" and "final_layer" in k and parent == "_flax_linear":
+            v = n / np.sqrt(hidden)
+        elif leaf == "kernel" and p.ndim == 1:
+            v = 1.0 + 0.2 * n
+        else:
+            v = p
+        out[k] = jnp.asarray(np.asarray(v).astype(p.dtype))
+        assert np.all(np.asarray(out[k]) != 0), k
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
 def commit():
     c = os.environ.get("MEANFLOW_IMF_COMMIT")
     if c:

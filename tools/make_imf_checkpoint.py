@@ -94,34 +94,6 @@ def train_state(m):
                                               SHAPE["input_size"], lr_fn)
 
 
-def perturb(params, seed):
-    """Every parameter the official init leaves at zero or one made non-trivial, as the float64
-    golden steps do: gates N(0, 1), biases N(0, 0.2^2), final kernels N(0, 1/D), RMSNorm scales
-    1 + N(0, 0.2^2); the others as initialised. Key: fold_in(PRNGKey(seed), i), i the index of
-    the '/'-joined path in sorted order."""
-    f = flat(params)
-    base = jax.random.PRNGKey(seed)
-    d = SHAPE["hidden_size"]
-    out = {}
-    for i, k in enumerate(sorted(f)):
-        p = np.asarray(f[k])
-        n = np.asarray(jax.random.normal(jax.random.fold_in(base, i), p.shape, p.dtype))
-        leaf, parent = k.split("/")[-1], k.split("/")[-2]
-        if leaf in ("attn_scale", "mlp_scale"):
-            out[k] = n
-        elif leaf == "bias":
-            out[k] = 0.2 * n
-        elif leaf == "kernel" and "final_layer" in k and parent == "_flax_linear":
-            out[k] = n / np.sqrt(d)
-        elif leaf == "kernel" and p.ndim == 1:
-            out[k] = 1.0 + 0.2 * n
-        else:
-            out[k] = p
-        out[k] = out[k].astype(p.dtype)
-        assert np.all(out[k] != 0), k
-    return unflat(out)
-
-
 def without_v_heads(params):
     return unflat({k: v for k, v in flat(params).items() if "/v_heads_" not in k})
 
@@ -129,8 +101,8 @@ def without_v_heads(params):
 def states():
     """(full, inference) train states, step STEP."""
     full = train_state(model(imf.iMeanFlow, False))
-    params = perturb(full.params, 100)
-    ema = perturb(full.params, 200)
+    params = official.perturb(full.params, 100, SHAPE["hidden_size"])
+    ema = official.perturb(full.params, 200, SHAPE["hidden_size"])
     full = full.replace(params=params, ema_params=ema)
     grads = unflat({k: 0.01 * jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(300), i),
                                                 v.shape, v.dtype)

@@ -58,30 +58,6 @@ def flat(tree):
     return traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
 
 
-def perturb(params, seed):
-    """The shipped files' rule: zero-init gates N(0, 1), biases N(0, 0.2^2), final kernels
-    N(0, 1/D), ones-init RMSNorm scales 1 + N(0, 0.2^2); the rest as initialised."""
-    f = flat(params)
-    base = jax.random.PRNGKey(seed)
-    out = {}
-    for i, k in enumerate(sorted(f)):
-        p = np.asarray(f[k])
-        n = np.asarray(jax.random.normal(jax.random.fold_in(base, i), p.shape, p.dtype))
-        leaf, parent = k.split("/")[-1], k.split("/")[-2]
-        if leaf in ("attn_scale", "mlp_scale"):
-            out[k] = n
-        elif leaf == "bias":
-            out[k] = 0.2 * n
-        elif leaf == "kernel" and "final_layer" in k and parent == "_flax_linear":
-            out[k] = n / np.sqrt(SHAPE["hidden_size"])
-        elif leaf == "kernel" and p.ndim == 1:
-            out[k] = 1.0 + 0.2 * n
-        else:
-            out[k] = p
-        out[k] = jnp.asarray(out[k].astype(p.dtype))
-    return traverse_util.unflatten_dict(out, sep="/")
-
-
 class Recorder:
     """Pass-through proxies that keep what the official code computed, in call order."""
 
@@ -214,8 +190,9 @@ def main():
     x0 = jnp.ones((1, s, s, c))
     init = model.init({"params": jax.random.fold_in(key, 0)}, x0, jnp.ones((1,)),
                       jnp.ones((1,), dtype=int))
-    params = perturb(jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), init["params"]),
-                     SEED * 100 + 1)
+    params = official.perturb(jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                                     init["params"]), SEED * 100 + 1,
+                              SHAPE["hidden_size"])
     k_x, k_y = jax.random.split(jax.random.fold_in(key, 2))
     x = jax.random.normal(k_x, (BATCH, s, s, c), jnp.float64)
     labels = jax.random.randint(k_y, (BATCH,), 0, NUM_CLASSES)

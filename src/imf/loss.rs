@@ -10,7 +10,7 @@
 //! Where the paper and the code differ the code is followed, and the paper's form is a switch:
 //! [`UncondOmega`] (the scale the unconditional velocity is conditioned on).
 use crate::meanflow::jvp::DualLevel;
-use crate::meanflow::loss::interpolate;
+use crate::meanflow::loss::{drop_first, interpolate};
 use crate::meanflow::JvpMethod;
 use crate::model::imf::{Conditions, Heads};
 use crate::model::{AttentionKernel, Dual, ImfDiT};
@@ -304,23 +304,6 @@ fn no_v_head(net: &ImfDiT) -> anyhow::Error {
     )
 }
 
-/// The first num_drop rows get the null label, and their target is the plain v_t (official
-/// `cond_drop`).
-pub fn drop_labels(
-    net: &ImfDiT,
-    labels: &Tensor,
-    v_t: &Tensor,
-    v_g: &Tensor,
-    num_drop: &Tensor,
-) -> (Tensor, Tensor) {
-    let b = labels.size()[0];
-    let dropped = Tensor::arange(b, (Kind::Int64, labels.device())).lt_tensor(num_drop);
-    let y_inp = labels
-        .full_like(net.config.null_class())
-        .where_self(&dropped, labels);
-    (y_inp, v_t.where_self(&per_image(&dropped), v_g))
-}
-
 /// The network's outputs of the differentiated call: u and v keep their autograd graphs, du/dt
 /// is detached.
 pub struct Jvp {
@@ -432,7 +415,9 @@ pub fn imf_loss(
     }
     let (z_t, v_t) = interpolate(x, &draw.t, &draw.e);
     let guided = guidance(net, cfg, &z_t, &v_t, labels, draw)?;
-    let (y_inp, v_g) = drop_labels(net, labels, &v_t, &guided.v_g, &draw.num_drop);
+    // The first num_drop rows get the null label and the target v_t (official `cond_drop`).
+    let null = net.config.null_class();
+    let (y_inp, v_g) = drop_first(null, labels, &v_t, &guided.v_g, &draw.num_drop);
     // The differentiated call sees the unmasked omega and the sampled interval.
     let cond = Conditions {
         omega: &draw.omega,
