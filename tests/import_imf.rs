@@ -21,6 +21,7 @@
 mod common;
 use common::{rel_err, temp_dir};
 use meanflow_repro::imf::sampler::{self, SamplingGuidance};
+use meanflow_repro::import::flax::Layout;
 use meanflow_repro::import::{self, imf};
 use meanflow_repro::model::imf::{Conditions, Heads};
 use meanflow_repro::model::{load_state_dict, AttentionKernel, ImfDiT, TimeEmbedding};
@@ -355,61 +356,62 @@ fn a_zipped_meanflow_checkpoint_is_not_taken_for_an_imf_one() {
     assert!(err.contains("without an iMF network"), "{err}");
 }
 
+/// (flax path, rank, the port's key, layout): one of each kind of parameter.
+const PATHS: [(&str, usize, &str, Layout); 9] = [
+    (
+        "net/shared_blocks_0/attn/q_proj/_flax_linear/kernel",
+        2,
+        "net.shared_blocks.0.attn.q_proj._flax_linear.weight",
+        Layout::Transpose,
+    ),
+    (
+        "params/net/v_heads_11/mlp/w2/_flax_linear/kernel",
+        2,
+        "net.v_heads.11.mlp.w2._flax_linear.weight",
+        Layout::Transpose,
+    ),
+    (
+        "net/h_embedder/mlp/layers_2/_flax_linear/bias",
+        1,
+        "net.h_embedder.mlp.2._flax_linear.bias",
+        Layout::Same,
+    ),
+    (
+        "net/x_embedder/proj/kernel",
+        4,
+        "net.x_embedder.proj.weight",
+        Layout::HwioToOihw,
+    ),
+    (
+        "net/u_heads_1/attn/k_norm/kernel",
+        1,
+        "net.u_heads.1.attn.k_norm.weight",
+        Layout::Same,
+    ),
+    (
+        "net/u_final_layer/norm/kernel",
+        1,
+        "net.u_final_layer.norm.weight",
+        Layout::Same,
+    ),
+    (
+        "net/y_embedder/embedding_table/_flax_embedding/embedding",
+        2,
+        "net.y_embedder.embedding_table._flax_embedding.weight",
+        Layout::Same,
+    ),
+    ("net/t_max_tokens", 2, "net.t_max_tokens", Layout::Same),
+    (
+        "net/u_heads_0/mlp_scale",
+        1,
+        "net.u_heads.0.mlp_scale",
+        Layout::Same,
+    ),
+];
+
 #[test]
 fn flax_paths_map_by_rule_and_anything_else_is_refused() {
-    use meanflow_repro::import::flax::Layout;
-    let cases = [
-        (
-            "net/shared_blocks_0/attn/q_proj/_flax_linear/kernel",
-            2,
-            "net.shared_blocks.0.attn.q_proj._flax_linear.weight",
-            Layout::Transpose,
-        ),
-        (
-            "params/net/v_heads_11/mlp/w2/_flax_linear/kernel",
-            2,
-            "net.v_heads.11.mlp.w2._flax_linear.weight",
-            Layout::Transpose,
-        ),
-        (
-            "net/h_embedder/mlp/layers_2/_flax_linear/bias",
-            1,
-            "net.h_embedder.mlp.2._flax_linear.bias",
-            Layout::Same,
-        ),
-        (
-            "net/x_embedder/proj/kernel",
-            4,
-            "net.x_embedder.proj.weight",
-            Layout::HwioToOihw,
-        ),
-        (
-            "net/u_heads_1/attn/k_norm/kernel",
-            1,
-            "net.u_heads.1.attn.k_norm.weight",
-            Layout::Same,
-        ),
-        (
-            "net/u_final_layer/norm/kernel",
-            1,
-            "net.u_final_layer.norm.weight",
-            Layout::Same,
-        ),
-        (
-            "net/y_embedder/embedding_table/_flax_embedding/embedding",
-            2,
-            "net.y_embedder.embedding_table._flax_embedding.weight",
-            Layout::Same,
-        ),
-        ("net/t_max_tokens", 2, "net.t_max_tokens", Layout::Same),
-        (
-            "net/u_heads_0/mlp_scale",
-            1,
-            "net.u_heads.0.mlp_scale",
-            Layout::Same,
-        ),
-    ];
-    for (path, rank, key, layout) in cases {
+    for (path, rank, key, layout) in PATHS {
         assert_eq!(
             imf::torch_name(path, rank).unwrap(),
             (key.to_owned(), layout),

@@ -175,41 +175,60 @@ fn objective(meta: &Value, jvp: JvpMethod) -> Result<ImfConfig, String> {
     })
 }
 
-/// Everything the fixture holds against ours: the mismatches, and the largest relative error.
-fn check(meta: &Value, file: &Tensors, jvp: JvpMethod) -> Result<(Vec<String>, f64), String> {
-    let get = |k: &str| {
-        file.get(k)
+/// A fixture's tensors by name, images turned NCHW.
+struct Fixture<'a> {
+    meta: &'a Value,
+    file: &'a Tensors,
+}
+
+impl Fixture<'_> {
+    fn get(&self, k: &str) -> Result<Tensor, String> {
+        self.file
+            .get(k)
             .map(|t| t.shallow_clone())
             .ok_or_else(|| format!("fixture lacks `{k}`"))
-    };
-    let image = |k: &str| get(k).map(|t| nchw(&t));
+    }
+
+    fn image(&self, k: &str) -> Result<Tensor, String> {
+        self.get(k).map(|t| nchw(&t))
+    }
+}
+
+/// Everything the fixture holds against ours: the mismatches, and the largest relative error.
+fn check(meta: &Value, file: &Tensors, jvp: JvpMethod) -> Result<(Vec<String>, f64), String> {
+    let f = Fixture { meta, file };
     let mut check = Checker::new(TOLERANCE);
     let config = network_config(meta, &mut check)?;
     let cfg = objective(meta, jvp)?;
     let state = state_dict(meta, file, &mut check)?;
-    let vs = nn::VarStore::new(Device::Cpu);
+    let mut vs = nn::VarStore::new(Device::Cpu);
     let net = ImfDiT::new(&vs.root(), &config).map_err(|e| e.to_string())?;
-    let mut vs = vs;
     vs.double();
     load_state_dict(&vs, &state, "", "the fixture").map_err(|e| e.to_string())?;
     let (cos, sin) = net.rope_table();
-    check.compare("rope cos", cos, &get("const.rope_cos")?);
-    check.compare("rope sin", sin, &get("const.rope_sin")?);
+    check.compare("rope cos", cos, &f.get("const.rope_cos")?);
+    check.compare("rope sin", sin, &f.get("const.rope_sin")?);
+    let draw = draws(&f, &cfg, &mut check)?;
+    let loss = step(&f, &net, &cfg, &draw, &mut check)?;
+    loss.backward();
+    gradients(&f, &vs, &mut check)?;
+    sampling(&f, &net, &mut check)?;
+    Ok((check.bad, check.worst))
+}
 
-    // The draws: our transformations of the raw draws against the official ones; the step is
-    // then fed the official values themselves.
-    let (x, labels) = (image("io.x")?, get("io.labels")?);
-    let b = x.size()[0];
+/// Our transformations of the raw draws against the official ones; returns the official values
+/// themselves, which the step is fed.
+fn draws(f: &Fixture, cfg: &ImfConfig, check: &mut Checker) -> Result<Draw, String> {
     let ours = Draw::new(
-        &cfg,
+        cfg,
         RawDraw {
-            t_normal: get("io.t_normal")?,
-            r_normal: get("io.r_normal")?,
-            e: image("io.e")?,
-            t_min_draw: get("io.t_min_draw")?,
-            t_max_draw: get("io.t_max_draw")?,
-            omega_uniform: get("io.omega_uniform")?,
-            drop_uniform: get("io.drop_uniform")?,
+            t_normal: f.get("io.t_normal")?,
+            r_normal: f.get("io.r_normal")?,
+            e: f.image("io.e")?,
+            t_min_draw: f.get("io.t_min_draw")?,
+            t_max_draw: f.get("io.t_max_draw")?,
+            omega_uniform: f.get("io.omega_uniform")?,
+            drop_uniform: f.get("io.drop_uniform")?,
         },
     );
     for (name, t) in [
@@ -219,47 +238,64 @@ fn check(meta: &Value, file: &Tensors, jvp: JvpMethod) -> Result<(Vec<String>, f
         ("t_max", &ours.t_max),
         ("omega", &ours.omega),
     ] {
-        check.compare(
-            &format!("{name} from the raw draws"),
-            t,
-            &get(&format!("io.{name}"))?,
-        );
+        let theirs = f.get(&format!("io.{name}"))?;
+        check.compare(&format!("{name} from the raw draws"), t, &theirs);
     }
-    let num_drop = int(meta, "num_drop")?;
+    let num_drop = int(f.meta, "num_drop")?;
+    let n_fm = int(f.meta, "n_fm")?;
     check.equal(
         "num_drop from the draws",
         ours.num_drop.int64_value(&[]),
         num_drop,
     );
-    check.equal("num_drop", get("io.num_drop")?.int64_value(&[0]), num_drop);
-    check.equal("n_fm", ours.n_fm, int(meta, "n_fm")?);
+    check.equal(
+        "num_drop",
+        f.get("io.num_drop")?.int64_value(&[0]),
+        num_drop,
+    );
+    check.equal("n_fm", ours.n_fm, n_fm);
+    let b = ours.t.size()[0];
     let fm = Tensor::arange(b, (Kind::Int64, Device::Cpu)).lt(ours.n_fm);
-    check.same("fm_mask", &fm.to_kind(Kind::Int64), &get("io.fm_mask")?);
-    let draw = Draw {
-        t: get("io.t")?,
-        r: get("io.r")?,
-        e: image("io.e")?,
-        t_min: get("io.t_min")?,
-        t_max: get("io.t_max")?,
-        omega: get("io.omega")?,
+    check.same("fm_mask", &fm.to_kind(Kind::Int64), &f.get("io.fm_mask")?);
+    Ok(Draw {
+        t: f.get("io.t")?,
+        r: f.get("io.r")?,
+        e: f.image("io.e")?,
+        t_min: f.get("io.t_min")?,
+        t_max: f.get("io.t_max")?,
+        omega: f.get("io.omega")?,
         num_drop: Tensor::from(num_drop),
-        n_fm: int(meta, "n_fm")?,
-    };
+        n_fm,
+    })
+}
 
-    let terms = imf_loss(&net, &cfg, &x, &labels, &draw).map_err(|e| e.to_string())?;
-    check.compare("z_t", &terms.z_t, &image("io.z_t")?);
-    check.compare("v_t", &terms.v_t, &image("io.v_t")?);
+/// The step's every intermediate against the file's; returns the loss, with its graph.
+fn step(
+    f: &Fixture,
+    net: &ImfDiT,
+    cfg: &ImfConfig,
+    draw: &Draw,
+    check: &mut Checker,
+) -> Result<Tensor, String> {
+    let (x, labels) = (f.image("io.x")?, f.get("io.labels")?);
+    let terms = imf_loss(net, cfg, &x, &labels, draw).map_err(|e| e.to_string())?;
     let g = &terms.guided;
-    check.compare("v_c_omega", &g.v_c_omega, &image("io.v_c_omega")?);
-    check.compare("v_u", &g.v_u, &image("io.v_u")?);
-    check.compare("omega_masked", &g.omega_masked, &get("io.omega_masked")?);
-    check.compare("v_c", &g.v_c, &image("io.v_c")?);
-    check.compare("v_g before label dropout", &g.v_g, &image("io.v_g_guided")?);
-    check.same("y_inp", &terms.y_inp, &get("io.y_inp")?);
-    check.compare("v_g", &terms.v_g, &image("io.v_g")?);
-    check.compare("u", &terms.u, &image("io.u")?);
-    check.compare("v_head", &terms.v, &image("io.v_head")?);
-    check.compare("V", &terms.compound, &image("io.V")?);
+    for (name, ours, key) in [
+        ("z_t", &terms.z_t, "io.z_t"),
+        ("v_t", &terms.v_t, "io.v_t"),
+        ("v_c_omega", &g.v_c_omega, "io.v_c_omega"),
+        ("v_u", &g.v_u, "io.v_u"),
+        ("v_c", &g.v_c, "io.v_c"),
+        ("v_g before label dropout", &g.v_g, "io.v_g_guided"),
+        ("v_g", &terms.v_g, "io.v_g"),
+        ("u", &terms.u, "io.u"),
+        ("v_head", &terms.v, "io.v_head"),
+        ("V", &terms.compound, "io.V"),
+    ] {
+        check.compare(name, ours, &f.image(key)?);
+    }
+    check.compare("omega_masked", &g.omega_masked, &f.get("io.omega_masked")?);
+    check.same("y_inp", &terms.y_inp, &f.get("io.y_inp")?);
     // The official JVP covers every row; ours skips the r = t rows in training, so du/dt of all
     // rows is taken here the same way with nothing skipped.
     let h = &draw.t - &draw.r;
@@ -269,47 +305,42 @@ fn check(meta: &Value, file: &Tensors, jvp: JvpMethod) -> Result<(Vec<String>, f
         t_max: &draw.t_max,
         y: &terms.y_inp,
     };
-    let all =
-        u_and_du_dt(&net, &cfg, &terms.z_t, &h, &cond, &g.v_c, 0).map_err(|e| e.to_string())?;
-    check.compare("du_dt", &all.du_dt, &image("io.du_dt")?);
-    let from = draw.n_fm;
+    let all = u_and_du_dt(net, cfg, &terms.z_t, &h, &cond, &g.v_c, 0).map_err(|e| e.to_string())?;
+    check.compare("du_dt", &all.du_dt, &f.image("io.du_dt")?);
+    let (from, b) = (draw.n_fm, x.size()[0]);
     check.compare(
         "du_dt of the training step (rows t != r)",
         &terms.du_dt.narrow(0, from, b - from),
-        &image("io.du_dt")?.narrow(0, from, b - from),
+        &f.image("io.du_dt")?.narrow(0, from, b - from),
     );
     for (name, ours) in [
         ("loss_u_per_sample", &terms.loss_u_per_sample),
         ("loss_u_weight", &terms.loss_u_weight),
         ("loss_v_per_sample", &terms.loss_v_per_sample),
         ("loss_v_weight", &terms.loss_v_weight),
+        ("loss", &terms.loss.reshape([1])),
+        ("loss_u_mse", &terms.loss_u_mse.reshape([1])),
+        ("loss_v_mse", &terms.loss_v_mse.reshape([1])),
     ] {
-        check.compare(name, ours, &get(&format!("io.{name}"))?);
+        check.compare(name, ours, &f.get(&format!("io.{name}"))?);
     }
-    check.compare("loss", &terms.loss.reshape([1]), &get("io.loss")?);
-    check.compare(
-        "loss_u_mse",
-        &terms.loss_u_mse.reshape([1]),
-        &get("io.loss_u_mse")?,
-    );
-    check.compare(
-        "loss_v_mse",
-        &terms.loss_v_mse.reshape([1]),
-        &get("io.loss_v_mse")?,
-    );
     // The guidance again, alone: nothing of it depends on the differentiated call.
     let again =
-        guidance(&net, &cfg, &terms.z_t, &terms.v_t, &labels, &draw).map_err(|e| e.to_string())?;
-    check.compare("guidance alone", &again.v_g, &image("io.v_g_guided")?);
+        guidance(net, cfg, &terms.z_t, &terms.v_t, &labels, draw).map_err(|e| e.to_string())?;
+    check.compare("guidance alone", &again.v_g, &f.image("io.v_g_guided")?);
+    Ok(terms.loss)
+}
 
-    terms.loss.backward();
+/// Every gradient in the file against ours, through the name rule; one per parameter.
+fn gradients(f: &Fixture, vs: &nn::VarStore, check: &mut Checker) -> Result<(), String> {
     let grads: BTreeMap<String, Tensor> = vs
         .variables()
         .into_iter()
         .filter(|(_, v)| v.requires_grad())
         .map(|(k, v)| (k, v.grad()))
         .collect();
-    for (path, t) in file
+    for (path, t) in f
+        .file
         .iter()
         .filter_map(|(k, t)| Some((k.strip_prefix("grad.")?, t)))
     {
@@ -323,49 +354,42 @@ fn check(meta: &Value, file: &Tensors, jvp: JvpMethod) -> Result<(Vec<String>, f
             )),
         }
     }
-    let graded = file.keys().filter(|k| k.starts_with("grad.")).count();
+    let graded = f.file.keys().filter(|k| k.starts_with("grad.")).count();
     check.equal("gradients (file, here)", graded, grads.len());
+    Ok(())
+}
 
-    let s = &meta["sampling"];
+/// `generate` at 1 and 2 NFE, and the state after the first of two steps.
+fn sampling(f: &Fixture, net: &ImfDiT, check: &mut Checker) -> Result<(), String> {
+    let s = &f.meta["sampling"];
     let g = SamplingGuidance {
         omega: num(s, "omega")?,
         t_min: num(s, "t_min")?,
         t_max: num(s, "t_max")?,
     };
     for (name, v) in [("omega", g.omega), ("t_min", g.t_min), ("t_max", g.t_max)] {
-        check.compare(
-            &format!("gen.{name}"),
-            &Tensor::from_slice(&[v]),
-            &get(&format!("gen.{name}"))?,
-        );
+        let theirs = f.get(&format!("gen.{name}"))?;
+        check.compare(&format!("gen.{name}"), &Tensor::from_slice(&[v]), &theirs);
     }
-    let (noise, gen_labels) = (image("gen.noise")?, get("gen.labels")?);
+    let (noise, labels) = (f.image("gen.noise")?, f.get("gen.labels")?);
     let schedule = |k: &str| -> Result<Vec<f64>, String> {
-        Vec::try_from(&get(k)?).map_err(|e: tch::TchError| e.to_string())
+        Vec::try_from(&f.get(k)?).map_err(|e: tch::TchError| e.to_string())
     };
     let (one, two) = (schedule("gen.t_steps_1nfe")?, schedule("gen.t_steps_2nfe")?);
     check.equal("1-NFE schedule", one.clone(), sampler::uniform_schedule(1));
     check.equal("2-NFE schedule", two.clone(), sampler::uniform_schedule(2));
-    let sample = |steps: &[f64]| {
-        sampler::sample(&net, &noise, &gen_labels, steps, &g).map_err(|e| e.to_string())
-    };
-    check.compare(
-        "generate, 1 step",
-        &sample(&one)?,
-        &image("gen.sample_1nfe")?,
-    );
-    check.compare(
-        "generate, 2 steps",
-        &sample(&two)?,
-        &image("gen.sample_2nfe")?,
-    );
-    let first = sampler::step(&net, &noise, &gen_labels, two[0], two[1], &g);
-    check.compare(
-        "generate, 2 steps: the first",
-        &first,
-        &image("gen.sample_2nfe_step1")?,
-    );
-    Ok((check.bad, check.worst))
+    for (steps, key) in [(&one, "gen.sample_1nfe"), (&two, "gen.sample_2nfe")] {
+        let ours = sampler::sample(net, &noise, &labels, steps, &g).map_err(|e| e.to_string())?;
+        check.compare(
+            &format!("generate, {} steps", steps.len() - 1),
+            &ours,
+            &f.image(key)?,
+        );
+    }
+    let first = sampler::step(net, &noise, &labels, two[0], two[1], &g);
+    let theirs = f.image("gen.sample_2nfe_step1")?;
+    check.compare("generate, 2 steps: the first", &first, &theirs);
+    Ok(())
 }
 
 /// Every file against our step, both JVP methods: the failures.

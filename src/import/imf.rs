@@ -16,6 +16,7 @@
 //! checkpoint layout. An inference checkpoint (`iMF-*-2.zip`) has no v-head blocks, a full one
 //! (`-full.zip`) has them and AdamW's moments: told apart by content, not by name.
 use super::flax::{self, Layout, Msg};
+use super::sit::Moments;
 use super::Summary;
 use crate::model::imf::{ImfDiT, ImfDiTConfig, PRESETS};
 use crate::model::TimeEmbedding;
@@ -360,43 +361,41 @@ pub fn import(path: &Path, preset: Option<&str>, out: &Path) -> Result<Option<Su
     result
 }
 
-/// Checks the networks of a read state against the inferred shape and writes our checkpoint.
-fn write(
-    source: &Path,
-    file: &Path,
-    state: &Msg,
-    preset: Option<&str>,
-    out: &Path,
-) -> Result<Summary> {
-    let name = file.display().to_string();
+/// The trained weights and their EMA in torch keys, each with where it came from: `params/net`
+/// and `ema_params/net`, either standing in for a missing other.
+type Networks = (
+    Vec<(String, Tensor)>,
+    &'static str,
+    Vec<(String, Tensor)>,
+    &'static str,
+);
+
+fn networks(state: &Msg, name: &str) -> Result<Networks> {
     let copy = |v: &[(String, Tensor)]| -> Vec<(String, Tensor)> {
         v.iter()
             .map(|(k, t)| (k.clone(), t.shallow_clone()))
             .collect()
     };
-    let (model, model_from, ema, ema_from) = match (
-        network(state, "params", &name)?,
-        network(state, "ema_params", &name)?,
-    ) {
-        (Some(m), Some(e)) => (m, "params/net", e, "ema_params/net"),
-        (Some(m), None) => (copy(&m), "params/net", m, "params/net (no ema_params)"),
-        (None, Some(e)) => (copy(&e), "ema_params/net (no params)", e, "ema_params/net"),
-        (None, None) => bail!("{name}: neither params/net nor ema_params/net holds a network"),
-    };
-    let (inferred, config) = infer_config(&ema, &format!("{name} [{ema_from}]"))?;
-    if let Some(wanted) = preset.filter(|&p| Some(p) != inferred) {
-        bail!(
-            "{name}: --preset {wanted} does not match the checkpoint, whose network is {}",
-            inferred.map_or_else(|| describe(&config), str::to_owned)
-        );
-    }
-    let preset = inferred.map_or_else(|| describe(&config), str::to_owned);
-    let model_vs = load_checked(&config, &model, &format!("{name} [{model_from}]"))?;
-    let ema_vs = load_checked(&config, &ema, &format!("{name} [{ema_from}]"))?;
-    // optax.adamw's state: (ScaleByAdamState(count, mu, nu), EmptyState, EmptyState).
+    Ok(
+        match (
+            network(state, "params", name)?,
+            network(state, "ema_params", name)?,
+        ) {
+            (Some(m), Some(e)) => (m, "params/net", e, "ema_params/net"),
+            (Some(m), None) => (copy(&m), "params/net", m, "params/net (no ema_params)"),
+            (None, Some(e)) => (copy(&e), "ema_params/net (no params)", e, "ema_params/net"),
+            (None, None) => bail!("{name}: neither params/net nor ema_params/net holds a network"),
+        },
+    )
+}
+
+/// What a training state holds of optax.adamw's state, `(ScaleByAdamState(count, mu, nu),
+/// EmptyState, EmptyState)`: the moments as float32 (none if they do not match the network's
+/// parameters), the Adam step, the training step, and a line saying which.
+fn optimizer(state: &Msg, name: &str) -> (Moments, i64, u64, String) {
     let adam = state.get("opt_state").and_then(|o| o.get("0"));
     let moments = adam.and_then(|a| {
-        let tree = |k: &str| network(a, k, &name).ok().flatten();
+        let tree = |k: &str| network(a, k, name).ok().flatten();
         let (m, v) = (tree("mu")?, tree("nu")?);
         let v: BTreeMap<String, Tensor> = v.into_iter().collect();
         m.into_iter()
@@ -412,19 +411,44 @@ fn write(
         .and_then(Msg::as_int)
         .unwrap_or(adam_step)
         .max(0) as u64;
-    let (moments, optimizer) = match moments {
+    match moments {
         Some(m) => {
             let what = format!(
                 "AdamW moments of {} parameters at step {adam_step}",
                 m.len()
             );
-            (m, what)
+            (m, adam_step, steps, what)
         }
         None => (
             Vec::new(),
+            adam_step,
+            steps,
             "no optax AdamW state: the checkpoint samples but cannot resume".to_owned(),
         ),
-    };
+    }
+}
+
+/// Checks the networks of a read state against the inferred shape and writes our checkpoint.
+fn write(
+    source: &Path,
+    file: &Path,
+    state: &Msg,
+    preset: Option<&str>,
+    out: &Path,
+) -> Result<Summary> {
+    let name = file.display().to_string();
+    let (model, model_from, ema, ema_from) = networks(state, &name)?;
+    let (inferred, config) = infer_config(&ema, &format!("{name} [{ema_from}]"))?;
+    if let Some(wanted) = preset.filter(|&p| Some(p) != inferred) {
+        bail!(
+            "{name}: --preset {wanted} does not match the checkpoint, whose network is {}",
+            inferred.map_or_else(|| describe(&config), str::to_owned)
+        );
+    }
+    let preset = inferred.map_or_else(|| describe(&config), str::to_owned);
+    let model_vs = load_checked(&config, &model, &format!("{name} [{model_from}]"))?;
+    let ema_vs = load_checked(&config, &ema, &format!("{name} [{ema_from}]"))?;
+    let (moments, adam_step, steps, optimizer) = optimizer(state, &name);
     let variant = if config.v_head {
         "full (with its v-head)"
     } else {
