@@ -11,11 +11,13 @@
 //! every gradient, and `generate` at 1 and 2 NFE (and the state after its first step) must agree
 //! within TOLERANCE, for both ways of computing du/dt. Images are NHWC in the files, NCHW here.
 mod common;
-use common::parity::{fixture_dir, fixtures_in, nchw, num, perturbed, read, Checker, Tensors};
+use common::parity::{
+    fixture_dir, fixtures_in, flax_weights, nchw, num, perturbed, read, Checker, Tensors,
+};
 use meanflow_repro::imf::loss::{guidance, imf_loss, u_and_du_dt, Draw, RawDraw};
 use meanflow_repro::imf::sampler::{self, SamplingGuidance};
 use meanflow_repro::imf::{ImfConfig, UncondOmega};
-use meanflow_repro::import::{flax::Layout, imf};
+use meanflow_repro::import::imf;
 use meanflow_repro::meanflow::JvpMethod;
 use meanflow_repro::model::imf::Conditions;
 use meanflow_repro::model::{load_state_dict, ImfDiT, ImfDiTConfig, TimeEmbedding};
@@ -125,41 +127,6 @@ fn network_config(meta: &Value, check: &mut Checker) -> Result<ImfDiTConfig, Str
     Ok(config)
 }
 
-/// The file's weights through our name rule, which must give the file's own table.
-fn state_dict(
-    meta: &Value,
-    file: &Tensors,
-    check: &mut Checker,
-) -> Result<Vec<(String, Tensor)>, String> {
-    let table = meta["flax_to_torch"]
-        .as_object()
-        .ok_or("meta has no flax_to_torch")?;
-    let mut params = Vec::new();
-    for (key, t) in file {
-        let Some(path) = key.strip_prefix("weights.") else {
-            continue;
-        };
-        let (torch, layout) = imf::torch_name(path, t.dim()).map_err(|e| e.to_string())?;
-        let want = table
-            .get(path)
-            .ok_or(format!("{path}: not in flax_to_torch"))?;
-        let want_layout = want[1].as_str().unwrap_or_default();
-        let same_layout = match layout {
-            Layout::Same => want_layout.starts_with("none"),
-            Layout::Transpose => want_layout.starts_with("transpose"),
-            Layout::HwioToOihw => want_layout.starts_with("permute(3,2,0,1)"),
-        };
-        if want[0].as_str() != Some(torch.as_str()) || !same_layout {
-            check.bad.push(format!(
-                "{path}: we map it to {torch} ({layout:?}), the file to {want}"
-            ));
-        }
-        params.push((path.to_owned(), t.shallow_clone()));
-    }
-    check.equal("parameters in flax_to_torch", params.len(), table.len());
-    imf::to_state_dict(&params).map_err(|e| e.to_string())
-}
-
 fn objective(meta: &Value, jvp: JvpMethod) -> Result<ImfConfig, String> {
     Ok(ImfConfig {
         p_mean: num(meta, "P_mean")?,
@@ -200,7 +167,8 @@ fn check(meta: &Value, file: &Tensors, jvp: JvpMethod) -> Result<(Vec<String>, f
     let mut check = Checker::new(TOLERANCE);
     let config = network_config(meta, &mut check)?;
     let cfg = objective(meta, jvp)?;
-    let state = state_dict(meta, file, &mut check)?;
+    let params = flax_weights(meta, file, imf::torch_name, &mut check)?;
+    let state = imf::to_state_dict(&params).map_err(|e| e.to_string())?;
     let mut vs = nn::VarStore::new(Device::Cpu);
     let net = ImfDiT::new(&vs.root(), &config).map_err(|e| e.to_string())?;
     vs.double();

@@ -9,7 +9,9 @@
 //! the 1-NFE sample and `generate`'s 1- and 2-step samples must agree within 1e-9 relative, for
 //! both ways of computing du/dt. Image tensors are NHWC in the files, NCHW here.
 mod common;
-use common::parity::{fixture_dir, fixtures_in, nchw, num, perturbed, read, Checker, Tensors};
+use common::parity::{
+    fixture_dir, fixtures_in, flax_weights, nchw, num, perturbed, read, Checker, Tensors,
+};
 use meanflow_repro::import::flax;
 use meanflow_repro::meanflow::loss::{guide, u_and_du_dt, velocity};
 use meanflow_repro::meanflow::{
@@ -88,31 +90,7 @@ fn check(meta: &Value, file: &Tensors, jvp: JvpMethod) -> Result<(Vec<String>, f
     }
 
     // The name rule against the file's own table, then the weights through it.
-    let table = meta["flax_to_torch"]
-        .as_object()
-        .ok_or("meta has no flax_to_torch")?;
-    let mut params = Vec::new();
-    for (key, t) in file {
-        let Some(path) = key.strip_prefix("weights.") else {
-            continue;
-        };
-        let (torch, layout) = flax::torch_name(path, t.dim()).map_err(|e| e.to_string())?;
-        let want = &table
-            .get(path)
-            .ok_or(format!("{path}: not in flax_to_torch"))?;
-        let want_layout = want[1].as_str().unwrap_or_default();
-        let same_layout = match layout {
-            flax::Layout::Same => want_layout.starts_with("none"),
-            flax::Layout::Transpose => want_layout.starts_with("transpose"),
-            flax::Layout::HwioToOihw => want_layout.starts_with("permute(3,2,0,1)"),
-        };
-        if want[0].as_str() != Some(torch.as_str()) || !same_layout {
-            check.bad.push(format!(
-                "{path}: we map it to {torch} ({layout:?}), the file to {want}"
-            ));
-        }
-        params.push((path.to_owned(), t.shallow_clone()));
-    }
+    let params = flax_weights(meta, file, flax::torch_name, &mut check)?;
     let mut state = flax::to_state_dict(&params).map_err(|e| e.to_string())?;
     state.push(("pos_embed".to_owned(), get("const.pos_embed")?.unsqueeze(0)));
 

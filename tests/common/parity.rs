@@ -1,6 +1,7 @@
 //! What the golden-step parity tests share: the fixture files of a folder, their metadata and
 //! tensors, and a checker that collects every mismatch beyond a tolerance.
 use super::rel_err;
+use meanflow_repro::import::flax::Layout;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -98,4 +99,48 @@ impl Checker {
             ));
         }
     }
+}
+
+/// The file's `weights.<flax path>` tensors (flax layout), after checking that `rule` gives each
+/// path the key and layout of the file's own table `meta.flax_to_torch` (mismatches go into
+/// `check`) and that the table names no other parameter.
+pub fn flax_weights(
+    meta: &Value,
+    file: &Tensors,
+    rule: impl Fn(&str, usize) -> anyhow::Result<(String, Layout)>,
+    check: &mut Checker,
+) -> Result<Vec<(String, Tensor)>, String> {
+    let table = meta["flax_to_torch"]
+        .as_object()
+        .ok_or("meta has no flax_to_torch")?;
+    let mut params = Vec::new();
+    for (key, t) in file {
+        let Some(path) = key.strip_prefix("weights.") else {
+            continue;
+        };
+        let (torch, layout) = rule(path, t.dim()).map_err(|e| e.to_string())?;
+        let want = table
+            .get(path)
+            .ok_or(format!("{path}: not in flax_to_torch"))?;
+        let want_layout = want[1].as_str().unwrap_or_default();
+        let same_layout = match layout {
+            Layout::Same => want_layout.starts_with("none"),
+            Layout::Transpose => want_layout.starts_with("transpose"),
+            Layout::HwioToOihw => want_layout.starts_with("permute(3,2,0,1)"),
+        };
+        if want[0].as_str() != Some(torch.as_str()) || !same_layout {
+            check.bad.push(format!(
+                "{path}: we map it to {torch} ({layout:?}), the file to {want}"
+            ));
+        }
+        params.push((path.to_owned(), t.shallow_clone()));
+    }
+    if params.len() != table.len() {
+        check.bad.push(format!(
+            "{} weights in the file, {} entries in its flax_to_torch",
+            params.len(),
+            table.len()
+        ));
+    }
+    Ok(params)
 }
