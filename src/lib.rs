@@ -8,6 +8,7 @@ pub mod dist;
 pub mod eval;
 mod ffi;
 pub mod files;
+pub mod imf;
 pub mod import;
 pub mod meanflow;
 pub mod model;

@@ -172,10 +172,10 @@ struct FetchArgs {
 struct ImportArgs {
     file: Option<PathBuf>,
     /// Where to write (default: $MFR_CACHE/weights/inception-fid.safetensors for an
-    /// Inception, $MFR_CACHE/weights/<file stem>.safetensors for a SiT).
+    /// Inception, $MFR_CACHE/weights/<file stem>.safetensors for a SiT or an iMF network).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// The SiT preset to check a checkpoint against (default: inferred from its shapes).
+    /// The SiT or iMF preset to check a checkpoint against (default: inferred from its shapes).
     #[arg(long)]
     preset: Option<String>,
 }

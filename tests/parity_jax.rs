@@ -9,7 +9,9 @@
 //! the 1-NFE sample and `generate`'s 1- and 2-step samples must agree within 1e-9 relative, for
 //! both ways of computing du/dt. Image tensors are NHWC in the files, NCHW here.
 mod common;
-use common::rel_err;
+use common::parity::{
+    fixture_dir, fixtures_in, flax_weights, nchw, num, perturbed, read, Checker, Tensors,
+};
 use meanflow_repro::import::flax;
 use meanflow_repro::meanflow::loss::{guide, u_and_du_dt, velocity};
 use meanflow_repro::meanflow::{
@@ -20,82 +22,18 @@ use meanflow_repro::model::{
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tch::{nn, Device, Tensor};
 
 /// An exact float64 port agrees to ~1e-12; 1e-9 is generous and still fails a tensor that is
 /// off by 1e-6 (checked below).
 const TOLERANCE: f64 = 1e-9;
 
-fn fixture_dir() -> PathBuf {
-    std::env::var_os("MFR_JAX_FIXTURES").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/meanflow-jax"),
-        PathBuf::from,
-    )
-}
-
 fn fixtures() -> Vec<PathBuf> {
-    let dir = fixture_dir();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("fixture directory {} unreadable: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no *.safetensors in {}", dir.display());
-    files
-}
-
-fn num(v: &Value, key: &str) -> Result<f64, String> {
-    v[key]
-        .as_f64()
-        .ok_or_else(|| format!("meta has no number `{key}`"))
-}
-
-/// NHWC -> NCHW for image-shaped tensors.
-fn nchw(t: &Tensor) -> Tensor {
-    t.permute([0, 3, 1, 2])
-}
-
-#[derive(Default)]
-struct Checker {
-    bad: Vec<String>,
-    worst: f64,
-}
-
-impl Checker {
-    fn compare(&mut self, name: &str, ours: &Tensor, theirs: &Tensor) {
-        if ours.size() != theirs.size() {
-            self.bad.push(format!(
-                "{name}: shape {:?} vs {:?}",
-                ours.size(),
-                theirs.size()
-            ));
-            return;
-        }
-        let err = rel_err(ours, theirs);
-        self.worst = self.worst.max(err);
-        if std::env::var_os("PARITY_VERBOSE").is_some() {
-            println!("  {name}: {err:.2e}");
-        }
-        if err.is_nan() || err > TOLERANCE {
-            self.bad
-                .push(format!("{name}: relative error {err:.3e} > {TOLERANCE:e}"));
-        }
-    }
-}
-
-/// The tensors of a fixture by name, possibly with one of them changed.
-type Tensors = BTreeMap<String, Tensor>;
-
-fn read(path: &Path) -> (Value, Tensors) {
-    let header = meanflow_repro::tensorfile::header(path).unwrap();
-    let meta = serde_json::from_str(&header.metadata["meta"]).unwrap();
-    let tensors = Tensor::read_safetensors(path)
-        .unwrap()
-        .into_iter()
-        .collect();
-    (meta, tensors)
+    fixtures_in(&fixture_dir(
+        "MFR_JAX_FIXTURES",
+        "tests/fixtures/meanflow-jax",
+    ))
 }
 
 /// Everything the fixture holds against ours: the mismatches, and the largest relative error.
@@ -143,7 +81,7 @@ fn check(meta: &Value, file: &Tensors, jvp: JvpMethod) -> Result<(Vec<String>, f
         norm_p: num(meta, "norm_p")?,
         norm_eps: num(meta, "norm_eps")?,
     };
-    let mut check = Checker::default();
+    let mut check = Checker::new(TOLERANCE);
     if num(meta, "null_label")? as i64 != config.null_class() {
         check.bad.push(format!(
             "null label {} is not num_classes",
@@ -152,31 +90,7 @@ fn check(meta: &Value, file: &Tensors, jvp: JvpMethod) -> Result<(Vec<String>, f
     }
 
     // The name rule against the file's own table, then the weights through it.
-    let table = meta["flax_to_torch"]
-        .as_object()
-        .ok_or("meta has no flax_to_torch")?;
-    let mut params = Vec::new();
-    for (key, t) in file {
-        let Some(path) = key.strip_prefix("weights.") else {
-            continue;
-        };
-        let (torch, layout) = flax::torch_name(path, t.dim()).map_err(|e| e.to_string())?;
-        let want = &table
-            .get(path)
-            .ok_or(format!("{path}: not in flax_to_torch"))?;
-        let want_layout = want[1].as_str().unwrap_or_default();
-        let same_layout = match layout {
-            flax::Layout::Same => want_layout.starts_with("none"),
-            flax::Layout::Transpose => want_layout.starts_with("transpose"),
-            flax::Layout::HwioToOihw => want_layout.starts_with("permute(3,2,0,1)"),
-        };
-        if want[0].as_str() != Some(torch.as_str()) || !same_layout {
-            check.bad.push(format!(
-                "{path}: we map it to {torch} ({layout:?}), the file to {want}"
-            ));
-        }
-        params.push((path.to_owned(), t.shallow_clone()));
-    }
+    let params = flax_weights(meta, file, flax::torch_name, &mut check)?;
     let mut state = flax::to_state_dict(&params).map_err(|e| e.to_string())?;
     state.push(("pos_embed".to_owned(), get("const.pos_embed")?.unsqueeze(0)));
 
@@ -336,12 +250,7 @@ fn a_tensor_off_by_one_in_a_million_fails_the_check() {
     let path = &fixtures()[0];
     let (meta, file) = read(path);
     for key in ["io.u", "io.du_dt", "io.loss"] {
-        let mut corrupted: Tensors = file
-            .iter()
-            .map(|(k, t)| (k.clone(), t.shallow_clone()))
-            .collect();
-        corrupted.insert(key.to_owned(), &file[key] * (1.0 + 1e-6));
-        let (bad, _) = check(&meta, &corrupted, JvpMethod::Manual).unwrap();
+        let (bad, _) = check(&meta, &perturbed(&file, key), JvpMethod::Manual).unwrap();
         assert!(!bad.is_empty(), "{key} off by 1e-6 relative passed");
     }
     // And a weight: every output moves.
@@ -350,11 +259,6 @@ fn a_tensor_off_by_one_in_a_million_fails_the_check() {
         .find(|k| k.starts_with("weights.") && k.ends_with("qkv/_flax_linear/kernel"))
         .unwrap()
         .clone();
-    let mut corrupted: Tensors = file
-        .iter()
-        .map(|(k, t)| (k.clone(), t.shallow_clone()))
-        .collect();
-    corrupted.insert(weight.clone(), &file[&weight] * (1.0 + 1e-6));
-    let (bad, _) = check(&meta, &corrupted, JvpMethod::Manual).unwrap();
+    let (bad, _) = check(&meta, &perturbed(&file, &weight), JvpMethod::Manual).unwrap();
     assert!(!bad.is_empty(), "{weight} off by 1e-6 relative passed");
 }

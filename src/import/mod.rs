@@ -7,6 +7,7 @@
 //!     (torchvision names, with the 1008-way softmax weights) -> our Inception layout
 //!     ([`pytorch_fid`]).
 pub mod flax;
+pub mod imf;
 pub mod inception;
 pub mod pytorch_fid;
 pub mod sit;
@@ -55,6 +56,9 @@ pub fn detect(path: &Path) -> Result<FileKind> {
                 FileKind::TorchScript
             } else if names.iter().any(|n| n.ends_with("/data.pkl")) {
                 FileKind::TorchSave
+            } else if names.iter().any(|n| imf::is_flax_member(n)) {
+                // A zipped flax checkpoint, as improved MeanFlow's releases are.
+                FileKind::Flax
             } else {
                 FileKind::Other
             },
@@ -200,7 +204,12 @@ pub fn import(file: &Path, opts: &Options) -> Result<Summary> {
                     .map_or("checkpoint".into(), |s| s.to_string_lossy().into_owned());
                 opts.cache.join("weights").join(format!("{stem}.safetensors"))
             });
-            flax::import(file, opts.preset.as_deref(), &out)
+            // An iMF training state is imported by its own name rule; any other flax file is
+            // MeanFlow's (read again there).
+            match imf::import(file, opts.preset.as_deref(), &out)? {
+                Some(summary) => Ok(summary),
+                None => flax::import(file, opts.preset.as_deref(), &out),
+            }
         }
         FileKind::Safetensors => bail!(
             "{name}: already a safetensors file; `mfr import` converts PyTorch files (torch.save checkpoints, TorchScript archives)"

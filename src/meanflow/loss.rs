@@ -224,11 +224,20 @@ pub fn drop_labels(
     v_g: &Tensor,
     num_drop: &Tensor,
 ) -> (Tensor, Tensor) {
+    drop_first(net.config.null_class(), labels, v, v_g, num_drop)
+}
+
+/// [`drop_labels`] with the null class given: what improved MeanFlow's objective does too.
+pub fn drop_first(
+    null: i64,
+    labels: &Tensor,
+    v: &Tensor,
+    v_g: &Tensor,
+    num_drop: &Tensor,
+) -> (Tensor, Tensor) {
     let b = labels.size()[0];
     let dropped = Tensor::arange(b, (Kind::Int64, labels.device())).lt_tensor(num_drop);
-    let y_inp = labels
-        .full_like(net.config.null_class())
-        .where_self(&dropped, labels);
+    let y_inp = labels.full_like(null).where_self(&dropped, labels);
     (y_inp, v.where_self(&per_image(&dropped), v_g))
 }
 

@@ -2,12 +2,14 @@
 pub mod attention;
 pub mod dual;
 pub mod embed;
+pub mod imf;
 pub mod inception;
 pub mod sit;
 pub mod vae;
 
 pub use attention::AttentionKernel;
 pub use dual::{Dual, MaybeDual};
+pub use imf::{ImfDiT, ImfDiTConfig};
 pub use sit::{Conditioning, EmbedderInit, SiT, SiTConfig, TimeEmbedding};
 
 use anyhow::{bail, Result};

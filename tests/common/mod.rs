@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
+pub mod parity;
 use meanflow_repro::data::npy;
 use meanflow_repro::model::{Conditioning, EmbedderInit, SiT, SiTConfig, TimeEmbedding};
 use std::collections::BTreeMap;
