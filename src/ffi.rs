@@ -195,7 +195,7 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> c_int;
-    // csrc/op_profile.cpp (bench/profile.rs)
+    // csrc/op_profile.cpp (src/bench/profile.rs)
     pub(crate) fn mfr_op_profile_start(err: *mut c_char, len: usize) -> c_int;
     pub(crate) fn mfr_op_profile_stop(
         table: *mut *mut c_char,

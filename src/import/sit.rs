@@ -1,4 +1,4 @@
-//! A SiT saved by PyTorch code -> our checkpoint layout (src/train/checkpoint.rs): `model.*`,
+//! A SiT saved by PyTorch code -> our checkpoint layout (src/rundir/checkpoint.rs): `model.*`,
 //! `ema.*`, `opt.exp_avg.*` / `opt.exp_avg_sq.*` and a TrainState, in one safetensors file.
 //!
 //! Accepted: a flat state dict, or a training checkpoint as the REPA-derived PyTorch ports save it

@@ -7,7 +7,7 @@
 //! tangent only as a stop-gradient target. Here the tangent is computed under no_grad beside a
 //! primal that alone carries the graph, and attention's primal may use the fused kernel. Each
 //! rule is the forward-AD formula libtorch itself uses for that op (derivatives.yaml), so the
-//! two paths agree to rounding (tests/flow.rs; the parity fixtures hold for both).
+//! two paths agree to rounding (tests/dual.rs; the parity fixtures hold for both).
 use crate::device::{handle, shim_tensor};
 use crate::ffi::{mfr_add_mul_broadcast, mfr_layer_norm_backward};
 use std::os::raw::c_int;

@@ -1,4 +1,4 @@
-//! The spec file's sections. Defaults are the paper's SiT-B/4 setting (facts: Sec. 4, Table 4,
+//! The spec file's sections. Defaults are the paper's SiT-B/4 setting (its Sec. 4, Table 4,
 //! Appendix A); every section rejects keys it does not know.
 use crate::meanflow::JvpMethod;
 use crate::model::{Conditioning, EmbedderInit};
