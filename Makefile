@@ -23,7 +23,7 @@ HF_REFS := huggingface-hub==2.4.0 safetensors==0.8.0 packaging==26.3 pyyaml==6.0
 	requests==2.34.2 charset-normalizer==3.5.2 urllib3==2.8.0 certifi==2026.10.18 idna==3.20 \
 	httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 truststore==0.10.5
 PY_REFS := numpy==2.3.5 scipy==1.16.3 pillow==12.0.0
-# TensorBoard's own event-file reader, which tests/tensorboard.rs reads our event files with
+# TensorBoard's own event-file reader, which tests/cluster.rs reads our event files with
 # (--no-deps: its server's dependencies are not needed for reading).
 TB_REFS := tensorboard==2.20.0 protobuf==6.33.1 absl-py==2.3.1 six==1.17.0
 # Another build of torch 2.11.0 (e.g. CUDA 12.6 for an older driver):
@@ -128,13 +128,16 @@ endif
 bench: build
 	$(RELEASE) bench train --model micro/2 --batch 32 --precision f32 --device cpu --steps 10 --warmup 2 --json results/bench-train-cpu.json
 
-# On a GPU machine with the references checked out in .ref/ (see bench/gpu-bench.sh): issue 6's
-# measurements in one go, and the same-call ratios.
+# On a GPU machine with the references checked out in .ref/ (see bench/gpu-bench.sh): the
+# training measurements behind the speed targets (docs/PERFORMANCE.md), and the same-call ratios.
 bench-gpu: devbin
 	OUT=results/bench-gpu bash bench/gpu-session.sh
 	$(VENV)/bin/python bench/ratios.py results/bench-gpu
 
-# What bench/gpu-bench.sh needs on a GPU machine, in the ignored .devbin/ (carry it there).
+# What bench/gpu-*.sh need on a GPU machine, in the ignored .devbin/ (carry it there): mfr, and
+# the two reference timing scripts (the PyTorch port's step, the official JAX code's step). Those
+# scripts are not in this repository: the recipe copies them from ../shared/bench/ and fails
+# without it; bench/gpu-fid.sh, gpu-eval.sh and gpu-dist.sh need only mfr.
 devbin: build
 	mkdir -p .devbin
 	cp $(RELEASE) .devbin/mfr

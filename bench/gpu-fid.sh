@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One call on a GPU machine for issue 6's evaluation target: FID-50K of B/4 end to end (1-NFE
-# sampling, SD-VAE decode, Inception, distance; random weights) with the decode as the sample
-# stage runs it (TF32), then decode throughput in float32, TF32 and bf16 side by side.
-# Prepare with `make devbin`; run `bash bench/gpu-fid.sh` there with .devbin carried.
+# One call on a GPU machine for the evaluation speed target (docs/PERFORMANCE.md): FID-50K of B/4
+# end to end (1-NFE sampling, SD-VAE decode, Inception, distance; random weights) with the decode
+# as the sample stage runs it (TF32), then decode throughput in float32, TF32 and bf16 side by
+# side. Prepare with `make devbin`; run `bash bench/gpu-fid.sh` there with .devbin carried.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mfr-bench}; mkdir -p "$OUT"

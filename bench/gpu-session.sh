@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One call on a GPU machine for issue 6, most important first, each step under its own timeout so
-# the call fits one device command (600 s): our B/4 step eager and as a CUDA graph, the PyTorch
-# port and the official JAX code in the same call, TF32, XL/2 (decode and FID: bench/gpu-fid.sh).
-# Prepare with `make devbin` and checkouts of the two references in the ignored .ref/ (see
-# bench/gpu-bench.sh); run `bash bench/gpu-session.sh` there with .devbin and .ref carried.
-# JSON lands in $OUT; `python3 bench/ratios.py $OUT` prints the same-call ratios. With the
-# device tool: `bash bench/gpu-session.sh; bash bench/gpu-fid.sh; python3 bench/ratios.py $OUT`
-# fits one call (about 8 minutes; each step has its own timeout, most important first).
+# One call on a GPU machine for the training speed targets (docs/PERFORMANCE.md), most important
+# first, each step under its own timeout so the call fits one device command (600 s): our B/4 step
+# eager and as a CUDA graph, the PyTorch port and the official JAX code in the same call, TF32,
+# XL/2 (decode and FID: bench/gpu-fid.sh). Prepare with `make devbin` and checkouts of the two
+# references in the ignored .ref/ (see bench/gpu-bench.sh); run `bash bench/gpu-session.sh` there
+# with .devbin and .ref carried. JSON lands in $OUT; `python3 bench/ratios.py $OUT` prints the
+# same-call ratios. As one command: `bash bench/gpu-session.sh; bash bench/gpu-fid.sh;
+# python3 bench/ratios.py $OUT` fits one call (about 8 minutes; each step has its own timeout,
+# most important first).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mfr-bench}; mkdir -p "$OUT"
