@@ -1,5 +1,6 @@
-# meanflow-repro. `make demo` and `make test` work on a fresh clone with only Rust and python3:
-# `setup` creates .venv with torch==2.11.0 from PyPI, whose libtorch tch 0.24 builds against.
+# meanflow-repro. `make demo` and `make test` work on a fresh clone with Rust, a C++ compiler and
+# python3: `setup` creates .venv with torch==2.11.0 from PyPI, whose libtorch tch 0.24 builds
+# against.
 # A libtorch 2.11 you already have is used instead: LIBTORCH=/path/to/libtorch, or a python3
 # whose torch is 2.11.0 (the venv then sees it through --system-site-packages; nothing is downloaded).
 SHELL := /bin/bash
