@@ -50,7 +50,9 @@ enum Command {
     /// Check that this machine has everything a spec needs (GPU, data, VAE, reference batch,
     /// Inception weights); lists every missing thing with the command that provides it.
     Check {
+        /// The experiment spec (TOML), e.g. experiments/b4.toml.
         spec: PathBuf,
+        /// Override a spec field, e.g. --set train.epochs=2 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
@@ -69,13 +71,17 @@ enum Command {
     /// (experiment, run, paper rows, step, NFE, FID with its interval, sFID, precision, recall,
     /// IS, training) written as results.csv and results.parquet in --out (default: RESULTS_DIR).
     Results {
+        /// The results root (default: $MFR_RESULTS or ./results).
         results: Option<PathBuf>,
+        /// Where results.csv and results.parquet go (default: RESULTS).
         #[arg(long)]
         out: Option<PathBuf>,
     },
     /// Write reports/<experiment>/discrepancy-<run>.md for a run that misses the paper.
     Discrepancy {
+        /// The run directory, e.g. results/b4/omega=3.0.
         run: PathBuf,
+        /// Reports root (default: $MFR_REPORTS or ./reports).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -93,7 +99,9 @@ enum Command {
     Import(ImportArgs),
     /// Print a spec resolved (every default explicit) with its sha256.
     Resolve {
+        /// The experiment spec (TOML), e.g. experiments/b4.toml.
         spec: PathBuf,
+        /// Override a spec field, e.g. --set train.epochs=2 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
@@ -109,17 +117,22 @@ enum Command {
 
 #[derive(clap::Args)]
 struct PrepareArgs {
+    /// ImageNet's train folder: one folder of JPEGs per class.
     train_dir: PathBuf,
+    /// Where the latents go (resumable: finished shards are kept).
     out_dir: PathBuf,
     /// The SD-VAE: an asset name (fetched into the cache) or a diffusers safetensors file.
     #[arg(long, default_value = "sd-vae-ft-mse")]
     vae: String,
+    /// Image side after the ADM centre crop, a multiple of 8.
     #[arg(long, default_value_t = 256)]
     size: u32,
+    /// Images per batch.
     #[arg(long, default_value_t = 64)]
     batch: usize,
-    #[arg(long, default_value = "cuda")]
-    device: String,
+    /// cpu, cuda or cuda:N (default: cuda when libtorch sees a GPU, else cpu).
+    #[arg(long)]
+    device: Option<String>,
     /// Only the first N images (a trial run).
     #[arg(long)]
     limit: Option<usize>,
@@ -187,7 +200,8 @@ struct EvaluateArgs {
     /// Also write the metrics as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    #[arg(long, default_value_t = 100)]
+    /// Images per Inception batch (as eval.batch in a spec).
+    #[arg(long, default_value_t = 250)]
     batch: usize,
     /// cpu, cuda or cuda:N (default: cuda when libtorch sees a GPU, else cpu).
     #[arg(long)]
@@ -204,6 +218,7 @@ struct EvaluateArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// The experiment spec (TOML), e.g. experiments/b4.toml.
     spec: PathBuf,
     /// Override a spec field, e.g. --set train.epochs=2 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -257,83 +272,113 @@ impl RunArgs {
 enum BenchCommand {
     /// 1-NFE sampling of latents (random weights), optionally decoded to images.
     Sample {
+        /// The SiT preset (SiT-B/4, SiT-XL/2, ...).
         #[arg(long, default_value = "SiT-B/4")]
         model: String,
+        /// Samples per batch.
         #[arg(long, default_value_t = 1024)]
         batch: i64,
+        /// The network's precision: f32, tf32, bf16 or f64.
         #[arg(long, value_parser = spec_value::<Precision>, default_value = "bf16")]
         precision: Precision,
-        #[arg(long, default_value = "cuda")]
-        device: String,
+        /// cpu, cuda or cuda:N (default: cuda when libtorch sees a GPU, else cpu).
+        #[arg(long)]
+        device: Option<String>,
+        /// Timed batches.
         #[arg(long, default_value_t = 10)]
         batches: usize,
         /// Also decode the latents with the SD-VAE (random weights) to uint8 images, in this
         /// precision (alone: tf32, as the sample stage decodes).
         #[arg(long, value_parser = spec_value::<DecodePrecision>, num_args = 0..=1, default_missing_value = "tf32")]
         decode: Option<DecodePrecision>,
+        /// Also write the result as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
     },
     /// FID-N end to end (random weights): 1-NFE sampling, SD-VAE decode, Inception, distance.
     Fid {
+        /// The SiT preset (SiT-B/4, SiT-XL/2, ...).
         #[arg(long, default_value = "SiT-B/4")]
         model: String,
+        /// Samples to score (FID-N).
         #[arg(long, default_value_t = 50_000)]
         num: i64,
+        /// Samples per batch.
         #[arg(long, default_value_t = 500)]
         batch: i64,
         /// The SiT's precision.
         #[arg(long, value_parser = spec_value::<Precision>, default_value = "bf16")]
         precision: Precision,
+        /// The SD-VAE decoder's precision.
         #[arg(long, value_parser = spec_value::<DecodePrecision>, default_value = "tf32")]
         decode: DecodePrecision,
-        #[arg(long, default_value = "cuda")]
-        device: String,
+        /// cpu, cuda or cuda:N (default: cuda when libtorch sees a GPU, else cpu).
+        #[arg(long)]
+        device: Option<String>,
+        /// Also write the result as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
     },
     /// Decoding and ADM-cropping of an ImageNet-layout folder on every core (no encoder): the
     /// CPU side of `mfr prepare-imagenet`.
     Prepare {
+        /// ImageNet's train folder: one folder of JPEGs per class.
         train_dir: PathBuf,
+        /// Image side after the ADM centre crop, a multiple of 8.
         #[arg(long, default_value_t = 256)]
         size: u32,
+        /// Only the first N images.
         #[arg(long, default_value_t = 1000)]
         limit: usize,
+        /// Images per batch.
         #[arg(long, default_value_t = 64)]
         batch: usize,
+        /// Also write the result as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
     },
     /// Inception features of random 256 x 256 images (random weights).
     Evaluate {
+        /// Images per Inception batch.
         #[arg(long, default_value_t = 250)]
         batch: i64,
+        /// The network's precision: f32, tf32, bf16 or f64.
         #[arg(long, value_parser = spec_value::<Precision>, default_value = "f32")]
         precision: Precision,
-        #[arg(long, default_value = "cuda")]
-        device: String,
+        /// cpu, cuda or cuda:N (default: cuda when libtorch sees a GPU, else cpu).
+        #[arg(long)]
+        device: Option<String>,
+        /// Timed batches.
         #[arg(long, default_value_t = 10)]
         batches: usize,
+        /// Also write the result as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
     },
     /// MeanFlow training steps (loss, JVP, backward, AdamW) on random latents.
     Train {
+        /// The SiT preset (SiT-B/4, SiT-XL/2, ...).
         #[arg(long, default_value = "SiT-B/4")]
         model: String,
+        /// Samples per batch.
         #[arg(long, default_value_t = 256)]
         batch: i64,
+        /// The network's precision: f32, tf32, bf16 or f64.
         #[arg(long, value_parser = spec_value::<Precision>, default_value = "bf16")]
         precision: Precision,
-        #[arg(long, default_value = "cuda")]
-        device: String,
+        /// cpu, cuda or cuda:N (default: cuda when libtorch sees a GPU, else cpu).
+        #[arg(long)]
+        device: Option<String>,
+        /// Untimed steps first (allocator, autotuning).
         #[arg(long, default_value_t = 4)]
         warmup: usize,
+        /// Timed steps.
         #[arg(long, default_value_t = 15)]
         steps: usize,
+        /// Guidance scale omega of the MeanFlow target (1: none).
         #[arg(long, default_value_t = 3.0)]
         omega: f64,
+        /// Guidance mixing kappa of the MeanFlow target (0: none).
         #[arg(long, default_value_t = 0.0)]
         kappa: f64,
         /// Gradient-norm clip (the PyTorch port's 1.0; 0 disables).
@@ -442,13 +487,13 @@ fn run(cli: Cli) -> Result<()> {
                 resolved.sha256(),
                 resolved.to_toml()
             );
-            let text = resolved.to_toml();
+            // A default is implicit where the resolved spec does not hold its full dotted key
+            // (a leaf of the same name in another table does not count).
+            let printed = toml::Value::Table(resolved.to_toml().parse()?);
+            let holds = |key: &str| key.split('.').try_fold(&printed, |v, p| v.get(p)).is_some();
             let implicit: Vec<String> = meanflow_repro::spec::implicit_defaults()
                 .into_iter()
-                .filter(|(key, _)| {
-                    let leaf = key.rsplit('.').next().unwrap_or(key);
-                    !text.lines().any(|l| l.starts_with(&format!("{leaf} = ")))
-                })
+                .filter(|(key, _)| !holds(key))
                 .map(|(key, value)| format!("#   {key} = {value}"))
                 .collect();
             if !implicit.is_empty() {
@@ -471,7 +516,7 @@ impl PrepareArgs {
         // The sizes first: a wrong one fails in seconds, not after loading the VAE.
         prepare::check_size(self.size)?;
         prepare::check_batch(self.batch)?;
-        let dev = device::parse(&self.device)?;
+        let dev = pick_device(self.device)?;
         let opts = prepare::Options {
             size: self.size,
             batch: self.batch,
@@ -565,16 +610,9 @@ impl ImportArgs {
 
 impl EvaluateArgs {
     fn go(self) -> Result<()> {
-        let name = self.device.unwrap_or_else(|| {
-            match tch::Cuda::is_available() {
-                true => "cuda",
-                false => "cpu",
-            }
-            .to_owned()
-        });
         let opts = evaluator::Options {
             batch: self.batch,
-            device: device::parse(&name)?,
+            device: pick_device(self.device)?,
             bootstrap: self.bootstrap,
             cache: default_cache(),
         };
@@ -604,7 +642,7 @@ impl BenchCommand {
                 decode,
                 json,
             } => {
-                let dev = device::parse(&device)?;
+                let dev = pick_device(device)?;
                 let result = bench::sample(&model, batch, precision, dev, 2, batches, decode)?;
                 emit(&result, json)
             }
@@ -617,7 +655,7 @@ impl BenchCommand {
                 device,
                 json,
             } => {
-                let dev = device::parse(&device)?;
+                let dev = pick_device(device)?;
                 emit(
                     &bench::fid(&model, num, batch, precision, decode, dev)?,
                     json,
@@ -641,7 +679,7 @@ impl BenchCommand {
                 batches,
                 json,
             } => {
-                let dev = device::parse(&device)?;
+                let dev = pick_device(device)?;
                 emit(&bench::evaluate(batch, precision, dev, 1, batches)?, json)
             }
             BenchCommand::Train {
@@ -662,7 +700,7 @@ impl BenchCommand {
                     model,
                     batch,
                     precision,
-                    device: device::parse(&device)?,
+                    device: pick_device(device)?,
                     warmup,
                     steps,
                     omega,
@@ -674,5 +712,13 @@ impl BenchCommand {
                 emit(&bench::train(&b)?, json)
             }
         }
+    }
+}
+
+/// The device a `--device` flag names; without one, cuda when libtorch sees a GPU, else cpu.
+fn pick_device(name: Option<String>) -> Result<tch::Device> {
+    match name {
+        Some(name) => device::parse(&name),
+        None => Ok(tch::Device::cuda_if_available()),
     }
 }

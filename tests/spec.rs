@@ -217,3 +217,39 @@ fn the_cuda_graph_switch_is_read_and_off_leaves_the_hash_as_it_was() {
     assert!(on.train.cuda_graph);
     assert_ne!(on.sha256(), plain.sha256());
 }
+
+#[test]
+fn resolve_lists_each_default_it_leaves_out_by_its_full_key() {
+    // `precision` is a key of [train] in every resolved spec; `sample.precision` is still at its
+    // default and must be listed (a leaf of the same name elsewhere does not hide it).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.toml");
+    std::fs::write(&path, MINIMAL).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mfr"))
+        .args(["resolve", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    let resolved = text.split("# at their defaults").next().unwrap();
+    assert!(resolved.contains("\nprecision = "), "{text}");
+    for key in ["sample.precision", "sample.labels", "eval.bootstrap"] {
+        assert!(
+            text.contains(&format!("#   {key} = ")),
+            "{key} not listed:\n{text}"
+        );
+    }
+    // Set to another value, it is part of the spec and no longer listed.
+    std::fs::write(
+        &path,
+        format!("{MINIMAL}\n[sample]\nprecision = \"bf16\"\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mfr"))
+        .args(["resolve", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("\nprecision = \"bf16\""), "{text}");
+    assert!(!text.contains("#   sample.precision"), "{text}");
+}
