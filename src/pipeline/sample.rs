@@ -17,7 +17,7 @@ use crate::model::SiT;
 use crate::progress::Progress;
 use crate::rundir::checkpoint;
 use crate::rundir::samples::SampleParts;
-use crate::spec::{SampleLabels, SamplePrecision, Spec};
+use crate::spec::{Precision, SampleLabels, SamplePrecision, Spec};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -54,6 +54,16 @@ impl SampleConfig {
             batch: spec.sample.batch,
             num_samples: spec.sample.num_samples,
         }
+    }
+}
+
+/// The sampling network's precision: float64 where the run trained in it (the CPU checks),
+/// otherwise float32 with TF32 off, whatever `train.precision` says: `sample.precision` alone
+/// decides (bf16 is autocast over these float32 weights).
+fn network_precision(spec: &Spec) -> Precision {
+    match spec.train.precision {
+        Precision::F64 => Precision::F64,
+        _ => Precision::F32,
     }
 }
 
@@ -259,7 +269,8 @@ pub fn stage(run: &Run, world: &World) -> Result<()> {
     let main = world.is_main();
     let device = world.device(crate::device::parse(&spec.train.device)?);
     tch::manual_seed(data::mix(spec.train.seed, u64::MAX) as i64);
-    let (vs, net) = crate::train::network(&spec.model_config(), spec.train.precision, device, 1.0)?;
+    let (vs, net) =
+        crate::train::network(&spec.model_config(), network_precision(spec), device, 1.0)?;
     let load = |path: Option<&Path>| -> Result<()> {
         if main {
             let path = path.context("no finished training to sample from")?;
