@@ -8,7 +8,7 @@ use meanflow_repro::paths::{default_cache, default_reports, default_results};
 use meanflow_repro::pipeline::{self, Stage};
 use meanflow_repro::rundir::Contention;
 use meanflow_repro::signals::{self, Stopped};
-use meanflow_repro::{assets, bench, device, dist, report, spec::Precision, spec::Spec};
+use meanflow_repro::{assets, bench, device, dist, report, spec::Precision};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -480,7 +480,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fetch(args) => args.go(),
         Command::Import(args) => args.go(),
         Command::Resolve { spec, sets } => {
-            let resolved = Spec::load_with(&spec, &sets)?;
+            let resolved = pipeline::load_spec(&spec, &sets)?;
             println!(
                 "# {} (sha256 {})\n{}",
                 spec.display(),

@@ -247,6 +247,20 @@ fn spec_values_that_would_change_results_are_refused_by_key() {
 }
 
 #[test]
+fn an_unknown_paper_row_is_refused_before_any_work() {
+    let dir = temp_dir("spec-paper-row");
+    let path = spec_with(&dir, "row", "[paper]\nrows = [\"table1a.nope\"]");
+    for command in ["resolve", "check", "run"] {
+        let stderr = refused(
+            &mfr(&dir, &[command, path.to_str().unwrap()]),
+            "table1a.nope",
+        );
+        assert!(stderr.contains("[paper] rows"), "{command}: {stderr}");
+    }
+    assert!(!dir.join("results").exists(), "nothing trained");
+}
+
+#[test]
 fn experiment_names_are_one_plain_folder() {
     let dir = temp_dir("spec-names");
     for (i, name) in ["../../x", "/tmp/abs", "", ".", "..", "a/b", ".hidden"]

@@ -73,11 +73,22 @@ pub struct Run<'a> {
     pub total: Option<u64>,
 }
 
+/// A spec as every command reads it: resolved with its overrides, and its `[paper] rows` all
+/// rows of the paper data (a misspelt row would otherwise surface only in the report, after the
+/// training).
+pub fn load_spec(spec_path: &Path, sets: &[String]) -> Result<Spec> {
+    let spec = Spec::load_with(spec_path, sets)?;
+    crate::report::paper::Paper::bundled()
+        .rows_for(&spec.paper.rows, &spec)
+        .with_context(|| format!("{}: [paper] rows", spec_path.display()))?;
+    Ok(spec)
+}
+
 /// Runs the spec's runs: alone, or as one rank of the processes a launcher started (torchrun,
 /// srun or `mfr launch`). Every rank trains and samples its share; rank 0 alone prints, holds
 /// the run directories' locks, evaluates, draws and reports, while the others wait.
 pub fn run(spec_path: &Path, sets: &[String], opts: &Options) -> Result<()> {
-    let spec = Spec::load_with(spec_path, sets)?;
+    let spec = load_spec(spec_path, sets)?;
     let world = if opts.dry_run {
         World::single()
     } else {

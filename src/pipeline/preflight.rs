@@ -2,12 +2,11 @@
 //! at once, each with the command that provides it (`make reproduce-b4` stops on this before
 //! doing anything).
 use crate::data;
-use crate::spec::Spec;
 use anyhow::{bail, Result};
 use std::path::Path;
 
 pub fn preflight(spec_path: &Path, sets: &[String]) -> Result<()> {
-    let spec = Spec::load_with(spec_path, sets)?;
+    let spec = super::load_spec(spec_path, sets)?;
     let mut missing = Vec::new();
     if let Err(e) = crate::device::parse(&spec.train.device) {
         missing.push(format!(
