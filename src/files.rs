@@ -37,30 +37,6 @@ pub fn sha256_of(mut reader: impl Read) -> std::io::Result<String> {
     }
 }
 
-/// Opens `path` for reading if it is a regular file (or a symlink to one); a FIFO, a device, a
-/// socket or a directory is refused with a sentence, without blocking on the open.
-pub fn open_regular(path: &Path) -> Result<File> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .with_context(|| format!("{}: cannot open", path.display()))?;
-    let kind = file
-        .metadata()
-        .with_context(|| format!("{}: cannot stat", path.display()))?
-        .file_type();
-    if !kind.is_file() {
-        bail!(
-            "{} is a {}, not a regular file: give the path of the file itself",
-            path.display(),
-            kind_of(kind)
-        );
-    }
-    // Blocking reads from here (O_NONBLOCK only kept the open of a FIFO from waiting).
-    set_blocking(&file);
-    Ok(file)
-}
-
 /// Clears O_NONBLOCK, which an open set only so that opening a FIFO could not wait forever.
 fn set_blocking(file: &File) {
     // SAFETY: fcntl on a descriptor this process owns; no memory is passed.
@@ -72,7 +48,7 @@ fn set_blocking(file: &File) {
 
 /// The sha256 of a file's content, in hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let file = open_regular(path)?;
+    let file = crate::readfile::open(path)?;
     sha256_of(file).with_context(|| format!("{}: cannot read", path.display()))
 }
 
@@ -172,32 +148,13 @@ impl Drop for AtomicFile {
     }
 }
 
-/// What a file type is called in messages.
-fn kind_of(t: std::fs::FileType) -> &'static str {
-    if t.is_symlink() {
-        "symbolic link"
-    } else if t.is_dir() {
-        "directory"
-    } else if t.is_fifo() {
-        "FIFO"
-    } else if t.is_char_device() {
-        "character device"
-    } else if t.is_block_device() {
-        "block device"
-    } else if t.is_socket() {
-        "socket"
-    } else {
-        "regular file"
-    }
-}
-
 /// Whether `path` may be replaced by a rename: absent, or a regular file (not a symlink to one).
 fn replaceable(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if !m.file_type().is_file() => bail!(
-            "{} is a {}, not a regular file: mfr only replaces regular files in its own folders; remove it or write elsewhere",
+            "{} is {}, not a regular file: mfr only replaces regular files in its own folders; remove it or write elsewhere",
             path.display(),
-            kind_of(m.file_type())
+            crate::readfile::kind_of(m.file_type())
         ),
         _ => Ok(()),
     }
@@ -219,9 +176,9 @@ pub fn regular_output(path: &Path) -> Result<PathBuf> {
         Ok(m) if m.is_file() => std::fs::canonicalize(path)
             .with_context(|| format!("{}: cannot resolve", path.display())),
         Ok(m) => bail!(
-            "{} is a {}: give the path of a regular file to write",
+            "{} is {}: give the path of a regular file to write",
             path.display(),
-            kind_of(m.file_type())
+            crate::readfile::kind_of(m.file_type())
         ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if std::fs::symlink_metadata(path).is_ok() {
@@ -296,9 +253,9 @@ fn own_regular(file: &File, path: &Path) -> Result<()> {
         .file_type();
     if !kind.is_file() {
         bail!(
-            "{} is a {}, not a regular file: remove it",
+            "{} is {}, not a regular file: remove it",
             path.display(),
-            kind_of(kind)
+            crate::readfile::kind_of(kind)
         );
     }
     Ok(())

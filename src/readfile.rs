@@ -5,15 +5,19 @@
 //! blocking), so a file swapped for a FIFO in between is refused too. Symlinks to regular files
 //! are followed: datasets are often links into shared storage.
 use anyhow::{bail, Context, Result};
+use std::fs::FileType;
 use std::fs::{File, Metadata};
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
-/// What a non-regular file is, for the error sentence.
-fn kind_of(meta: &Metadata) -> &'static str {
-    let t = meta.file_type();
-    if t.is_dir() {
+/// What a non-regular file is, for an error sentence.
+pub fn kind_of(t: FileType) -> &'static str {
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
         "a folder"
     } else if t.is_fifo() {
         "a FIFO (named pipe)"
@@ -32,7 +36,7 @@ fn refuse(path: &Path, meta: &Metadata) -> anyhow::Error {
     anyhow::anyhow!(
         "{}: {}, not a regular file; give the path of the file itself",
         path.display(),
-        kind_of(meta)
+        kind_of(meta.file_type())
     )
 }
 
@@ -51,11 +55,21 @@ pub fn regular(path: &Path) -> Result<Metadata> {
 /// sentence saying what it is.
 pub fn open(path: &Path) -> Result<File> {
     regular(path)?;
-    // O_NONBLOCK: should the path have become a FIFO since, the open returns at once and the
-    // check below refuses it. Reads of regular files ignore the flag.
+    open_flags(path, 0)
+}
+
+/// Opens `path` for reading if it is a regular file itself: a symlink is refused, not followed
+/// (what a report copies must be the run's own file, not what a link points at).
+pub fn open_no_follow(path: &Path) -> Result<File> {
+    open_flags(path, libc::O_NOFOLLOW)
+}
+
+fn open_flags(path: &Path, flags: i32) -> Result<File> {
+    // O_NONBLOCK: should the path have become a FIFO since it was checked, the open returns at
+    // once and the check below refuses it. Reads of regular files ignore the flag.
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | flags)
         .open(path)
         .with_context(|| format!("{}: cannot open", path.display()))?;
     let meta = file

@@ -111,7 +111,7 @@ pub fn header(path: &Path) -> Result<Header> {
             path.display()
         )
     };
-    let mut file = crate::files::open_regular(path)?;
+    let mut file = crate::readfile::open(path)?;
     let size = file
         .metadata()
         .with_context(|| format!("{}: cannot read", path.display()))?
@@ -168,7 +168,7 @@ pub fn verify(path: &Path) -> Result<Header> {
             &want[..12.min(want.len())]
         )
     };
-    let mut file = crate::files::open_regular(path)?;
+    let mut file = crate::readfile::open(path)?;
     file.seek(SeekFrom::Start(header.data_start))?;
     let unreadable = || format!("{}: cannot read", path.display());
     if let Some(want) = header.metadata.get(CHECKSUM) {

@@ -697,7 +697,7 @@ fn a_json_output_is_written_through_links_and_devices_never_replacing_them() {
         );
     }
     // A directory is refused by name.
-    refused(&bench_json(&dir, &dir), "directory");
+    refused(&bench_json(&dir, &dir), "a folder");
 }
 
 #[test]

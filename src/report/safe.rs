@@ -240,18 +240,7 @@ fn image_inside(from: &Path, meta: &std::fs::Metadata, run: &Path) -> Result<(),
 /// The bytes of `path`, opened without following a symlink that replaced it since it was
 /// checked, and only if what was opened is a regular file.
 fn read_regular(path: &Path) -> Result<Vec<u8>> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .with_context(|| format!("{}: cannot open", path.display()))?;
-    let meta = file
-        .metadata()
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    if !meta.is_file() {
-        bail!("{}: not a regular file", path.display());
-    }
+    let file = crate::readfile::open_no_follow(path)?;
     let mut bytes = Vec::new();
     file.take(MAX_IMAGE_BYTES)
         .read_to_end(&mut bytes)
