@@ -332,7 +332,14 @@ fn the_b4_path_walks_end_to_end_on_stand_ins() {
         assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("{name}: ")));
     }
     let listing = ok(&mut mfr(&["fetch"]), "mfr fetch (listing)");
-    println!("{}", String::from_utf8_lossy(&listing.stdout));
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    for (name, ..) in releases(&dir) {
+        let line = listing.lines().find(|l| l.starts_with(&format!("{name} ")));
+        assert!(
+            line.is_some_and(|l| l.contains(" verified ")),
+            "{name}: {line:?}"
+        );
+    }
 
     // 2. The released weights, both forms, through `make reproduce-b4 CKPT=`.
     let tiny = format!("SET={TINY}");

@@ -9,8 +9,8 @@ each in its release's format and written by the program that writes the real one
     B/4's 32 x 32 latents (the flax network computes its table for any input; the port stores
     it), so that both stand-ins hold one network, as both releases do;
   - VIRTUAL_imagenet256_labeled.npz: ADM's reference batch layout (arr_0 uint8 NHWC images;
-    mu, sigma of 2048 pool features; mu_s, sigma_s of 2023 spatial features; float64), 64 x 64
-    images and statistics of random features (the real ones are TensorFlow Inception's);
+    mu, sigma of 2048 pool features; mu_s, sigma_s of 2023 spatial features; float64), 16
+    64 x 64 images and statistics of random features (the real ones are TensorFlow Inception's);
   - fid-stats.npz: the official JAX code's statistics-only reference (ref_mu, ref_sigma);
   - sd-vae.safetensors: diffusers' own save_pretrained of an AutoencoderKL of SD's structure
     (four levels, 8x downscale, 32 groups) at widths 32, 32, 64, 64 and one resnet a level, every
@@ -79,7 +79,7 @@ def stats(dim, n):
 
 side = np.linspace(0, 1, 64)
 images = []
-for i in range(48):
+for i in range(16):  # precision and recall need k + 1 = 4 at least
     a, b, c = rng.uniform(0, 2 * np.pi, 3)
     wave = np.sin(a + 6 * side[:, None] * np.cos(b) + 6 * side[None, :] * np.sin(b))
     rgb = np.stack([wave, np.roll(wave, 8 * (i % 3), 0), np.cos(c) * wave], -1)
