@@ -102,7 +102,10 @@ fn every_released_form_of_the_b4_weights_imports_to_one_network() {
     zipped_folder(&folder_zip, "MF-B4");
     let forms: [(&str, PathBuf); 6] = [
         ("checkpoint folder", flax_folder()),
-        ("folder of checkpoints", flax_folder().parent().unwrap().to_owned()),
+        (
+            "folder of checkpoints",
+            flax_folder().parent().unwrap().to_owned(),
+        ),
         ("msgpack file", flax_folder().join("checkpoint")),
         ("zip of the folder", folder_zip.clone()),
         ("zip of the msgpack file", single.clone()),
@@ -158,49 +161,56 @@ fn entry(name: &str, url: &str, file: &Path) -> String {
     )
 }
 
-/// The mirror of every released file the B/4 path downloads: (asset name, released file name,
-/// stand-in, Drive id and answer for the Google Drive ones).
-fn releases(dir: &Path) -> Vec<(&'static str, &'static str, PathBuf, Option<(&'static str, Drive)>)> {
-    let zip = dir.join("meanflow-b4-jax.zip");
-    zipped_folder(&zip, "MF-B4");
-    vec![
-        ("meanflow-b4-jax", "meanflow-b4-jax.zip", zip, Some(("19MR1WLycyqc627gsOJF4yzR4ZkU8fvOu", Drive::Form))),
-        ("meanflow-b4-jax-fid-stats", "meanflow-b4-jax-fid-stats.npz", standin("fid-stats.npz"), Some(("1sESI-bE4SpB0noJ6VQ_OE6XAI_o4c-qK", Drive::Cookie))),
-        ("meanflow-b4-pth", "meanflow-B4.pth", standin("meanflow-B4.pth"), Some(("1jcsM02gvPWe0IkXkZhDmLk6bIucsJG-b", Drive::Form))),
-        ("VIRTUAL_imagenet256_labeled", "VIRTUAL_imagenet256_labeled.npz", standin("VIRTUAL_imagenet256_labeled.npz"), None),
-        ("pt_inception", "pt_inception-2015-12-05-6726825d.pth", standin("pt_inception.pth"), None),
-        ("sd-vae-ft-mse", "sd-vae-ft-mse.safetensors", standin("sd-vae.safetensors"), None),
-        ("sd-vae-ft-ema", "sd-vae-ft-ema.safetensors", standin("sd-vae.safetensors"), None),
-    ]
-}
+/// Every released file the B/4 path downloads: its asset name, its file name as released, its
+/// stand-in (none: the official checkpoint folder, zipped), and for a Google Drive file its id
+/// and how Drive answers (the interstitial's form, or its older cookie token).
+#[rustfmt::skip]
+const RELEASES: [(&str, &str, Option<&str>, Option<(&str, Drive)>); 7] = [
+    ("meanflow-b4-jax", "meanflow-b4-jax.zip", None,
+        Some(("19MR1WLycyqc627gsOJF4yzR4ZkU8fvOu", Drive::Form))),
+    ("meanflow-b4-jax-fid-stats", "meanflow-b4-jax-fid-stats.npz", Some("fid-stats.npz"),
+        Some(("1sESI-bE4SpB0noJ6VQ_OE6XAI_o4c-qK", Drive::Cookie))),
+    ("meanflow-b4-pth", "meanflow-B4.pth", Some("meanflow-B4.pth"),
+        Some(("1jcsM02gvPWe0IkXkZhDmLk6bIucsJG-b", Drive::Form))),
+    ("VIRTUAL_imagenet256_labeled", "VIRTUAL_imagenet256_labeled.npz",
+        Some("VIRTUAL_imagenet256_labeled.npz"), None),
+    ("pt_inception", "pt_inception-2015-12-05-6726825d.pth", Some("pt_inception.pth"), None),
+    ("sd-vae-ft-mse", "sd-vae-ft-mse.safetensors", Some("sd-vae.safetensors"), None),
+    ("sd-vae-ft-ema", "sd-vae-ft-ema.safetensors", Some("sd-vae.safetensors"), None),
+];
 
 /// Serves the releases from `dir/served` (hard links where the file system allows) and writes
 /// the manifest pinning them; returns the server and the manifest's path.
 fn serve(dir: &Path) -> (Server, PathBuf) {
     let served = dir.join("served");
     std::fs::create_dir_all(&served).unwrap();
-    let releases = releases(dir);
     let mut mirror = Mirror::new(&served);
-    for (_, file, standin, drive) in &releases {
+    let mut text = String::new();
+    let mut entries = Vec::new();
+    for (name, file, source, drive) in RELEASES {
         let to = served.join(file);
-        if std::fs::hard_link(standin, &to).is_err() {
-            std::fs::copy(standin, &to).unwrap();
+        match source {
+            None => zipped_folder(&to, "MF-B4"),
+            Some(source) => {
+                let source = standin(source);
+                if std::fs::hard_link(&source, &to).is_err() {
+                    std::fs::copy(&source, &to).unwrap();
+                }
+            }
         }
         if let Some((id, answer)) = drive {
-            mirror = mirror.drive(id, file, *answer);
+            mirror = mirror.drive(id, file, answer);
         }
+        entries.push((name, file, to, drive));
     }
     let server = mirror.start();
-    let text: String = releases
-        .iter()
-        .map(|(name, file, standin, drive)| {
-            let url = match drive {
-                Some((id, _)) => server.drive_url(id),
-                None => server.url(file),
-            };
-            entry(name, &url, standin)
-        })
-        .collect();
+    for (name, file, path, drive) in entries {
+        let url = match drive {
+            Some((id, _)) => server.drive_url(id),
+            None => server.url(file),
+        };
+        text += &entry(name, &url, &path);
+    }
     let manifest = dir.join("manifest.toml");
     std::fs::write(&manifest, text).unwrap();
     (server, manifest)
@@ -271,7 +281,8 @@ fn mfr_import_of_an_asset_name_fetches_it_first() {
     assert!(
         !none.status.success()
             && stderr.lines().count() == 1
-            && stderr.contains("meanflow-b4-jaks: no such file or folder, and no asset of that name"),
+            && stderr
+                .contains("meanflow-b4-jaks: no such file or folder, and no asset of that name"),
         "{stderr}"
     );
 }
@@ -322,18 +333,20 @@ fn the_b4_path_walks_end_to_end_on_stand_ins() {
     };
     let make = |args: &[String]| {
         let mut cmd = user("make", &dir, &manifest);
-        cmd.arg("--no-print-directory").arg(format!("RELEASE={MFR}")).args(args);
+        cmd.arg("--no-print-directory")
+            .arg(format!("RELEASE={MFR}"))
+            .args(args);
         cmd
     };
 
     // 1. Every release fetched, hash checked; the listing says so.
-    for (name, ..) in releases(&dir) {
+    for (name, ..) in RELEASES {
         let out = ok(&mut mfr(&["fetch", name]), &format!("mfr fetch {name}"));
         assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("{name}: ")));
     }
     let listing = ok(&mut mfr(&["fetch"]), "mfr fetch (listing)");
     let listing = String::from_utf8_lossy(&listing.stdout);
-    for (name, ..) in releases(&dir) {
+    for (name, ..) in RELEASES {
         let line = listing.lines().find(|l| l.starts_with(&format!("{name} ")));
         assert!(
             line.is_some_and(|l| l.contains(" verified ")),
@@ -436,8 +449,5 @@ fn the_b4_path_walks_end_to_end_on_stand_ins() {
             "make report-check",
         );
     }
-    println!(
-        "the rehearsal took {:.0} s",
-        start.elapsed().as_secs_f64()
-    );
+    println!("the rehearsal took {:.0} s", start.elapsed().as_secs_f64());
 }

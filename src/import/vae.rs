@@ -60,14 +60,23 @@ const GROUPS: i64 = 32;
 /// encoder's resnets, their depth from how many the first level has, the channels from the
 /// outer convolutions. Whatever this gets wrong, loading the weights strictly then names.
 pub fn config_of(tensors: &[(String, Tensor)]) -> Result<VaeConfig> {
-    let shape = |key: &str| tensors.iter().find(|(k, _)| k == key).map(|(_, t)| t.size());
+    let shape = |key: &str| {
+        tensors
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, t)| t.size())
+    };
     let dim = |key: &str, i: usize| -> Result<i64> {
         match shape(key) {
             Some(s) if s.len() == 4 => Ok(s[i]),
             _ => bail!("no 4-D `{key}`"),
         }
     };
-    let width = |level: usize| shape(&format!("encoder.down_blocks.{level}.resnets.0.conv2.weight"));
+    let width = |level: usize| {
+        shape(&format!(
+            "encoder.down_blocks.{level}.resnets.0.conv2.weight"
+        ))
+    };
     let block_out_channels: Vec<i64> = (0..)
         .map_while(|l| width(l).filter(|s| s.len() == 4).map(|s| s[0]))
         .take(16)
