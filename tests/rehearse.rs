@@ -17,7 +17,6 @@ mod common;
 mod mirror;
 
 use common::temp_dir;
-use meanflow_repro::data::npy;
 use meanflow_repro::import::{self, Summary};
 use meanflow_repro::rundir::{checkpoint, RunDir};
 use mirror::{Drive, Mirror, Server};
@@ -30,16 +29,9 @@ use tch::Tensor;
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const MFR: &str = env!("CARGO_BIN_EXE_mfr");
 
+/// A stand-in tools/make_standins.py wrote (`make test` and `make rehearse` run it first).
 fn standin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("MFR_STANDINS")
-        .map_or_else(|| Path::new(REPO).join("target/standins"), PathBuf::from);
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{}: missing (`make rehearse` or `make test` writes the stand-ins first)",
-        path.display()
-    );
-    path
+    common::generated("MFR_STANDINS", "target/standins", name)
 }
 
 /// The official code's checkpoint folder `checkpoint_1234/` (a msgpack `checkpoint` inside).
@@ -287,27 +279,6 @@ fn mfr_import_of_an_asset_name_fetches_it_first() {
     );
 }
 
-/// SD-VAE latents of ImageNet 256 (4 x 32 x 32, as posterior mean and std) with labels in
-/// 0..10: the REPA layout `mfr prepare-imagenet` writes.
-fn latents(root: &Path, n: usize) {
-    let dir = root.join("vae-sd/00000");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut labels = Vec::new();
-    for i in 0..n {
-        let name = format!("img-mean-std-{i:08}.npy");
-        let values: Vec<f32> = (0..8192)
-            .map(|j| match j < 4096 {
-                true => ((i * 37 + j * 11) % 23) as f32 / 11.0 - 1.0,
-                false => 0.05,
-            })
-            .collect();
-        npy::write_f32(&dir.join(&name), &[8, 32, 32], &values).unwrap();
-        labels.push(serde_json::json!([format!("00000/{name}"), i % 10]));
-    }
-    let index = serde_json::json!({ "labels": labels });
-    std::fs::write(root.join("vae-sd/dataset.json"), index.to_string()).unwrap();
-}
-
 /// What makes B/4's specs tiny and CPU-only: the stand-ins' network, few samples, few
 /// resamples. Both evaluations must agree on everything the control is matched by.
 const TINY: &str = "model.preset=micro/2 model.num_classes=10 train.device=cpu \
@@ -391,7 +362,8 @@ fn the_b4_path_walks_end_to_end_on_stand_ins() {
     // few steps, as `make reproduce-b4` runs it (check, then run) but for its first point only
     // (the omega = 3 ablation would double the time and walk nothing new).
     let data = dir.join("latents");
-    latents(&data, 24);
+    // SD-VAE latents of ImageNet 256 (4 x 32 x 32) over the stand-ins' 10 classes.
+    common::latents_of(&data, 24, [4, 32, 10], None);
     let mut sets = vec!["experiments/b4.toml".to_owned()];
     for kv in TINY.split_whitespace().map(str::to_owned).chain([
         format!("train.data={}", data.display()),
