@@ -156,8 +156,14 @@ fn entry(name: &str, url: &str, file: &Path) -> String {
 /// Every released file the B/4 path downloads: its asset name, its file name as released, its
 /// stand-in (none: the official checkpoint folder, zipped), and for a Google Drive file its id
 /// and how Drive answers (the interstitial's form, or its older cookie token).
+type Release = (
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    Option<(&'static str, Drive)>,
+);
 #[rustfmt::skip]
-const RELEASES: [(&str, &str, Option<&str>, Option<(&str, Drive)>); 7] = [
+const RELEASES: [Release; 7] = [
     ("meanflow-b4-jax", "meanflow-b4-jax.zip", None,
         Some(("19MR1WLycyqc627gsOJF4yzR4ZkU8fvOu", Drive::Form))),
     ("meanflow-b4-jax-fid-stats", "meanflow-b4-jax-fid-stats.npz", Some("fid-stats.npz"),
