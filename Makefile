@@ -39,6 +39,10 @@ IMPORT_FIXTURES := target/import-fixtures
 # LIBTORCH=...) build.rs looks in $$CUDA_HOME, or builds without NCCL and says so.
 CUDA_HEADERS := nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
 RELEASE := target/release/mfr
+# RELEASE=path/to/mfr on make's command line runs that binary and builds nothing (the rehearsal
+# passes the one cargo built for its test).
+BUILD := $(if $(filter command line,$(origin RELEASE)),,build)
+STANDINS := target/standins
 
 ifdef LIBTORCH
 CARGO_ENV := LIBTORCH=$(LIBTORCH)
@@ -47,7 +51,7 @@ CARGO_ENV := VIRTUAL_ENV=$(VENV) PATH="$(VENV)/bin:$$PATH" LIBTORCH_USE_PYTORCH=
 endif
 CARGO := $(CARGO_ENV) cargo
 
-.PHONY: setup build test lint demo report-check reproduce-b4 bench bench-gpu devbin flax-export clean
+.PHONY: setup build test lint demo report-check reproduce-b4 rehearse bench bench-gpu devbin flax-export clean
 
 setup: $(VENV)/.ready .cuda-headers/.ready
 
@@ -75,7 +79,8 @@ $(VENV)/.ready: Makefile
 build: setup
 	$(CARGO) build --release
 
-test: setup lint $(EVAL_FIXTURES)/.ready $(VAE_FIXTURES)/.ready $(IMPORT_FIXTURES)/.ready
+test: setup lint $(EVAL_FIXTURES)/.ready $(VAE_FIXTURES)/.ready $(IMPORT_FIXTURES)/.ready \
+		$(STANDINS)/.ready
 	$(CARGO) test --release
 
 # Golden data from the reference implementations, regenerated when the generator changes.
@@ -91,6 +96,21 @@ $(VAE_FIXTURES)/.ready: tests/make_vae_fixtures.py $(VENV)/.ready
 $(IMPORT_FIXTURES)/.ready: tests/make_import_fixtures.py $(VENV)/.ready
 	$(VENV)/bin/python tests/make_import_fixtures.py $(IMPORT_FIXTURES)
 	touch $@
+
+# Stand-ins of the released files the B/4 path downloads (tools/make_standins.py), for the
+# rehearsal; the official JAX checkpoint's is tests/fixtures/flax, Inception's an import fixture.
+$(STANDINS)/.ready: tools/make_standins.py tests/fixtures/flax/expected.safetensors \
+		$(IMPORT_FIXTURES)/.ready
+	MFR_IMPORT_FIXTURES=$(IMPORT_FIXTURES) $(VENV)/bin/python tools/make_standins.py $(STANDINS)
+	touch $@
+
+# The headline job walked end to end on the CPU, offline (tests/rehearse.rs, also part of
+# `make test`): stand-ins of every release served by a local imitation of their servers (Google
+# Drive's interstitial included) under a test manifest; `mfr fetch` of each; `make reproduce-b4`
+# with CKPT= the JAX release's asset name and the .pth, and a trained run beside them;
+# `mfr report`, the discrepancy report with its control row, `make report-check` in Chromium.
+rehearse: setup $(IMPORT_FIXTURES)/.ready $(STANDINS)/.ready
+	$(CARGO) test --release --test rehearse -- --nocapture
 
 lint: setup
 	cargo fmt --all -- --check
@@ -115,7 +135,7 @@ report-check:
 # SET="key=value ..." overrides spec fields (a trial: SET="train.device=cpu sample.num_samples=64").
 IMPORTED ?= results/imported/meanflow-B4.safetensors
 SETS = $(foreach s,$(SET),--set $(s))
-reproduce-b4: build
+reproduce-b4: $(BUILD)
 ifdef CKPT
 	mkdir -p $(dir $(IMPORTED))
 	$(RELEASE) import $(CKPT) --out $(IMPORTED)

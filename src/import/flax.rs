@@ -7,6 +7,8 @@
 //!   - `kernel` of the patch convolution, HWIO (p, p, C, D): permuted to OIHW (D, C, p, p);
 //!   - `embedding` of the class table, (K + 1, D): `weight`, unchanged; `bias`: unchanged.
 use anyhow::{bail, Context, Result};
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 /// How a flax array becomes the PyTorch tensor.
@@ -163,7 +165,7 @@ const TOO_MANY: &str = "more values than a checkpoint holds";
 
 /// Reads a flax msgpack file: rmpv decodes the tree, then maps take string keys (each once),
 /// arrays become tensors, chunked arrays are put back together, every size checked first.
-pub fn read_msgpack(path: &std::path::Path) -> Result<Msg> {
+pub fn read_msgpack(path: &Path) -> Result<Msg> {
     let file = path.display().to_string();
     let fail = |what: String| anyhow::anyhow!("{file}: not a flax msgpack checkpoint: {what}");
     let mut reader = Metered {
@@ -389,7 +391,7 @@ fn unchunk(map: &Msg) -> Result<Msg> {
 /// (`checkpoint_<step>/`), its `checkpoint` file; in a folder of checkpoints, the newest's.
 /// An orbax checkpoint stored as tensorstore (OCDBT) is exported to msgpack first, by the
 /// pinned Python step `make flax-export`.
-pub fn msgpack_file(path: &std::path::Path) -> Result<std::path::PathBuf> {
+pub fn msgpack_file(path: &Path) -> Result<PathBuf> {
     if !path.is_dir() {
         return Ok(path.to_owned());
     }
@@ -427,7 +429,7 @@ pub fn msgpack_file(path: &std::path::Path) -> Result<std::path::PathBuf> {
 }
 
 /// The `checkpoint` file of an orbax checkpoint folder, None when it has none; OCDBT is named.
-fn checkpoint_in(dir: &std::path::Path) -> Result<Option<std::path::PathBuf>> {
+fn checkpoint_in(dir: &Path) -> Result<Option<PathBuf>> {
     if dir.join("checkpoint").exists() {
         return Ok(Some(dir.join("checkpoint")));
     }
@@ -447,16 +449,19 @@ pub fn looks_like_msgpack(head: &[u8]) -> bool {
 }
 
 /// The official JAX code's training state (`{step, params, ema_params, opt_state}`, flax
-/// msgpack as flax and orbax write it) -> our checkpoint at `out`: `params/net` as the model,
-/// `ema_params/net` as the EMA, AdamW's `mu` and `nu` as the moments and their `count` as the
-/// Adam step.
+/// msgpack as flax and orbax write it), read from `file` of the checkpoint `source` as given (a
+/// zip, a folder or the msgpack file; see [`locate`]) -> our checkpoint at `out`: `params/net` as
+/// the model, `ema_params/net` as the EMA, AdamW's `mu` and `nu` as the moments and their `count`
+/// as the Adam step. The record names the release as given (a zip's own hash, not that of the
+/// file unpacked from it), or the checkpoint file read inside a folder.
 pub fn import(
-    path: &std::path::Path,
+    source: &Path,
+    file: &Path,
+    state: &Msg,
     preset: Option<&str>,
-    out: &std::path::Path,
+    out: &Path,
 ) -> Result<super::Summary> {
-    let file = msgpack_file(path)?;
-    let state = read_msgpack(&file)?;
+    let file = if source.is_dir() { file } else { source };
     let name = file.display().to_string();
     let net = |key: &str| -> Result<Option<Vec<(String, Tensor)>>> {
         state
@@ -508,7 +513,7 @@ pub fn import(
         ),
     };
     super::sit::write(super::sit::Imported {
-        file: &file,
+        file,
         kind: "official JAX (flax) checkpoint",
         model: (model, model_from),
         ema: (ema, ema_from),
@@ -519,4 +524,140 @@ pub fn import(
         preset,
         out,
     })
+}
+
+/// A flax checkpoint as released, ready to read: the msgpack file, and the folder a zip was
+/// unpacked into (removed when this is dropped).
+pub struct Located {
+    pub file: PathBuf,
+    unpacked: Option<PathBuf>,
+}
+
+impl Drop for Located {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.unpacked {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Where the checkpoint is in `path`: a msgpack file, a checkpoint folder (`checkpoint_<step>/`),
+/// a folder of them (the official `restore_checkpoint` is given that folder), or a zip of any of
+/// these (as MeanFlow's and improved MeanFlow's releases are), unpacked beside `out` into a
+/// folder removed when the [`Located`] is dropped.
+pub fn locate(path: &Path, out: &Path) -> Result<Located> {
+    if path.is_dir() {
+        return Ok(Located {
+            file: msgpack_file(&single_folder(path))?,
+            unpacked: None,
+        });
+    }
+    let mut head = [0u8; 4];
+    let n = crate::readfile::open(path)?
+        .read(&mut head)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    if &head[..n] != b"PK\x03\x04" {
+        return Ok(Located {
+            file: path.to_owned(),
+            unpacked: None,
+        });
+    }
+    let dir = out.with_extension("unzipped.tmp");
+    let _ = std::fs::remove_dir_all(&dir);
+    // Made now, so that whatever fails below leaves nothing behind.
+    let mut located = Located {
+        file: PathBuf::new(),
+        unpacked: Some(dir.clone()),
+    };
+    let files = unzip(path, &dir)?;
+    if files.iter().any(|f| f.ends_with("manifest.ocdbt")) {
+        bail!(
+            "{}: the zip holds an orbax checkpoint stored as tensorstore (OCDBT), which only orbax reads: unpack it (`unzip {} -d DIR`), export it with `make flax-export CKPT=DIR/checkpoint_<step>` and import the .msgpack that writes",
+            path.display(),
+            path.display()
+        );
+    }
+    located.file = match files.as_slice() {
+        // A zip of the msgpack file alone, whatever its name.
+        [only] => only.clone(),
+        _ => msgpack_file(&single_folder(&dir))?,
+    };
+    Ok(located)
+}
+
+/// The folder itself, or the one folder it holds and nothing else (a zip of a folder), repeated.
+fn single_folder(dir: &Path) -> PathBuf {
+    let mut dir = dir.to_owned();
+    loop {
+        let entries: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(e) => e.flatten().map(|e| e.path()).collect(),
+            Err(_) => return dir,
+        };
+        match entries.as_slice() {
+            [only] if only.is_dir() && !is_checkpoint_folder(only) => dir = only.clone(),
+            _ => return dir,
+        }
+    }
+}
+
+/// `checkpoint_<step>`: a checkpoint, not a folder holding one.
+pub fn is_checkpoint_folder(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str()?.strip_prefix("checkpoint_")?.parse::<u64>().ok())
+        .is_some()
+}
+
+/// Unpacks a zip into `dir`: regular files only, at paths inside `dir` (no absolute or `..`
+/// names), within the sizes the archive declares. Returns the files' paths.
+fn unzip(path: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .with_context(|| format!("{}: not a readable zip archive", path.display()))?;
+    // Float arrays barely compress: a member declaring far more than the archive holds is
+    // refused before anything is written.
+    let budget = std::fs::metadata(path)?.len().saturating_mul(4) + (1 << 20);
+    let mut declared_total = 0u64;
+    for i in 0..archive.len() {
+        declared_total = declared_total.saturating_add(archive.by_index_raw(i)?.size());
+    }
+    if declared_total > budget {
+        bail!(
+            "{}: the zip declares {declared_total} bytes unpacked, more than 4 times its own size: not a checkpoint archive",
+            path.display()
+        );
+    }
+    let mut files = Vec::new();
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i)?;
+        let Some(rel) = entry.enclosed_name().map(Path::to_owned) else {
+            bail!(
+                "{}: the zip member `{}` points outside the folder it unpacks to",
+                path.display(),
+                entry.name()
+            );
+        };
+        let target = dir.join(rel);
+        if entry.is_dir() {
+            std::fs::create_dir_all(&target)?;
+            continue;
+        }
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut sink = std::fs::File::create(&target)
+            .with_context(|| format!("{}: cannot create", target.display()))?;
+        let declared = entry.size();
+        let copied = std::io::copy(&mut (&mut entry).take(declared), &mut sink)
+            .with_context(|| format!("{}: cannot unpack `{}`", path.display(), entry.name()))?;
+        if copied != declared {
+            bail!(
+                "{}: the zip member `{}` is truncated ({copied} of {declared} bytes)",
+                path.display(),
+                entry.name()
+            );
+        }
+        files.push(target);
+    }
+    Ok(files)
 }

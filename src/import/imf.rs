@@ -23,8 +23,7 @@ use crate::model::TimeEmbedding;
 use crate::rundir::checkpoint::{self, TrainState};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 /// Module lists of imfDiT (flax `<list>_<i>`, torch `<list>.<i>`).
@@ -197,120 +196,6 @@ fn load_checked(
     Ok(vs)
 }
 
-/// Where the official checkpoint is in `path`: a msgpack file, a checkpoint folder
-/// (`checkpoint_<step>/`), a folder of them (what the released zips unpack to: the official
-/// `restore_checkpoint` is given that folder), or the zip itself, unpacked beside `out` into a
-/// folder removed afterwards. Returns the msgpack file to read and the folder to remove, if one
-/// was made.
-fn locate(path: &Path, out: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
-    if path.is_dir() {
-        return Ok((flax::msgpack_file(&single_folder(path))?, None));
-    }
-    let mut head = [0u8; 4];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| f.read(&mut head))
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    if &head[..n] != b"PK\x03\x04" {
-        return Ok((path.to_owned(), None));
-    }
-    let dir = out.with_extension("unzipped.tmp");
-    let _ = std::fs::remove_dir_all(&dir);
-    let found = unzip(path, &dir).and_then(|files| {
-        if files.iter().any(|f| f.ends_with("manifest.ocdbt")) {
-            bail!(
-                "{}: the zip holds an orbax checkpoint stored as tensorstore (OCDBT), which only orbax reads: unpack it (`unzip {} -d DIR`), export it with `make flax-export CKPT=DIR/checkpoint_<step>` and import the .msgpack that writes",
-                path.display(),
-                path.display()
-            );
-        }
-        flax::msgpack_file(&single_folder(&dir))
-    });
-    match found {
-        Ok(file) => Ok((file, Some(dir))),
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            Err(e)
-        }
-    }
-}
-
-/// The folder itself, or the one folder it holds and nothing else (a zip of a folder), repeated.
-fn single_folder(dir: &Path) -> PathBuf {
-    let mut dir = dir.to_owned();
-    loop {
-        let entries: Vec<PathBuf> = match std::fs::read_dir(&dir) {
-            Ok(e) => e.flatten().map(|e| e.path()).collect(),
-            Err(_) => return dir,
-        };
-        match entries.as_slice() {
-            [only] if only.is_dir() && !is_checkpoint_folder(only) => dir = only.clone(),
-            _ => return dir,
-        }
-    }
-}
-
-/// `checkpoint_<step>`: a checkpoint, not a folder holding one.
-fn is_checkpoint_folder(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str()?.strip_prefix("checkpoint_")?.parse::<u64>().ok())
-        .is_some()
-}
-
-/// Unpacks a zip into `dir`: regular files only, at paths inside `dir` (no absolute or `..`
-/// names), within the sizes the archive declares. Returns the files' paths.
-fn unzip(path: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut archive = zip::ZipArchive::new(file)
-        .with_context(|| format!("{}: not a readable zip archive", path.display()))?;
-    // Float arrays barely compress: a member declaring far more than the archive holds is
-    // refused before anything is written.
-    let budget = std::fs::metadata(path)?.len().saturating_mul(4) + (1 << 20);
-    let mut declared_total = 0u64;
-    for i in 0..archive.len() {
-        declared_total = declared_total.saturating_add(archive.by_index_raw(i)?.size());
-    }
-    if declared_total > budget {
-        bail!(
-            "{}: the zip declares {declared_total} bytes unpacked, more than 4 times its own size: not a checkpoint archive",
-            path.display()
-        );
-    }
-    let mut files = Vec::new();
-    for i in 0..archive.len() {
-        let mut entry = archive.by_index(i)?;
-        let Some(rel) = entry.enclosed_name().map(Path::to_owned) else {
-            bail!(
-                "{}: the zip member `{}` points outside the folder it unpacks to",
-                path.display(),
-                entry.name()
-            );
-        };
-        let target = dir.join(rel);
-        if entry.is_dir() {
-            std::fs::create_dir_all(&target)?;
-            continue;
-        }
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let mut sink = std::fs::File::create(&target)
-            .with_context(|| format!("{}: cannot create", target.display()))?;
-        let declared = entry.size();
-        let copied = std::io::copy(&mut (&mut entry).take(declared), &mut sink)
-            .with_context(|| format!("{}: cannot unpack `{}`", path.display(), entry.name()))?;
-        if copied != declared {
-            bail!(
-                "{}: the zip member `{}` is truncated ({copied} of {declared} bytes)",
-                path.display(),
-                entry.name()
-            );
-        }
-        files.push(target);
-    }
-    Ok(files)
-}
-
 /// The network under `key` (`params` or `ema_params`) of a training state, in torch keys.
 fn network(state: &Msg, key: &str, what: &str) -> Result<Option<Vec<(String, Tensor)>>> {
     let Some(net) = state.get(key).and_then(|p| p.get("net")) else {
@@ -334,31 +219,6 @@ pub fn looks_like(state: &Msg) -> bool {
             .and_then(|p| p.get("net"))
             .is_some_and(|n| n.get("shared_blocks_0").is_some() || n.get("u_heads_0").is_some())
     })
-}
-
-/// The official iMF training state at `path` (zip, folder or msgpack file) -> our checkpoint at
-/// `out`: `params/net` as the model, `ema_params/net` as the EMA, AdamW's `mu` and `nu` as the
-/// moments and their `count` as the Adam step (all as float32). None: a flax checkpoint, but not
-/// of an iMF network (MeanFlow's; its importer reads it again). `preset`, when given, must name
-/// the network's shape.
-pub fn import(path: &Path, preset: Option<&str>, out: &Path) -> Result<Option<Summary>> {
-    let (file, unpacked) = locate(path, out)?;
-    let zipped = unpacked.is_some();
-    let result = flax::read_msgpack(&file).and_then(|state| {
-        if zipped && !looks_like(&state) {
-            bail!(
-                "{}: a zipped flax checkpoint without an iMF network (no params/net/shared_blocks_0 or u_heads_0): unzip it and import the folder",
-                path.display()
-            );
-        }
-        looks_like(&state)
-            .then(|| write(path, &file, &state, preset, out))
-            .transpose()
-    });
-    if let Some(dir) = unpacked {
-        let _ = std::fs::remove_dir_all(dir);
-    }
-    result
 }
 
 /// The trained weights and their EMA in torch keys, each with where it came from: `params/net`
@@ -428,8 +288,12 @@ fn optimizer(state: &Msg, name: &str) -> (Moments, i64, u64, String) {
     }
 }
 
-/// Checks the networks of a read state against the inferred shape and writes our checkpoint.
-fn write(
+/// The official iMF training state `state`, read from `file` of the checkpoint `source` as given
+/// (a zip, a folder, or the msgpack file; see [`flax::locate`]) -> our checkpoint at `out`:
+/// `params/net` as the model, `ema_params/net` as the EMA, AdamW's `mu` and `nu` as the moments
+/// and their `count` as the Adam step (all as float32), checked against the shape inferred from
+/// the EMA. `preset`, when given, must name that shape.
+pub fn import(
     source: &Path,
     file: &Path,
     state: &Msg,
@@ -544,5 +408,5 @@ pub fn is_flax_member(name: &str) -> bool {
         || file == "manifest.ocdbt"
         || file == "_METADATA"
         || file.ends_with(".msgpack")
-        || is_checkpoint_folder(Path::new(file))
+        || flax::is_checkpoint_folder(Path::new(file))
 }

@@ -204,11 +204,14 @@ pub fn import(file: &Path, opts: &Options) -> Result<Summary> {
                     .map_or("checkpoint".into(), |s| s.to_string_lossy().into_owned());
                 opts.cache.join("weights").join(format!("{stem}.safetensors"))
             });
-            // An iMF training state is imported by its own name rule; any other flax file is
-            // MeanFlow's (read again there).
-            match imf::import(file, opts.preset.as_deref(), &out)? {
-                Some(summary) => Ok(summary),
-                None => flax::import(file, opts.preset.as_deref(), &out),
+            // A release's zip is unpacked once; an iMF training state is imported by its own
+            // name rule, any other flax state is MeanFlow's.
+            let located = flax::locate(file, &out)?;
+            let state = flax::read_msgpack(&located.file)?;
+            let preset = opts.preset.as_deref();
+            match imf::looks_like(&state) {
+                true => imf::import(file, &located.file, &state, preset, &out),
+                false => flax::import(file, &located.file, &state, preset, &out),
             }
         }
         FileKind::Safetensors => bail!(

@@ -71,31 +71,31 @@ fn network_precision(spec: &Spec) -> Precision {
 pub enum Decoder {
     /// The data is pixels in [-1, 1] (the demo's digits): 1 channel is repeated to RGB.
     Pixels,
-    /// The data is SD-VAE latents times 0.18215.
-    Vae(Box<vae::AutoencoderKl>, tch::nn::VarStore),
+    /// The data is SD-VAE latents times 0.18215; the VAE's shape is its weights'.
+    Vae(Box<vae::AutoencoderKl>, tch::nn::VarStore, vae::VaeConfig),
 }
 
 impl Decoder {
     /// The SD-VAE named by `sample.vae` (an asset name, fetched into the cache, or a path).
     pub fn vae(name: &str, device: Device) -> Result<Decoder> {
         let path = plan::vae_weights(name)?;
-        let (vs, net) = crate::import::vae::load(&path, &vae::VaeConfig::sd(), device)
+        let (vs, net, cfg) = crate::import::vae::load_as_stored(&path, device)
             .with_context(|| format!("loading the SD-VAE from {}", path.display()))?;
-        Ok(Decoder::Vae(Box::new(net), vs))
+        Ok(Decoder::Vae(Box::new(net), vs, cfg))
     }
 
     /// The side of the images made from latents of side `latent`.
     pub fn image_side(&self, latent: i64) -> i64 {
         match self {
             Decoder::Pixels => latent,
-            Decoder::Vae(..) => latent * vae::VaeConfig::sd().downscale(),
+            Decoder::Vae(_, _, cfg) => latent * cfg.downscale(),
         }
     }
 
     pub fn images(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Decoder::Pixels => Ok(data::pixels_to_u8(x)),
-            Decoder::Vae(net, _) => decode_latents(net, x, DecodePrecision::Tf32),
+            Decoder::Vae(net, ..) => decode_latents(net, x, DecodePrecision::Tf32),
         }
     }
 }

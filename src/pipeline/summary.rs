@@ -75,9 +75,10 @@ fn print_fids(evaluated: &[(String, Metrics)]) {
         "\nFID ({} samples per run vs {against}; [95% interval])",
         first.num_samples
     );
-    // "34.96 [33.10, 37.20]" and room between columns.
-    let header: String = columns.iter().map(|c| format!("{c:>24}")).collect();
-    println!("  {:<32} {header}", "run");
+    // "34.96 [33.10, 37.20]" and room between columns, kept when a cell is wider (a FID of
+    // six digits from an untrained network).
+    let header: String = columns.iter().map(|c| format!(" {c:>24}")).collect();
+    println!("  {:<32}{header}", "run");
     for (name, m) in evaluated {
         let cells: String = columns
             .iter()
@@ -87,9 +88,9 @@ fn print_fids(evaluated: &[(String, Metrics)]) {
                     Some(i) => format!("{fid:.2} {i}"),
                     None => format!("{fid:.2}"),
                 };
-                format!("{cell:>24}")
+                format!(" {cell:>24}")
             })
             .collect();
-        println!("  {name:<32} {cells}");
+        println!("  {name:<32}{cells}");
     }
 }

@@ -88,20 +88,32 @@ pub fn micro_spec(root: &Path, name: &str, train: &str) -> PathBuf {
 
 /// A REPA-layout tree of `n` posterior moments (2 x 4 x 4) with labels in 0..3.
 pub fn latent_tree(root: &Path, n: usize, poison: Option<usize>) {
+    latents_of(root, n, [1, 4, 3], poison);
+}
+
+/// A REPA-layout tree of `n` posterior moments of `channels` x `side` x `side` latents (the
+/// means, then stds of 0.1) with labels in 0..`classes`; sample `poison` holds a NaN.
+pub fn latents_of(
+    root: &Path,
+    n: usize,
+    [channels, side, classes]: [usize; 3],
+    poison: Option<usize>,
+) {
     let dir = root.join("vae-sd").join("00000");
     std::fs::create_dir_all(&dir).unwrap();
     let mut labels = Vec::new();
+    let half = channels * side * side;
     for i in 0..n {
         let name = format!("img-mean-std-{i:08}.npy");
-        let mut values: Vec<f32> = (0..32)
+        let mut values: Vec<f32> = (0..2 * half)
             .map(|j| ((i * 31 + j * 7) % 17) as f32 / 8.0 - 1.0)
             .collect();
-        values[16..].iter_mut().for_each(|s| *s = 0.1);
+        values[half..].iter_mut().for_each(|s| *s = 0.1);
         if poison == Some(i) {
             values[0] = f32::NAN;
         }
-        npy::write_f32(&dir.join(&name), &[2, 4, 4], &values).unwrap();
-        labels.push(serde_json::json!([format!("00000/{name}"), i % 3]));
+        npy::write_f32(&dir.join(&name), &[2 * channels, side, side], &values).unwrap();
+        labels.push(serde_json::json!([format!("00000/{name}"), i % classes]));
     }
     let index = serde_json::json!({ "labels": labels });
     std::fs::write(root.join("vae-sd/dataset.json"), index.to_string()).unwrap();
@@ -110,8 +122,14 @@ pub fn latent_tree(root: &Path, n: usize, poison: Option<usize>) {
 /// A file written by tests/make_import_fixtures.py (`make test` runs it first) into
 /// $MFR_IMPORT_FIXTURES, default target/import-fixtures.
 pub fn import_fixture(name: &str) -> PathBuf {
-    let dir = std::env::var_os("MFR_IMPORT_FIXTURES").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/import-fixtures"),
+    generated("MFR_IMPORT_FIXTURES", "target/import-fixtures", name)
+}
+
+/// The file `name` that a generator the Makefile runs before the tests wrote into the folder
+/// `$<var>`, default `<default>` in the repository.
+pub fn generated(var: &str, default: &str, name: &str) -> PathBuf {
+    let dir = std::env::var_os(var).map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(default),
         PathBuf::from,
     );
     let path = dir.join(name);
