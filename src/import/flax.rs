@@ -515,8 +515,14 @@ pub fn import(
     super::sit::write(super::sit::Imported {
         file,
         kind: "official JAX (flax) checkpoint",
-        model: (model, model_from),
-        ema: (ema, ema_from),
+        model: super::sit::Weights {
+            tensors: model,
+            from: model_from,
+        },
+        ema: super::sit::Weights {
+            tensors: ema,
+            from: ema_from,
+        },
         moments,
         optimizer,
         adam_step,

@@ -304,8 +304,14 @@ pub fn import(file: &Path, value: &Value, preset: Option<&str>, out: &Path) -> R
     write(Imported {
         file,
         kind: "SiT checkpoint",
-        model: (model, model_from),
-        ema: (ema, ema_from),
+        model: Weights {
+            tensors: model,
+            from: model_from,
+        },
+        ema: Weights {
+            tensors: ema,
+            from: ema_from,
+        },
         moments,
         optimizer,
         adam_step,
@@ -315,14 +321,20 @@ pub fn import(file: &Path, value: &Value, preset: Option<&str>, out: &Path) -> R
     })
 }
 
+/// A network's tensors in our names, and where in the file they came from ("['ema']").
+pub struct Weights<'a> {
+    pub tensors: Vec<(String, Tensor)>,
+    pub from: &'a str,
+}
+
 /// A SiT read from another program's file, in our names: what [`write`] turns into our
 /// checkpoint.
 pub struct Imported<'a> {
     pub file: &'a Path,
     pub kind: &'static str,
-    /// The trained weights and where in the file they came from.
-    pub model: (Vec<(String, Tensor)>, &'a str),
-    pub ema: (Vec<(String, Tensor)>, &'a str),
+    /// The trained weights.
+    pub model: Weights<'a>,
+    pub ema: Weights<'a>,
     pub moments: Moments,
     /// What became of the optimizer state, for the summary.
     pub optimizer: String,
@@ -336,8 +348,14 @@ pub struct Imported<'a> {
 /// writes it as our checkpoint at `out`, its source and sha256 in the metadata.
 pub fn write(i: Imported) -> Result<Summary> {
     let name = i.file.display().to_string();
-    let (model, model_from) = i.model;
-    let (ema, ema_from) = i.ema;
+    let Weights {
+        tensors: model,
+        from: model_from,
+    } = i.model;
+    let Weights {
+        tensors: ema,
+        from: ema_from,
+    } = i.ema;
     let (preset, config) = match i.preset {
         Some(p) => {
             let mut config = SiTConfig::preset(p).ok_or_else(|| {
