@@ -170,7 +170,7 @@ fn latents(root: &Path) {
     .unwrap();
 }
 
-/// The run's EMA network as src/imf/sampler.rs takes it (no v-head), from the checkpoint.
+/// The EMA network of a checkpoint as src/imf/sampler.rs takes it (no v-head).
 fn ema_network(spec: &Spec, path: &Path) -> (nn::VarStore, ImfDiT) {
     let mut config = spec.imf_model_config();
     config.v_head = false;
@@ -186,36 +186,44 @@ fn ema_network(spec: &Spec, path: &Path) -> (nn::VarStore, ImfDiT) {
     (vs, net)
 }
 
-#[test]
-fn a_tiny_imf_run_trains_samples_at_its_guidance_and_is_scored() {
-    let root = temp_dir("imf-run");
+/// Latent data, an SD-VAE (random weights) and a reference batch under `root`; the decoder.
+fn inputs(root: &Path) -> AutoencoderKl {
     latents(&root.join("data"));
     tch::manual_seed(0);
-    let vae_vs = nn::VarStore::new(Device::Cpu);
-    let vae_net = AutoencoderKl::new(&vae_vs.root(), &VaeConfig::sd());
-    let vae_file = root.join("vae.safetensors");
-    vae_vs.save(&vae_file).unwrap();
-    let reference = root.join("ref.npz");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vae_net = AutoencoderKl::new(&vs.root(), &VaeConfig::sd());
+    vs.save(root.join("vae.safetensors")).unwrap();
     let images = Tensor::randint(256, [24, 32, 32, 3], (Kind::Uint8, Device::Cpu));
-    meanflow_repro::eval::npz::write_images(&reference, &images).unwrap();
-    let spec_file = root.join("imf.toml");
+    meanflow_repro::eval::npz::write_images(&root.join("ref.npz"), &images).unwrap();
+    vae_net
+}
+
+/// An iMF-micro/2 spec over [`inputs`], sampling 1-NFE at omega 3 on [0.2, 0.8] and 2-NFE at
+/// 1.5 on [0, 1]; `extra` goes into [model].
+fn write_spec(root: &Path, name: &str, extra: &str) -> PathBuf {
+    let file = root.join(format!("{name}.toml"));
     std::fs::write(
-        &spec_file,
+        &file,
         format!(
-            "method = \"imf\"\n[experiment]\nname = \"imf\"\n\
-             [model]\npreset = \"iMF-micro/2\"\ninput_size = 4\nin_channels = 4\nnum_classes = 4\n\
+            "method = \"imf\"\n[experiment]\nname = \"{name}\"\n\
+             [model]\npreset = \"iMF-micro/2\"\ninput_size = 4\nin_channels = 4\nnum_classes = 4\n{extra}\n\
              [imf]\nguidance = [{{ omega = 3.0, t_min = 0.2, t_max = 0.8 }}, {{ omega = 1.5, t_min = 0.0, t_max = 1.0 }}]\n\
              [train]\ndata = \"{}\"\nbatch = 8\nepochs = 2\nlr = 1e-2\nprecision = \"f32\"\ndevice = \"cpu\"\nlog_every = 1\n\
              [sample]\nschedules = [[1.0, 0.0], [1.0, 0.5, 0.0]]\nnum_samples = 24\nbatch = 8\nvae = \"{}\"\n\
              [eval]\nreference = \"{}\"\nbatch = 12\n",
             root.join("data").display(),
-            vae_file.display(),
-            reference.display()
+            root.join("vae.safetensors").display(),
+            root.join("ref.npz").display()
         ),
     )
     .unwrap();
+    file
+}
+
+/// `mfr run` of `spec` under `root`; its run directory (with the metrics checked finite).
+fn mfr_run(root: &Path, spec: &Path, name: &str) -> PathBuf {
     let out = Command::new(env!("CARGO_BIN_EXE_mfr"))
-        .args(["run", spec_file.to_str().unwrap(), "--results"])
+        .args(["run", spec.to_str().unwrap(), "--results"])
         .arg(root.join("results"))
         .env("MFR_CACHE", root.join("cache"))
         .env("MFR_REPORTS", root.join("reports"))
@@ -228,7 +236,7 @@ fn a_tiny_imf_run_trains_samples_at_its_guidance_and_is_scored() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let run = root.join("results/imf/default");
+    let run = root.join("results").join(name).join("default");
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("samples/metrics.json")).unwrap())
             .unwrap();
@@ -238,45 +246,123 @@ fn a_tiny_imf_run_trains_samples_at_its_guidance_and_is_scored() {
             "{metrics}"
         );
     }
-    let stats = std::fs::read_to_string(run.join("stats.jsonl")).unwrap();
-    assert_eq!(
-        stats.lines().count(),
-        10,
-        "5 steps an epoch, 2 epochs: {stats}"
-    );
+    run
+}
 
-    // Batch 0 of each schedule again, outside the pipeline: the run's EMA weights, the noise of
-    // seed mix(sample.seed, 1) and labels 0..8 mod 4, src/imf/sampler.rs at the spec's guidance
-    // for that number of steps, the official latent denormalisation, the decoder.
-    let spec = Spec::load(&spec_file).unwrap();
-    let weights = checkpoint::list(&run.join("checkpoints")).pop().unwrap().1;
-    let (_vs, net) = ema_network(&spec, &weights);
-    let y = Tensor::from_slice(&[0i64, 1, 2, 3, 0, 1, 2, 3]);
-    let schedules = [
+/// The schedules of [`write_spec`] with their guidance and sample files.
+fn schedules() -> [(Vec<f64>, SamplingGuidance, &'static str); 2] {
+    [
         (vec![1.0, 0.0], guidance(3.0, 0.2, 0.8), "samples-1nfe.npz"),
         (
             vec![1.0, 0.5, 0.0],
             guidance(1.5, 0.0, 1.0),
             "samples-2nfe.npz",
         ),
-    ];
-    for (schedule, g, file) in schedules {
-        tch::manual_seed(data::mix(spec.sample.seed, 1) as i64);
-        let e = Tensor::randn([8, 4, 4, 4], (Kind::Float, Device::Cpu));
-        let z = imf::sample(&net, &e, &y, &schedule, &g).unwrap();
-        let latents = LatentNorm::PerChannel.from_network(&z);
-        let ours = vae::decode_latents(&vae_net, &latents, DecodePrecision::Tf32).unwrap();
-        let mut npz =
-            meanflow_repro::eval::npz::Npz::open(&run.join("samples").join(file)).unwrap();
-        let mut images = npz.images("arr_0").unwrap();
-        let piped = images.next_batch(8).unwrap().unwrap();
-        assert!(piped.equal(&ours), "{file}: the pipeline's batch 0 differs");
-        // The guidance reaches the network: another omega moves the latents.
-        let other = guidance(g.omega + 2.0, g.t_min, g.t_max);
-        let moved = imf::sample(&net, &e, &y, &schedule, &other).unwrap();
-        assert!(
-            !moved.allclose(&z, 1e-6, 1e-6, false),
-            "{file}: omega is ignored"
-        );
+    ]
+}
+
+/// Batch 0 of a schedule again, outside the pipeline: the noise of seed mix(sample.seed, 1),
+/// labels 0..8 mod 4, src/imf/sampler.rs at `g`, the official latent denormalisation, the
+/// decoder.
+fn batch_zero(
+    spec: &Spec,
+    net: &ImfDiT,
+    vae_net: &AutoencoderKl,
+    schedule: &[f64],
+    g: &SamplingGuidance,
+) -> Tensor {
+    tch::manual_seed(data::mix(spec.sample.seed, 1) as i64);
+    let e = Tensor::randn([8, 4, 4, 4], (Kind::Float, Device::Cpu));
+    let y = Tensor::from_slice(&[0i64, 1, 2, 3, 0, 1, 2, 3]);
+    let z = imf::sample(net, &e, &y, schedule, g).unwrap();
+    let latents = LatentNorm::PerChannel.from_network(&z);
+    vae::decode_latents(vae_net, &latents, DecodePrecision::Tf32).unwrap()
+}
+
+fn piped_batch_zero(run: &Path, file: &str) -> Tensor {
+    let mut npz = meanflow_repro::eval::npz::Npz::open(&run.join("samples").join(file)).unwrap();
+    let mut images = npz.images("arr_0").unwrap();
+    images.next_batch(8).unwrap().unwrap()
+}
+
+#[test]
+fn a_tiny_imf_run_trains_samples_and_is_scored_through_mfr_run() {
+    let _turn = common::serial();
+    let root = temp_dir("imf-run");
+    let vae_net = inputs(&root);
+    let spec_file = write_spec(&root, "imf", "");
+    let run = mfr_run(&root, &spec_file, "imf");
+    let stats = std::fs::read_to_string(run.join("stats.jsonl")).unwrap();
+    assert_eq!(
+        stats.lines().count(),
+        10,
+        "5 steps an epoch, 2 epochs: {stats}"
+    );
+    // The pipeline's samples are the iMF sampler's on the run's final EMA weights.
+    let spec = Spec::load(&spec_file).unwrap();
+    let weights = checkpoint::list(&run.join("checkpoints")).pop().unwrap().1;
+    let (_vs, net) = ema_network(&spec, &weights);
+    for (schedule, g, file) in schedules() {
+        let ours = batch_zero(&spec, &net, &vae_net, &schedule, &g);
+        assert!(piped_batch_zero(&run, file).equal(&ours), "{file} differs");
+    }
+}
+
+#[test]
+fn the_sample_stage_draws_at_the_specs_guidance_from_given_weights() {
+    let _turn = common::serial();
+    let root = temp_dir("imf-weights");
+    let vae_net = inputs(&root);
+    // Random weights everywhere (a fresh imfDiT outputs exactly zero, and 10 steps from there
+    // leave the conditioning paths too weak to tell one guidance from another), v-head included:
+    // the sample stage leaves the v-head out.
+    let spec_file = write_spec(&root, "given", "weights = \"WEIGHTS\"");
+    let weights = root.join("random.safetensors");
+    let text = std::fs::read_to_string(&spec_file).unwrap();
+    std::fs::write(
+        &spec_file,
+        text.replace("WEIGHTS", weights.to_str().unwrap()),
+    )
+    .unwrap();
+    let spec = Spec::load(&spec_file).unwrap();
+    tch::manual_seed(3);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net = ImfDiT::new(&vs.root(), &spec.imf_model_config()).unwrap();
+    let tensors: Vec<(String, Tensor)> = tch::no_grad(|| {
+        meanflow_repro::model::sorted_variables(&vs)
+            .into_iter()
+            .map(|(k, v)| (format!("ema.{k}"), &v + v.randn_like() * 0.2))
+            .collect()
+    });
+    assert!(tensors
+        .iter()
+        .any(|(k, _)| k.starts_with("ema.net.v_heads.")));
+    let state = checkpoint::TrainState {
+        step: 0,
+        epoch: 0,
+        adam_step: 0,
+        seed: 0,
+        spec_sha256: String::new(),
+        wall_s: 0.0,
+    };
+    checkpoint::write(&weights, &tensors, &state).unwrap();
+    let run = mfr_run(&root, &spec_file, "given");
+    let (_vs, net) = ema_network(&spec, &weights);
+    for (schedule, g, file) in schedules() {
+        let piped = piped_batch_zero(&run, file);
+        let ours = batch_zero(&spec, &net, &vae_net, &schedule, &g);
+        assert!(piped.equal(&ours), "{file} differs from the sampler's");
+        // At another omega, or another interval, the images differ: the guidance the pipeline
+        // drew at is the spec's.
+        for other in [
+            guidance(g.omega + 2.0, g.t_min, g.t_max),
+            guidance(g.omega, g.t_min, g.t_max / 2.0),
+        ] {
+            let moved = batch_zero(&spec, &net, &vae_net, &schedule, &other);
+            assert!(
+                !piped.equal(&moved),
+                "{file}: {other:?} draws the same images"
+            );
+        }
     }
 }
