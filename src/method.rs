@@ -25,10 +25,10 @@ pub enum Method {
     },
 }
 
-/// A built network of either method.
+/// A built network of either method (boxed: the two structs differ much in size).
 pub enum Network {
-    MeanFlow(SiT),
-    Imf(ImfDiT),
+    MeanFlow(Box<SiT>),
+    Imf(Box<ImfDiT>),
 }
 
 /// What a data set must match: (channels, side, classes) of the network's input.
@@ -72,8 +72,8 @@ impl Method {
     /// initialised from torch's generator as it stands.
     pub fn build(&self, p: &nn::Path) -> Result<Network> {
         Ok(match self {
-            Method::MeanFlow { model, .. } => Network::MeanFlow(SiT::new(p, model)),
-            Method::Imf { model, .. } => Network::Imf(ImfDiT::new(p, model)?),
+            Method::MeanFlow { model, .. } => Network::MeanFlow(Box::new(SiT::new(p, model))),
+            Method::Imf { model, .. } => Network::Imf(Box::new(ImfDiT::new(p, model)?)),
         })
     }
 
