@@ -46,6 +46,8 @@ impl Spec {
             num_heads: get(m.num_heads),
             aux_head_depth,
             num_classes: m.num_classes,
+            // What every iMF preset shares: the 8/4/4/2 conditioning tokens, float32
+            // sinusoids, and the v-head that training needs.
             ..ImfDiTConfig::preset("iMF-B/2").expect("a preset of the table")
         }
     }

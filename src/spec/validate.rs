@@ -180,7 +180,7 @@ impl Spec {
         // p(omega) ∝ omega^-beta: the official code uses 1; far beyond [0, 4] the inverse CDF
         // overflows.
         number("imf.cfg_beta", m.cfg_beta, 0.0, 4.0)?;
-        number("imf.s_max", m.s_max, f64::MIN_POSITIVE, 1000.0)?;
+        positive("imf.s_max", m.s_max)?;
         below_one("imf.class_dropout", m.class_dropout)?;
         number("imf.norm_p", m.norm_p, 0.0, 4.0)?;
         positive("imf.norm_eps", m.norm_eps)?;
