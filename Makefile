@@ -178,3 +178,20 @@ flax-export:
 
 clean:
 	cargo clean
+
+# The MeanFlow family side by side on the digits (experiments/demo-family.toml): MeanFlow and
+# improved MeanFlow at the same budget, one report (reports/demo-family/).
+.PHONY: demo-family reproduce-imf-b2
+demo-family: build
+	$(RELEASE) run experiments/demo-family.toml --resume
+
+# The released iMF-B/2 checkpoint sampled and scored (experiments/imf-b2-public.toml), as
+# reproduce-b4 does it: CKPT= the released zip (iMF-B-2.zip or -full.zip), the folder it unpacks
+# to, or an asset name; imported first, so that `mfr check` checks the spec that will run.
+IMF_IMPORTED ?= results/imported/iMF-B2.safetensors
+reproduce-imf-b2: build
+	@test -n "$(CKPT)" || { echo "usage: make reproduce-imf-b2 CKPT=iMF-B-2.zip (or the folder it unpacks to, or an asset name)"; exit 2; }
+	mkdir -p $(dir $(IMF_IMPORTED))
+	$(RELEASE) import $(CKPT) --out $(IMF_IMPORTED)
+	$(RELEASE) check experiments/imf-b2-public.toml --set model.weights=$(IMF_IMPORTED) $(SETS)
+	$(RELEASE) run experiments/imf-b2-public.toml --set model.weights=$(IMF_IMPORTED) $(SETS) --resume

@@ -11,6 +11,7 @@ pub mod files;
 pub mod imf;
 pub mod import;
 pub mod meanflow;
+pub mod method;
 pub mod model;
 pub mod paths;
 pub mod pipeline;

@@ -3,6 +3,7 @@
 mod common;
 use common::{serial, temp_dir};
 use meanflow_repro::eval::npz::Npz;
+use meanflow_repro::method::Generator;
 use meanflow_repro::pipeline::sample::{Decoder, SampleConfig, Sampler};
 use meanflow_repro::spec::Spec;
 
@@ -62,7 +63,7 @@ fn a_batch_regenerated_alone_equals_its_slice_and_a_resumed_call_the_whole() {
     let cfg = SampleConfig::of(&spec);
     let sampler = Sampler {
         cfg: &cfg,
-        net: &net,
+        net: Generator::MeanFlow(&net),
         decoder: &Decoder::Pixels,
         device: tch::Device::Cpu,
     };
@@ -106,7 +107,7 @@ fn numpy_reads_the_images_and_the_balanced_labels() {
     let cfg = SampleConfig::of(&spec);
     let sampler = Sampler {
         cfg: &cfg,
-        net: &net,
+        net: Generator::MeanFlow(&net),
         decoder: &Decoder::Pixels,
         device: tch::Device::Cpu,
     };
@@ -143,7 +144,7 @@ fn a_damaged_part_is_drawn_again_and_never_assembled() {
     let cfg = SampleConfig::of(&spec);
     let sampler = Sampler {
         cfg: &cfg,
-        net: &net,
+        net: Generator::MeanFlow(&net),
         decoder: &Decoder::Pixels,
         device: tch::Device::Cpu,
     };

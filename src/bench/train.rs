@@ -98,14 +98,13 @@ fn trainer<'a>(
 ) -> Result<train::Trainer<'a>> {
     let defaults = TrainSection::default();
     Ok(train::Trainer {
-        net,
+        objective: crate::method::Objective::MeanFlow(net, cfg.clone()),
         opt: train::optim::AdamW::new(
             train::trainable(vs),
             defaults.lr,
             [defaults.betas[0], defaults.betas[1]],
             0.0,
         ),
-        cfg: cfg.clone(),
         precision: b.precision,
         grad_clip: b.grad_clip,
         accumulation: 1,

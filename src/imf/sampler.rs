@@ -11,6 +11,7 @@ use tch::Tensor;
 
 /// The conditioning a sample is drawn at: the guidance scale omega and its interval.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SamplingGuidance {
     pub omega: f64,
     pub t_min: f64,

@@ -3,17 +3,16 @@
 //! loads the weights and hands them to the other ranks; batch b is sampled by rank b mod N
 //! (from its own seed, as one process would), and rank 0 assembles the .npz.
 //!
-//! Images come from seeded noise, the few-step sampler ([`crate::meanflow::sampler`]) and the
-//! decoder. Batch b draws its noise from seed mix(sample.seed, 1 + b) and takes labels
+//! Images come from seeded noise, the method's few-step sampler ([`crate::method::Generator`]:
+//! MeanFlow's, or iMF's at the spec's guidance) and the decoder. Batch b draws its noise from seed mix(sample.seed, 1 + b) and takes labels
 //! (i mod num_classes) for its global indices i, so any batch can be regenerated alone and the
 //! classes are balanced. [`Sampler::write_parts`] writes a sample batch's parts
 //! ([`crate::rundir::samples`]), redrawing any that is missing or damaged.
 use super::{plan, Run};
 use crate::data;
 use crate::dist::World;
-use crate::meanflow::sampler;
+use crate::method::{Generator, Method};
 use crate::model::vae::{self, decode_latents, DecodePrecision};
-use crate::model::SiT;
 use crate::progress::Progress;
 use crate::rundir::checkpoint;
 use crate::rundir::samples::SampleParts;
@@ -120,7 +119,8 @@ pub fn labels(start: i64, n: i64, classes: i64, device: Device) -> Tensor {
 /// A network, the decoder of its outputs and the device they run on: what makes images.
 pub struct Sampler<'a> {
     pub cfg: &'a SampleConfig,
-    pub net: &'a SiT,
+    /// The network with its method's sampler.
+    pub net: Generator<'a>,
     pub decoder: &'a Decoder,
     pub device: Device,
 }
@@ -162,7 +162,7 @@ impl Sampler<'_> {
 
     fn generate(&self, schedule: &[f64], noise: &Tensor, y: &Tensor) -> Result<Tensor> {
         let x = crate::device::autocast_bf16(self.device, self.cfg.bf16, || {
-            sampler::sample(self.net, noise, y, schedule)
+            self.net.sample(noise, y, schedule)
         })?;
         self.decoder.images(&x)
     }
@@ -260,6 +260,20 @@ fn targets(run: &Run, world: &World) -> Result<Vec<(Option<u64>, Option<PathBuf>
     Ok(targets)
 }
 
+/// The EMA weights of the checkpoint at `path` into `vs`, but for those the method does not
+/// sample with (iMF's v-head: the network is built without it, and inference checkpoints lack
+/// it).
+fn load_ema(vs: &tch::nn::VarStore, path: &Path, method: &Method) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = checkpoint::read_tensors(path)?
+        .into_iter()
+        .filter(|(k, _)| {
+            !k.strip_prefix(checkpoint::EMA)
+                .is_some_and(|n| method.unused_for_sampling(n))
+        })
+        .collect();
+    crate::model::load_state_dict(vs, &tensors, checkpoint::EMA, &path.display().to_string())
+}
+
 /// Rows of a pixel-space grid (images per class), and how much each pixel is enlarged.
 pub const GRID_ROWS_PIXELS: i64 = 10;
 pub const ZOOM_PIXELS: u32 = 6;
@@ -269,12 +283,12 @@ pub fn stage(run: &Run, world: &World) -> Result<()> {
     let main = world.is_main();
     let device = world.device(crate::device::parse(&spec.train.device)?);
     tch::manual_seed(data::mix(spec.train.seed, u64::MAX) as i64);
-    let (vs, net) =
-        crate::train::network(&spec.model_config(), network_precision(spec), device, 1.0)?;
+    let method = spec.method().for_sampling();
+    let (vs, net) = crate::train::method_network(&method, network_precision(spec), device, 1.0)?;
     let load = |path: Option<&Path>| -> Result<()> {
         if main {
             let path = path.context("no finished training to sample from")?;
-            checkpoint::load_ema(&vs, path)?;
+            load_ema(&vs, path, &method)?;
         }
         if let Some(group) = world.group() {
             let weights: Vec<tch::Tensor> = crate::model::sorted_variables(&vs)
@@ -293,7 +307,7 @@ pub fn stage(run: &Run, world: &World) -> Result<()> {
     let cfg = SampleConfig::of(spec);
     let sampler = Sampler {
         cfg: &cfg,
-        net: &net,
+        net: method.generator(&net)?,
         decoder: &decoder,
         device,
     };

@@ -544,7 +544,17 @@ fn departures(run: &RunResult, paper: &Paper, rows: &[&Row]) -> Vec<Departure> {
         .into_iter()
         .filter(|d| !rows.iter().any(|r| r.settings.contains_key(&d.key)))
         .filter(|d| !(pixels && d.key == "sample.vae"))
+        .filter(|d| !meanflow_only(run, &d.key))
         .collect()
+}
+
+/// Whether a recipe key (or a cause's template) is about MeanFlow's objective or SiT, and the
+/// run is of another method (whose own sections hold its settings).
+fn meanflow_only(run: &RunResult, text: &str) -> bool {
+    run.spec.method != crate::spec::Method::MeanFlow
+        && ["meanflow.", "model.embedder_init"]
+            .iter()
+            .any(|k| text.contains(k))
 }
 
 /// The known causes (paper/meanflow.toml `[[cause]]`) that bear on the run's data, each ticked
@@ -579,7 +589,10 @@ fn causes(
     };
     let mut out = Vec::new();
     for (i, cause) in paper.causes.iter().enumerate() {
-        if cause.latents_only && scale.pixels {
+        if cause.latents_only && scale.pixels
+            || meanflow_only(run, &cause.text)
+            || cause.key.as_ref().is_some_and(|k| meanflow_only(run, k))
+        {
             continue;
         }
         let applies = match cause.when {

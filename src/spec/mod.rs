@@ -8,8 +8,9 @@ mod validate;
 
 pub use error::SpecError;
 pub use schema::{
-    implicit_defaults, EvalSection, ExperimentSection, MeanFlowSection, ModelSection, PaperSection,
-    Precision, SampleLabels, SamplePrecision, SampleSection, Spec, TrainSection,
+    implicit_defaults, EvalSection, ExperimentSection, ImfSection, MeanFlowSection, Method,
+    ModelSection, PaperSection, Precision, SampleLabels, SamplePrecision, SampleSection, Spec,
+    TrainSection,
 };
 
 use sha2::{Digest, Sha256};
@@ -159,7 +160,15 @@ fn grid(
     table: &str,
     file: &str,
 ) -> Result<Vec<(String, Spec)>, SpecError> {
-    let base = toml::Value::try_from(base).expect("a resolved spec is TOML");
+    let mut base = toml::Value::try_from(base).expect("a resolved spec is TOML");
+    // A top-level key left out at its default (`method`) can be swept too.
+    if let Some(table) = base.as_table_mut() {
+        for (key, value) in schema::implicit_defaults() {
+            if !key.contains('.') {
+                table.entry(key).or_insert(value);
+            }
+        }
+    }
     let points = keys
         .values()
         .try_fold(1usize, |n, values| n.checked_mul(values.len()))
@@ -236,8 +245,10 @@ fn grid(
             let keys: Vec<String> = point.iter().map(|(k, _)| format!("{table}.{k}")).collect();
             let at =
                 |msg: String| SpecError::whole(file, format!("`{}`: {msg}", keys.join("`, `")));
-            let spec: Spec =
+            let mut spec: Spec =
                 serde_path_to_error::deserialize(value).map_err(|e| at(e.inner().to_string()))?;
+            // A point of another method takes that method's defaults.
+            spec.resolve().map_err(|(_, msg)| at(msg))?;
             spec.validate().map_err(|(_, msg)| at(msg))?;
             Ok((name, spec))
         })

@@ -1,17 +1,28 @@
 //! The spec file's sections. Defaults are the paper's SiT-B/4 setting (its Sec. 4, Table 4,
 //! Appendix A); every section rejects keys it does not know.
+use crate::imf::{LatentNorm, SamplingGuidance, UncondOmega};
 use crate::meanflow::JvpMethod;
 use crate::model::{Conditioning, EmbedderInit};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The spec as written (and read back): serialised through [`Written`], which leaves out the
+/// sections of the method the spec does not use.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Spec {
+    /// Which objective, network and sampler (MeanFlow unless the spec says otherwise).
+    #[serde(default)]
+    pub method: Method,
     pub experiment: ExperimentSection,
     pub model: ModelSection,
+    /// MeanFlow's objective (its defaults under `method = "imf"`, and then never written).
     #[serde(default)]
     pub meanflow: MeanFlowSection,
+    /// Improved MeanFlow's objective and sampling guidance: None until resolved, and always
+    /// None under MeanFlow (a MeanFlow spec that names it is refused).
+    #[serde(default)]
+    pub imf: Option<ImfSection>,
     #[serde(default)]
     pub train: TrainSection,
     #[serde(default)]
@@ -29,6 +40,66 @@ pub struct Spec {
     /// points, each distinct spec once.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub ablations: BTreeMap<String, BTreeMap<String, Vec<toml::Value>>>,
+}
+
+/// What `Spec` serialises as: the fields in the order MeanFlow specs have always been written
+/// (so their text, and their hashes, stay the same), `method` only when it is not MeanFlow, and
+/// only the section of the method in use.
+#[derive(Serialize)]
+struct Written<'a> {
+    #[serde(skip_serializing_if = "is_default")]
+    method: Method,
+    experiment: &'a ExperimentSection,
+    model: &'a ModelSection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    meanflow: Option<&'a MeanFlowSection>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    imf: Option<&'a ImfSection>,
+    train: &'a TrainSection,
+    sample: &'a SampleSection,
+    eval: &'a EvalSection,
+    paper: &'a PaperSection,
+    #[serde(skip_serializing_if = "no_entries")]
+    sweep: &'a BTreeMap<String, Vec<toml::Value>>,
+    #[serde(skip_serializing_if = "no_entries")]
+    ablations: &'a BTreeMap<String, BTreeMap<String, Vec<toml::Value>>>,
+}
+
+fn no_entries<V>(map: &&BTreeMap<String, V>) -> bool {
+    map.is_empty()
+}
+
+impl Serialize for Spec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Written {
+            method: self.method,
+            experiment: &self.experiment,
+            model: &self.model,
+            meanflow: (self.method == Method::MeanFlow).then_some(&self.meanflow),
+            imf: self.imf.as_ref(),
+            train: &self.train,
+            sample: &self.sample,
+            eval: &self.eval,
+            paper: &self.paper,
+            sweep: &self.sweep,
+            ablations: &self.ablations,
+        }
+        .serialize(s)
+    }
+}
+
+/// The method of the run: the objective, the network it trains and the sampler
+/// ([`crate::method::Method`] is what the other modules take).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Method {
+    /// MeanFlow (Geng et al. 2025) with a SiT: the presets SiT-* and the `[meanflow]` section.
+    #[default]
+    #[serde(rename = "meanflow")]
+    MeanFlow,
+    /// Improved MeanFlow (Geng et al., arXiv 2512.02012) with imfDiT: the presets iMF-* and the
+    /// `[imf]` section.
+    #[serde(rename = "imf")]
+    Imf,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +151,7 @@ pub fn implicit_defaults() -> Vec<(&'static str, toml::Value)> {
         ("sample.labels", text(&SampleLabels::default())),
         ("train.cuda_graph", toml::Value::Boolean(false)),
         ("eval.bootstrap", toml::Value::Integer(DEFAULT_BOOTSTRAP)),
+        ("method", text(&Method::default())),
     ]
 }
 
@@ -179,6 +251,63 @@ impl Default for MeanFlowSection {
             jvp_tangent: JvpTangent::V01,
             conditioning: Conditioning::THalf,
             jvp: JvpMethod::Manual,
+        }
+    }
+}
+
+/// Improved MeanFlow's objective (defaults: the official configs/default.py and imf.py, as
+/// [`crate::imf::ImfConfig::official`]) and the guidance its samples are drawn at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImfSection {
+    #[serde(rename = "P_mean")]
+    pub p_mean: f64,
+    #[serde(rename = "P_std")]
+    pub p_std: f64,
+    /// Fraction of each batch (its first rows) with r = t and the interval [0, 1].
+    pub data_proportion: f64,
+    /// omega ~ omega^-cfg_beta on [1, 1 + s_max] while training.
+    pub cfg_beta: f64,
+    pub s_max: f64,
+    pub class_dropout: f64,
+    pub norm_p: f64,
+    pub norm_eps: f64,
+    /// How du/dt is computed: "manual" (tangent rules through every imfDiT block) or
+    /// "forward_ad" (libtorch's forward-mode AD). Same numbers (tests/parity_imf.rs).
+    pub jvp: JvpMethod,
+    /// The scale v_u of the target is conditioned on: "one" (the official code) or "omega" (the
+    /// paper's Algorithm 2).
+    pub uncond_omega: UncondOmega,
+    /// The network's latent space: "per_channel" (the official normalisation by fixed ImageNet
+    /// statistics, which the released checkpoints take) or "none" (the data's latents times
+    /// 0.18215, as MeanFlow's). Pixel data (digits) is used as it is either way.
+    pub latents: LatentNorm,
+    /// The guidance scale and interval each schedule of `sample.schedules` samples at, in its
+    /// order; one entry serves every schedule. The official configs/eval_config.yml per preset.
+    pub guidance: Vec<SamplingGuidance>,
+}
+
+impl Default for ImfSection {
+    fn default() -> Self {
+        let c = crate::imf::ImfConfig::official();
+        Self {
+            p_mean: c.p_mean,
+            p_std: c.p_std,
+            data_proportion: c.data_proportion,
+            cfg_beta: c.cfg_beta,
+            s_max: c.s_max,
+            class_dropout: c.class_dropout,
+            norm_p: c.norm_p,
+            norm_eps: c.norm_eps,
+            jvp: c.jvp,
+            uncond_omega: c.uncond_omega,
+            latents: LatentNorm::PerChannel,
+            // No guidance: omega 1 (the network's conditioning then says so) on the whole path.
+            guidance: vec![SamplingGuidance {
+                omega: 1.0,
+                t_min: 0.0,
+                t_max: 1.0,
+            }],
         }
     }
 }

@@ -1,9 +1,10 @@
 //! A spec's second layer: the preset filled in, then every value checked, so that the runtime
 //! configs built from it (`Spec::train_config`, ...) hold nothing that would fail later or
 //! silently change results. An error names the key.
+use super::schema::{MeanFlowSection, Method};
 use super::Spec;
 use crate::meanflow::sampler;
-use crate::model::SiTConfig;
+use crate::model::{ImfDiTConfig, SiTConfig};
 
 pub(super) type Checked = Result<(), (String, String)>;
 
@@ -20,23 +21,47 @@ fn require(ok: bool, key: &str, msg: &str) -> Checked {
 }
 
 impl Spec {
-    /// Fills the model's shape from its preset; a field set in the file wins over the preset.
+    /// Fills the model's shape from its preset (one of the method's own) and the iMF section
+    /// from its defaults; a field set in the file wins over the preset.
     pub(super) fn resolve(&mut self) -> Checked {
+        match (self.method, &self.imf) {
+            (Method::Imf, None) => self.imf = Some(Default::default()),
+            (Method::MeanFlow, Some(_)) => {
+                return fail(
+                    "imf",
+                    "improved-MeanFlow settings in a MeanFlow spec: set `method = \"imf\"` at the top of the file (MeanFlow is the default), or remove the [imf] section",
+                )
+            }
+            _ => {}
+        }
         let m = &mut self.model;
         if let Some(name) = &m.preset {
-            let Some(p) = SiTConfig::preset(name) else {
+            let (shape, names) = match self.method {
+                Method::MeanFlow => (
+                    SiTConfig::preset(name)
+                        .map(|p| [p.depth, p.hidden_size, p.num_heads, p.patch_size]),
+                    SiTConfig::preset_names(),
+                ),
+                Method::Imf => (
+                    ImfDiTConfig::preset(name)
+                        .map(|p| [p.depth, p.hidden_size, p.num_heads, p.patch_size]),
+                    ImfDiTConfig::preset_names(),
+                ),
+            };
+            let Some([depth, hidden_size, num_heads, patch_size]) = shape else {
+                let method = toml::Value::try_from(self.method).unwrap_or_else(|_| "?".into());
                 return fail(
                     "model.preset",
                     format!(
-                        "unknown preset `{name}`, expected one of {}",
-                        SiTConfig::preset_names().join(", ")
+                        "unknown preset `{name}` for method = {method}, expected one of {}",
+                        names.join(", ")
                     ),
                 );
             };
-            m.depth.get_or_insert(p.depth);
-            m.hidden_size.get_or_insert(p.hidden_size);
-            m.num_heads.get_or_insert(p.num_heads);
-            m.patch_size.get_or_insert(p.patch_size);
+            m.depth.get_or_insert(depth);
+            m.hidden_size.get_or_insert(hidden_size);
+            m.num_heads.get_or_insert(num_heads);
+            m.patch_size.get_or_insert(patch_size);
         }
         for (key, v) in [
             ("depth", m.depth),
@@ -57,7 +82,10 @@ impl Spec {
     pub(super) fn validate(&self) -> Checked {
         self.validate_experiment()?;
         self.validate_model()?;
-        self.validate_meanflow()?;
+        match self.method {
+            Method::MeanFlow => self.validate_meanflow()?,
+            Method::Imf => self.validate_imf()?,
+        }
         self.validate_train()?;
         self.validate_sample()
     }
@@ -78,6 +106,9 @@ impl Spec {
     /// The network's shape. The bounds keep every size computed from it far from overflow;
     /// whether a device can hold the network is checked when it is built.
     fn validate_model(&self) -> Checked {
+        if self.method == Method::Imf {
+            return self.validate_imf_model();
+        }
         let c = self.model_config();
         for (key, v, max) in [
             ("model.depth", c.depth, 1024),
@@ -105,6 +136,78 @@ impl Spec {
             "model.patch_size",
             "must divide model.input_size",
         )
+    }
+
+    /// The iMF network's shape: the same bounds, and what imfDiT itself refuses.
+    fn validate_imf_model(&self) -> Checked {
+        let c = self.imf_model_config();
+        for (key, v, max) in [
+            ("model.depth", c.depth, 1024),
+            ("model.hidden_size", c.hidden_size, 65_536),
+            ("model.num_heads", c.num_heads, 1024),
+            ("model.patch_size", c.patch_size, 64),
+            ("model.input_size", c.input_size, 4096),
+            ("model.in_channels", c.in_channels, 1024),
+            ("model.num_classes", c.num_classes, 1 << 24),
+        ] {
+            count(key, v, 1, max)?;
+        }
+        if self.model.embedder_init != crate::model::EmbedderInit::default() {
+            return fail(
+                "model.embedder_init",
+                "a SiT setting, but method = \"imf\" trains imfDiT (whose init is the official one): remove it",
+            );
+        }
+        c.check().or_else(|e| fail("model", e.to_string()))
+    }
+
+    /// Improved MeanFlow's objective and sampling guidance; MeanFlow's section left alone.
+    fn validate_imf(&self) -> Checked {
+        let defaults = toml::Value::try_from(MeanFlowSection::default()).expect("TOML");
+        let given = toml::Value::try_from(&self.meanflow).expect("TOML");
+        if let (Some(d), Some(g)) = (defaults.as_table(), given.as_table()) {
+            if let Some((key, _)) = g.iter().find(|(k, v)| d.get(*k) != Some(v)) {
+                return fail(
+                    &format!("meanflow.{key}"),
+                    "a MeanFlow setting, but method = \"imf\": remove it (the iMF objective's settings are in [imf])",
+                );
+            }
+        }
+        let m = self.imf_section();
+        number("imf.P_mean", m.p_mean, f64::MIN, f64::MAX)?;
+        positive("imf.P_std", m.p_std)?;
+        number("imf.data_proportion", m.data_proportion, 0.0, 1.0)?;
+        // p(omega) ∝ omega^-beta: the official code uses 1; far beyond [0, 4] the inverse CDF
+        // overflows.
+        number("imf.cfg_beta", m.cfg_beta, 0.0, 4.0)?;
+        positive("imf.s_max", m.s_max)?;
+        below_one("imf.class_dropout", m.class_dropout)?;
+        number("imf.norm_p", m.norm_p, 0.0, 4.0)?;
+        positive("imf.norm_eps", m.norm_eps)?;
+        let schedules = self.sample.schedules.len();
+        require(
+            m.guidance.len() == 1 || m.guidance.len() == schedules,
+            "imf.guidance",
+            &format!(
+                "expected one entry for every schedule or one per schedule ({schedules}), got {}",
+                m.guidance.len()
+            ),
+        )?;
+        if m.latents == crate::imf::LatentNorm::PerChannel
+            && !crate::data::is_pixels(&self.train.data)
+        {
+            require(
+                self.model.in_channels == 4,
+                "imf.latents",
+                "\"per_channel\" normalises the 4 channels of SD-VAE latents: set it to \"none\" for other data",
+            )?;
+        }
+        for g in &m.guidance {
+            if let Err(e) = g.check() {
+                return fail("imf.guidance", e.to_string());
+            }
+        }
+        Ok(())
     }
 
     /// The objective's settings.

@@ -8,7 +8,7 @@ pub mod run;
 mod state;
 
 use crate::dist::Group;
-use crate::meanflow::{meanflow_loss, Draw, MeanFlowConfig};
+use crate::method::{Method, Network, Objective};
 use crate::model::{SiT, SiTConfig};
 use crate::spec::{Precision, Spec};
 use anyhow::{bail, Result};
@@ -24,8 +24,8 @@ pub struct TrainConfig {
     pub label: String,
     /// `train.data` as the spec names it (for messages).
     pub data: String,
-    pub model: SiTConfig,
-    pub meanflow: MeanFlowConfig,
+    /// The network, objective and sampler.
+    pub method: Method,
     /// Global batch.
     pub batch: usize,
     pub epochs: u64,
@@ -58,8 +58,7 @@ impl TrainConfig {
             spec_sha256: spec.sha256(),
             label: spec.experiment.name.clone(),
             data: t.data.clone(),
-            model: spec.model_config(),
-            meanflow: spec.meanflow_config(),
+            method: spec.method(),
             batch: count(t.batch) as usize,
             epochs: count(t.epochs),
             lr: t.lr,
@@ -100,14 +99,39 @@ pub fn network(
     device: Device,
     copies: f64,
 ) -> Result<(nn::VarStore, SiT)> {
-    let bytes = config.parameters() * input_kind(precision).elt_size_in_bytes() as f64;
+    built(config.parameters(), precision, device, copies, |p| {
+        Ok(SiT::new(p, config))
+    })
+}
+
+/// [`network`] for the network of a method.
+pub fn method_network(
+    method: &Method,
+    precision: Precision,
+    device: Device,
+    copies: f64,
+) -> Result<(nn::VarStore, Network)> {
+    built(method.parameters(), precision, device, copies, |p| {
+        method.build(p)
+    })
+}
+
+/// A store holding what `build` makes, checked to fit first.
+fn built<T>(
+    parameters: f64,
+    precision: Precision,
+    device: Device,
+    copies: f64,
+    build: impl FnOnce(&nn::Path) -> Result<T>,
+) -> Result<(nn::VarStore, T)> {
+    let bytes = parameters * input_kind(precision).elt_size_in_bytes() as f64;
     crate::device::ensure_fits(
         bytes * copies,
         device,
-        &format!("a network of {:.3e} parameters", config.parameters()),
+        &format!("a network of {parameters:.3e} parameters"),
     )?;
     let mut vs = nn::VarStore::new(device);
-    let net = SiT::new(&vs.root(), config);
+    let net = build(&vs.root())?;
     prepare_precision(&mut vs, precision, device)?;
     Ok((vs, net))
 }
@@ -115,8 +139,8 @@ pub fn network(
 /// The networks of a training run: the model and (in the process that keeps it) its EMA, frozen.
 pub struct Networks {
     pub vs: nn::VarStore,
-    pub net: SiT,
-    pub ema: Option<(nn::VarStore, SiT)>,
+    pub net: Network,
+    pub ema: Option<(nn::VarStore, Network)>,
 }
 
 impl Networks {
@@ -124,10 +148,10 @@ impl Networks {
     pub fn on(cfg: &TrainConfig, device: Device, with_ema: bool) -> Result<Networks> {
         tch::manual_seed(crate::data::mix(cfg.seed, u64::MAX) as i64);
         // The weights, their gradients, AdamW's two moments and the EMA.
-        let (vs, net) = network(&cfg.model, cfg.precision, device, 5.0)?;
+        let (vs, net) = method_network(&cfg.method, cfg.precision, device, 5.0)?;
         let ema = match with_ema {
             true => {
-                let (mut ema_vs, ema) = network(&cfg.model, cfg.precision, device, 1.0)?;
+                let (mut ema_vs, ema) = method_network(&cfg.method, cfg.precision, device, 1.0)?;
                 ema_vs.freeze();
                 ema::copy(&ema_vs, &vs);
                 Some((ema_vs, ema))
@@ -184,9 +208,9 @@ pub struct StepStats {
 
 /// What a training step needs besides the batch.
 pub struct Trainer<'a> {
-    pub net: &'a SiT,
+    /// The network with its method's loss.
+    pub objective: Objective<'a>,
     pub opt: AdamW,
-    pub cfg: MeanFlowConfig,
     pub precision: Precision,
     /// Gradient-norm clip; 0 disables it.
     pub grad_clip: f64,
@@ -209,9 +233,8 @@ impl<'a> Trainer<'a> {
         device: Device,
     ) -> Result<Trainer<'a>> {
         Ok(Trainer {
-            net: &nets.net,
+            objective: cfg.method.objective(&nets.net)?,
             opt,
-            cfg: cfg.meanflow.clone(),
             precision: cfg.precision,
             grad_clip: cfg.grad_clip,
             accumulation: cfg.accumulation as i64,
@@ -304,10 +327,9 @@ impl Trainer<'_> {
             .zip(labels.chunk(chunks, 0).iter())
         {
             let n = x.size()[0];
-            let draw = Draw::sample_part(&self.cfg, x, n * world, n * rank);
             let autocast = self.precision == Precision::Bf16;
             let terms = crate::device::autocast_bf16(x.device(), autocast, || {
-                meanflow_loss(self.net, &self.cfg, x, labels, &draw)
+                self.objective.loss(x, labels, n * world, n * rank)
             })?;
             (terms.loss.shallow_clone() / chunks as f64).backward();
             loss += terms.loss.detach().to_kind(Kind::Float) / chunks as f64;

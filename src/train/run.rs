@@ -48,7 +48,7 @@ impl Length {
 }
 
 fn check_data(cfg: &TrainConfig, ds: &dyn data::Dataset) -> Result<()> {
-    let m = &cfg.model;
+    let m = cfg.method.input();
     let [c, h, w] = ds.stored_shape();
     let channels = if ds.is_posterior() { c / 2 } else { c };
     if channels != m.in_channels || h != m.input_size || w != m.input_size {
