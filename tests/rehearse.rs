@@ -414,6 +414,12 @@ fn the_b4_path_walks_end_to_end_on_stand_ins() {
         control.contains("b4-public.safetensors") || control.contains("b4-public-pth.safetensors"),
         "the control row does not name the imported weights: {control}"
     );
+    // The stand-in control is a micro network on 12 samples: it cannot miss or hold the paper.
+    assert!(
+        text.contains("The control is not comparable with the paper")
+            && !text.contains("The control misses the paper too"),
+        "{text}"
+    );
 
     // 5. The rendered report in headless Chromium.
     if Command::new("chromium").arg("--version").output().is_err() {

@@ -173,6 +173,8 @@ enum GapNote {
     Imported,
     NoControl,
     ControlHolds,
+    /// The control itself cannot be set against the paper (another network or sample count).
+    ControlIncomparable,
     ControlMisses,
 }
 
@@ -396,6 +398,8 @@ fn gap(
         GapNote::NoControl
     } else if found.iter().all(Verdict::holds) {
         GapNote::ControlHolds
+    } else if found.iter().any(|v| matches!(v, Verdict::NotComparable(_))) {
+        GapNote::ControlIncomparable
     } else {
         GapNote::ControlMisses
     };
