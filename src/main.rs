@@ -485,8 +485,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Import(args) => args.go(),
         Command::Resolve { spec, sets } => {
             let resolved = pipeline::load_spec(&spec, &sets)?;
-            println!(
-                "# {} (sha256 {})\n{}",
+            let mut text = format!(
+                "# {} (sha256 {})\n{}\n",
                 spec.display(),
                 resolved.sha256(),
                 resolved.to_toml()
@@ -501,12 +501,17 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|(key, value)| format!("#   {key} = {value}"))
                 .collect();
             if !implicit.is_empty() {
-                println!(
-                    "# at their defaults, left out of the hash:\n{}",
+                text += &format!(
+                    "# at their defaults, left out of the hash:\n{}\n",
                     implicit.join("\n")
                 );
             }
-            Ok(())
+            // `mfr resolve SPEC | head` closes the pipe early: that is the reader's choice, not
+            // an error (println! would panic on it).
+            match std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes()) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                other => Ok(other?),
+            }
         }
         Command::Evaluate(args) => args.go(),
         Command::Bench { what } => what.go(),

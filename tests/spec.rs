@@ -253,3 +253,23 @@ fn resolve_lists_each_default_it_leaves_out_by_its_full_key() {
     assert!(text.contains("\nprecision = \"bf16\""), "{text}");
     assert!(!text.contains("#   sample.precision"), "{text}");
 }
+
+#[test]
+fn resolve_into_a_closed_pipe_ends_quietly() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.toml");
+    std::fs::write(&path, MINIMAL).unwrap();
+    // The reader closes its end before mfr writes: as `mfr resolve SPEC | head -0` does.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mfr"))
+        .args(["resolve", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{stderr}");
+}
