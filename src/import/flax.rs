@@ -66,6 +66,15 @@ pub fn torch_name(path: &str, rank: usize) -> Result<(String, Layout)> {
 /// Every (flax path, array) as (PyTorch key, tensor in torch's layout); two paths that map to
 /// one key are an error.
 pub fn to_state_dict(params: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
+    renamed(params, torch_name)
+}
+
+/// Every (flax path, array) as (torch key, tensor in torch's layout) by a network's own naming
+/// rule; two paths that map to one key are an error.
+pub fn renamed(
+    params: &[(String, Tensor)],
+    torch_name: impl Fn(&str, usize) -> Result<(String, Layout)>,
+) -> Result<Vec<(String, Tensor)>> {
     let mut seen = std::collections::BTreeMap::new();
     params
         .iter()

@@ -96,17 +96,7 @@ fn index(s: &str) -> Option<String> {
 /// Every (flax path, array) as (torch key, tensor in torch's layout); two paths that map to one
 /// key are an error.
 pub fn to_state_dict(params: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
-    let mut seen = BTreeMap::new();
-    params
-        .iter()
-        .map(|(path, t)| {
-            let (key, layout) = torch_name(path, t.dim())?;
-            if let Some(other) = seen.insert(key.clone(), path.clone()) {
-                bail!("flax parameters `{other}` and `{path}` both map to `{key}`");
-            }
-            Ok((key, layout.apply(t)))
-        })
-        .collect()
+    flax::renamed(params, torch_name)
 }
 
 /// The network shape of a state dict (torch keys), read off its tensors: width, channels and

@@ -110,17 +110,15 @@ impl Spec {
             return self.validate_imf_model();
         }
         let c = self.model_config();
-        for (key, v, max) in [
-            ("model.depth", c.depth, 1024),
-            ("model.hidden_size", c.hidden_size, 65_536),
-            ("model.num_heads", c.num_heads, 1024),
-            ("model.patch_size", c.patch_size, 64),
-            ("model.input_size", c.input_size, 4096),
-            ("model.in_channels", c.in_channels, 1024),
-            ("model.num_classes", c.num_classes, 1 << 24),
-        ] {
-            count(key, v, 1, max)?;
-        }
+        shape_in_bounds([
+            c.depth,
+            c.hidden_size,
+            c.num_heads,
+            c.patch_size,
+            c.input_size,
+            c.in_channels,
+            c.num_classes,
+        ])?;
         require(
             c.hidden_size % c.num_heads == 0,
             "model.num_heads",
@@ -141,17 +139,15 @@ impl Spec {
     /// The iMF network's shape: the same bounds, and what imfDiT itself refuses.
     fn validate_imf_model(&self) -> Checked {
         let c = self.imf_model_config();
-        for (key, v, max) in [
-            ("model.depth", c.depth, 1024),
-            ("model.hidden_size", c.hidden_size, 65_536),
-            ("model.num_heads", c.num_heads, 1024),
-            ("model.patch_size", c.patch_size, 64),
-            ("model.input_size", c.input_size, 4096),
-            ("model.in_channels", c.in_channels, 1024),
-            ("model.num_classes", c.num_classes, 1 << 24),
-        ] {
-            count(key, v, 1, max)?;
-        }
+        shape_in_bounds([
+            c.depth,
+            c.hidden_size,
+            c.num_heads,
+            c.patch_size,
+            c.input_size,
+            c.in_channels,
+            c.num_classes,
+        ])?;
         if self.model.embedder_init != crate::model::EmbedderInit::default() {
             return fail(
                 "model.embedder_init",
@@ -351,4 +347,22 @@ fn below_one(key: &str, v: f64) -> Checked {
         key,
         &format!("expected a number in [0, 1), got {v}"),
     )
+}
+
+/// Either network's (depth, hidden_size, num_heads, patch_size, input_size, in_channels,
+/// num_classes) within the bounds that keep a crafted spec from asking for absurd allocations.
+fn shape_in_bounds(shape: [i64; 7]) -> Checked {
+    let bounds = [
+        ("model.depth", 1024),
+        ("model.hidden_size", 65_536),
+        ("model.num_heads", 1024),
+        ("model.patch_size", 64),
+        ("model.input_size", 4096),
+        ("model.in_channels", 1024),
+        ("model.num_classes", 1 << 24),
+    ];
+    for ((key, max), v) in bounds.into_iter().zip(shape) {
+        count(key, v, 1, max)?;
+    }
+    Ok(())
 }
